@@ -1,0 +1,108 @@
+"""Mask selection after phase 1: a per-tensor scoring step followed by one global top-K.
+
+The scoring step is pluggable: LT-SFT scores an entry by the magnitude of its phase-1 change,
+DeFT-X by the magnitude of the SVD-denoised change (``deftx.denoise``). Scorers work on one tensor
+at a time, so a distributed selection can score only the tensors a worker owns and then run the
+exact threshold search of ``deftx.masks`` over all workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from deftx.denoise import SVD_TARGETS, DenoiseInfo, denoise_with_info
+from deftx.masks import count_selected, global_top_k
+
+
+class MaskScorer(Protocol):
+    """Scores one maskable tensor from its values before (theta0) and after (theta1) phase 1."""
+
+    def __call__(self, name: str, theta0: torch.Tensor, theta1: torch.Tensor) -> torch.Tensor: ...
+
+
+def change_magnitude(name: str, theta0: torch.Tensor, theta1: torch.Tensor) -> torch.Tensor:
+    """LT-SFT score: |theta1 - theta0|."""
+    return (theta1.detach().float() - theta0.detach().float()).abs_()
+
+
+@dataclass
+class DenoisedChangeScorer:
+    """DeFT-X score: |denoise(theta1 - theta0)| for 2-D matrices, |theta1 - theta0| otherwise.
+
+    Embedding matrices (``embedding_names``) skip the SVD unless ``denoise_embeddings`` is set.
+    The rank and solver chosen per matrix are recorded in ``infos``.
+    """
+
+    rank: int | None = None
+    energy: float | None = 0.9
+    residual_keep: float = 0.0
+    svd_target: str = "delta"
+    denoise_embeddings: bool = False
+    embedding_names: frozenset[str] = frozenset()
+    solver: str = "auto"
+    infos: dict[str, DenoiseInfo] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.svd_target not in SVD_TARGETS:
+            raise ValueError(f"unknown svd_target {self.svd_target!r}; valid: {', '.join(SVD_TARGETS)}")
+
+    def denoises(self, name: str, shape: torch.Size | tuple[int, ...]) -> bool:
+        return len(shape) == 2 and (self.denoise_embeddings or name not in self.embedding_names)
+
+    def __call__(self, name: str, theta0: torch.Tensor, theta1: torch.Tensor) -> torch.Tensor:
+        if not self.denoises(name, theta0.shape):
+            return change_magnitude(name, theta0, theta1)
+        delta = theta1.detach().float() - theta0.detach().float()
+        basis = {"delta": None, "finetuned": theta1, "pretrained": theta0}[self.svd_target]
+        denoised, info = denoise_with_info(delta, self.rank, self.energy, self.residual_keep,
+                                           basis=basis, solver=self.solver)  # type: ignore[arg-type]
+        self.infos[name] = info
+        return denoised.abs_()
+
+
+@dataclass
+class SelectionReport:
+    """Summary of one selection, stored in SFT metadata and logged."""
+
+    k: int
+    selected: int
+    maskable: int
+    density_by_tensor: dict[str, float]
+    ranks: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"k": self.k, "selected": self.selected, "maskable": self.maskable,
+                "ranks": dict(self.ranks)}
+
+
+def select_masks(theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torch.Tensor], k: int,
+                 scorer: MaskScorer = change_magnitude) -> tuple[dict[str, torch.Tensor], SelectionReport]:
+    """Score every tensor, then pick exactly ``k`` entries globally (``deftx.masks`` tie rule)."""
+    if set(theta0) != set(theta1):
+        raise ValueError("theta0 and theta1 must hold the same tensors")
+    scores = {n: scorer(n, theta0[n], theta1[n]) for n in sorted(theta0)}
+    masks = global_top_k(scores, k)
+    del scores
+    infos = getattr(scorer, "infos", {})
+    report = SelectionReport(
+        k=k, selected=count_selected(masks), maskable=sum(m.numel() for m in masks.values()),
+        density_by_tensor={n: float(m.sum()) / max(m.numel(), 1) for n, m in masks.items()},
+        ranks={n: i.rank for n, i in infos.items()})
+    return masks, report
+
+
+def make_scorer(method: str, *, rank: int | None = None, energy: float | None = None,
+                residual_keep: float = 0.0, svd_target: str = "delta", denoise_embeddings: bool = False,
+                embedding_names: frozenset[str] = frozenset(), solver: str = "auto") -> MaskScorer:
+    """The scorer for ``method`` ("lt_sft" or "deft_x")."""
+    if method == "lt_sft":
+        return change_magnitude
+    if method == "deft_x":
+        return DenoisedChangeScorer(rank=rank, energy=energy, residual_keep=residual_keep,
+                                    svd_target=svd_target, denoise_embeddings=denoise_embeddings,
+                                    embedding_names=embedding_names, solver=solver)
+    raise ValueError(f"unknown method {method!r}; valid: lt_sft, deft_x")

@@ -1,0 +1,384 @@
+"""The SFT artifact: a sparse difference over a base model's encoder plus a dense head.
+
+On disk an SFT is a directory with two files:
+
+* ``sft.safetensors``: per maskable tensor ``diff/<name>/indices`` (int64 flat row-major indices,
+  strictly increasing) and ``diff/<name>/values`` (float32); per head tensor ``head/<name>``
+  (absolute values, dense). Body names are relative to the base model
+  (``encoder.layer.0.attention.self.query.weight``), head names are full model names.
+* ``sft.json``: metadata (format version, kind, language, task, method and hyperparameters, base
+  model id and weight fingerprint, tokenizer, label names, training data, metrics, deftx version),
+  the expected shape and entry count of every tensor, and the SHA-256 of ``sft.safetensors``.
+
+``load`` validates everything it can without a model (checksum, keys, dtypes, shapes, index
+bounds, duplicates); ``apply`` also checks the base fingerprint and shapes against the model.
+Every problem raises :class:`deftx.errors.SFTFormatError` with a one-line message naming the file.
+Writes are atomic (``deftx.io.atomic_directory``). ``apply`` records the entries it overwrites, so
+``revert`` restores the weights bit for bit (subtracting the diff would not, in floating point).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deftx import __version__
+from deftx.errors import SFTFormatError
+from deftx.fingerprint import base_fingerprint, body_version
+from deftx.io import atomic_directory, sha256_file, write_json
+from deftx.masks import body_parameters
+
+FORMAT_NAME = "deftx-sft"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "sft.safetensors"
+METADATA_FILE = "sft.json"
+DROP_EPS = 1e-7  # |phi| <= DROP_EPS is dropped when extracting (composable-sft's rule)
+
+
+@dataclass(frozen=True)
+class SparseDelta:
+    """Sparse change of one tensor: ``values`` added at flat row-major ``indices``."""
+
+    shape: tuple[int, ...]
+    indices: torch.Tensor  # int64, 1-D, strictly increasing
+    values: torch.Tensor  # float32, 1-D
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_dense(self) -> torch.Tensor:
+        out = torch.zeros(self.numel, dtype=self.values.dtype)
+        out[self.indices] = self.values
+        return out.view(self.shape)
+
+
+@dataclass
+class SFTMetadata:
+    """Provenance stored with an SFT (``sft.json``)."""
+
+    kind: str  # "language" | "task"
+    language: str | None = None
+    task: str | None = None
+    method: str = "lt_sft"
+    selection: dict[str, Any] = field(default_factory=dict)
+    base_model: str = ""
+    base_fingerprint: str = ""
+    tokenizer: str = ""
+    label_names: list[str] | None = None
+    trained_on: dict[str, Any] = field(default_factory=dict)  # e.g. the source-language SFT under a task SFT
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    deftx_version: str = __version__
+    created: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SFTMetadata:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class _AppliedState:
+    """Per-model record of applied SFTs (a stack of overwritten entries) and the base fingerprint."""
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[SparseFineTuning, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.fingerprint: str | None = None
+        self.clean_version: tuple[int, ...] | None = None
+
+
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, _AppliedState] = weakref.WeakKeyDictionary()
+
+
+def _applied_state(model: nn.Module) -> _AppliedState:
+    state = _APPLIED.get(model)
+    if state is None:
+        state = _APPLIED[model] = _AppliedState()
+    return state
+
+
+def current_base_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of the model's base weights (cached while the weights are untouched)."""
+    state = _applied_state(model)
+    if state.stack:
+        assert state.fingerprint is not None
+        return state.fingerprint
+    version = body_version(model)
+    if state.fingerprint is None or state.clean_version != version:
+        state.fingerprint = base_fingerprint(model)
+        state.clean_version = version
+    return state.fingerprint
+
+
+class SparseFineTuning:
+    """A sparse fine-tuning phi over a base model: ``diffs`` (body) + ``head`` (dense, absolute)."""
+
+    def __init__(self, diffs: Mapping[str, SparseDelta], head: Mapping[str, torch.Tensor],
+                 metadata: SFTMetadata, source: str | None = None) -> None:
+        self.diffs: dict[str, SparseDelta] = dict(sorted(diffs.items()))
+        self.head: dict[str, torch.Tensor] = dict(sorted(head.items()))
+        self.metadata = metadata
+        self.source = source  # directory it was loaded from, for messages
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def extract(cls, start: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor],
+                masks: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor],
+                metadata: SFTMetadata, eps: float = DROP_EPS) -> SparseFineTuning:
+        """phi = trained - start on the masked entries, with |phi| <= eps dropped."""
+        diffs: dict[str, SparseDelta] = {}
+        for name in sorted(masks):
+            mask = masks[name].reshape(-1)
+            delta = trained[name].detach().reshape(-1).float() - start[name].detach().reshape(-1).float()
+            keep = mask & (delta.abs() > eps)
+            idx = torch.nonzero(keep).flatten().to(torch.int64)
+            diffs[name] = SparseDelta(tuple(trained[name].shape), idx, delta[idx].clone())
+        heads = {n: t.detach().clone().float() for n, t in head.items()}
+        return cls(diffs, heads, metadata)
+
+    # -- properties --------------------------------------------------------------------------
+
+    @property
+    def nnz(self) -> int:
+        return sum(d.nnz for d in self.diffs.values())
+
+    @property
+    def name(self) -> str:
+        m = self.metadata
+        return f"{m.kind} SFT ({m.language or m.task or '?'})" + (f" from {self.source}" if self.source else "")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "kind": self.metadata.kind, "language": self.metadata.language, "task": self.metadata.task,
+            "method": self.metadata.method, "nnz": self.nnz,
+            "maskable_entries": sum(d.numel for d in self.diffs.values()),
+            "head_entries": sum(t.numel() for t in self.head.values()),
+        }
+
+    # -- apply / revert ----------------------------------------------------------------------
+
+    def _error(self, problem: str) -> SFTFormatError:
+        return SFTFormatError(f"{self.source or self.name}: {problem}")
+
+    def check_compatible(self, model: nn.Module, with_head: bool = True, check_base: bool = True) -> None:
+        body = body_parameters(model)
+        for name, delta in self.diffs.items():
+            param = body.get(name)
+            if param is None:
+                raise self._error(f"tensor '{name}' does not exist in the model")
+            if tuple(param.shape) != delta.shape:
+                raise self._error(f"tensor '{name}' has shape {list(delta.shape)} in the SFT but "
+                                  f"{list(param.shape)} in the model")
+        if with_head:
+            params = dict(model.named_parameters())
+            for name, value in self.head.items():
+                if name not in params:
+                    raise self._error(f"head tensor '{name}' does not exist in the model "
+                                      f"(apply a language SFT with with_head=False)")
+                if tuple(params[name].shape) != tuple(value.shape):
+                    raise self._error(f"head tensor '{name}' has shape {list(value.shape)} in the SFT but "
+                                      f"{list(params[name].shape)} in the model")
+        if check_base and self.metadata.base_fingerprint:
+            found = current_base_fingerprint(model)
+            if found != self.metadata.base_fingerprint:
+                raise self._error(
+                    f"base model fingerprint mismatch: the SFT was trained on {self.metadata.base_model!r} "
+                    f"({self.metadata.base_fingerprint[:19]}...), the model's base weights are {found[:19]}...")
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, with_head: bool = True, check_base: bool = True) -> None:
+        """Add the diffs to the model's body in place and (``with_head``) copy the head values."""
+        self.check_compatible(model, with_head, check_base)
+        state = _applied_state(model)
+        if not state.stack:
+            current_base_fingerprint(model) if check_base else None
+        body = body_parameters(model)
+        saved_body: dict[str, torch.Tensor] = {}
+        for name, delta in self.diffs.items():
+            flat = body[name].data.view(-1)
+            saved_body[name] = flat[delta.indices].clone()
+            flat.index_add_(0, delta.indices, delta.values.to(flat.dtype))
+        saved_head: dict[str, torch.Tensor] = {}
+        if with_head:
+            params = dict(model.named_parameters())
+            for name, value in self.head.items():
+                saved_head[name] = params[name].data.clone()
+                params[name].data.copy_(value)
+        state.stack.append((self, saved_body, saved_head))
+
+    @torch.no_grad()
+    def revert(self, model: nn.Module) -> None:
+        """Undo the last ``apply`` of this SFT on ``model`` exactly (bit for bit)."""
+        state = _APPLIED.get(model)
+        if not state or not state.stack:
+            raise self._error("revert called but the SFT is not applied to this model")
+        top, saved_body, saved_head = state.stack[-1]
+        if top is not self:
+            raise self._error(f"revert out of order: revert {top.name} first")
+        body = body_parameters(model)
+        for name, original in saved_body.items():
+            body[name].data.view(-1)[self.diffs[name].indices] = original
+        if saved_head:
+            params = dict(model.named_parameters())
+            for name, original in saved_head.items():
+                params[name].data.copy_(original)
+        state.stack.pop()
+        if not state.stack:
+            state.clean_version = body_version(model)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module, with_head: bool = True) -> Iterator[nn.Module]:
+        self.apply(model, with_head=with_head)
+        try:
+            yield model
+        finally:
+            self.revert(model)
+
+    # -- save / load -------------------------------------------------------------------------
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the SFT atomically to ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, delta in self.diffs.items():
+            tensors[f"diff/{name}/indices"] = delta.indices.to(torch.int64).contiguous()
+            tensors[f"diff/{name}/values"] = delta.values.to(torch.float32).contiguous()
+        for name, value in self.head.items():
+            tensors[f"head/{name}"] = value.to(torch.float32).contiguous()
+        meta = asdict(self.metadata)
+        meta["created"] = meta["created"] or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+            doc = {
+                "format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta,
+                "tensors": {n: {"shape": list(d.shape), "nnz": d.nnz} for n, d in self.diffs.items()},
+                "head": {n: {"shape": list(v.shape)} for n, v in self.head.items()},
+                "nnz": self.nnz,
+                "weights_file": WEIGHTS_FILE, "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
+            }
+            write_json(tmp / METADATA_FILE, doc)
+        self.metadata.created = meta["created"]
+        self.source = str(directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SparseFineTuning:
+        """Read and validate an SFT directory (see the module docstring for what is checked)."""
+        directory = Path(directory)
+        doc = read_metadata(directory)
+        weights = directory / WEIGHTS_FILE
+        where = str(weights)
+        if not weights.is_file():
+            raise SFTFormatError(f"{where}: file is missing")
+        if sha256_file(weights) != doc.get("weights_sha256"):
+            raise SFTFormatError(f"{where}: checksum mismatch (file truncated or modified after saving)")
+        try:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(weights))
+        except Exception as exc:  # safetensors raises several types for a bad header
+            raise SFTFormatError(f"{where}: not a readable safetensors file ({exc})") from None
+        diffs = _validated_diffs(tensors, doc, where)
+        head = _validated_head(tensors, doc, where)
+        expected = {f"diff/{n}/{p}" for n in diffs for p in ("indices", "values")} | {f"head/{n}" for n in head}
+        extra = sorted(set(tensors) - expected)
+        if extra:
+            raise SFTFormatError(f"{where}: unexpected tensor '{extra[0]}' not listed in {METADATA_FILE}")
+        meta = SFTMetadata.from_dict(doc)
+        return cls(diffs, head, meta, source=str(directory))
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """The validated ``sft.json`` of an SFT directory, as a dict."""
+    directory = Path(directory)
+    path = directory / METADATA_FILE
+    if not directory.is_dir():
+        raise SFTFormatError(f"{directory}: not a directory (expected an SFT directory)")
+    if not path.is_file():
+        raise SFTFormatError(f"{path}: file is missing (not a deftx SFT directory?)")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SFTFormatError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise SFTFormatError(f"{path}: not a deftx SFT (format field is {doc.get('format') if isinstance(doc, dict) else None!r})")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise SFTFormatError(f"{path}: unsupported format_version {doc.get('format_version')!r} "
+                             f"(this deftx reads {FORMAT_VERSION})")
+    if doc.get("kind") not in ("language", "task"):
+        raise SFTFormatError(f"{path}: kind must be 'language' or 'task', got {doc.get('kind')!r}")
+    for key in ("tensors", "head"):
+        if not isinstance(doc.get(key), dict):
+            raise SFTFormatError(f"{path}: missing or invalid '{key}' table")
+    return doc
+
+
+def _shape_of(entry: Any, name: str, where: str) -> tuple[int, ...]:
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise SFTFormatError(f"{where}: invalid shape for tensor '{name}' in {METADATA_FILE}")
+    return tuple(shape)
+
+
+def _validated_diffs(tensors: dict[str, torch.Tensor], doc: dict[str, Any], where: str) -> dict[str, SparseDelta]:
+    diffs: dict[str, SparseDelta] = {}
+    for name, entry in doc["tensors"].items():
+        shape = _shape_of(entry, name, where)
+        idx = tensors.get(f"diff/{name}/indices")
+        val = tensors.get(f"diff/{name}/values")
+        if idx is None or val is None:
+            raise SFTFormatError(f"{where}: tensor '{name}' is missing its indices or values")
+        if idx.dtype != torch.int64 or idx.dim() != 1:
+            raise SFTFormatError(f"{where}: indices of '{name}' must be 1-D int64, got {idx.dtype} {list(idx.shape)}")
+        if val.dtype != torch.float32 or val.dim() != 1:
+            raise SFTFormatError(f"{where}: values of '{name}' must be 1-D float32, got {val.dtype} {list(val.shape)}")
+        if idx.numel() != val.numel():
+            raise SFTFormatError(f"{where}: '{name}' has {idx.numel()} indices but {val.numel()} values")
+        if idx.numel() != entry.get("nnz"):
+            raise SFTFormatError(f"{where}: '{name}' has {idx.numel()} entries, {METADATA_FILE} says {entry.get('nnz')}")
+        numel = math.prod(shape)
+        if idx.numel():
+            if int(idx.min()) < 0 or int(idx.max()) >= numel:
+                raise SFTFormatError(f"{where}: index out of bounds in '{name}' (shape {list(shape)}, "
+                                     f"indices span {int(idx.min())}..{int(idx.max())})")
+            steps = idx[1:] - idx[:-1]
+            if steps.numel() and int(steps.min()) <= 0:
+                kind = "duplicate" if int(steps.min()) == 0 else "unsorted"
+                raise SFTFormatError(f"{where}: {kind} indices in '{name}'")
+            if not bool(torch.isfinite(val).all()):
+                raise SFTFormatError(f"{where}: non-finite values in '{name}'")
+        diffs[name] = SparseDelta(shape, idx, val)
+    return diffs
+
+
+def _validated_head(tensors: dict[str, torch.Tensor], doc: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+    head: dict[str, torch.Tensor] = {}
+    for name, entry in doc["head"].items():
+        shape = _shape_of(entry, name, where)
+        value = tensors.get(f"head/{name}")
+        if value is None:
+            raise SFTFormatError(f"{where}: head tensor '{name}' is missing")
+        if value.dtype != torch.float32:
+            raise SFTFormatError(f"{where}: head tensor '{name}' must be float32, got {value.dtype}")
+        if tuple(value.shape) != shape:
+            raise SFTFormatError(f"{where}: head tensor '{name}' has shape {list(value.shape)}, "
+                                 f"{METADATA_FILE} says {list(shape)}")
+        head[name] = value
+    return head
