@@ -65,6 +65,20 @@ class SparseUpdate:
         return [p for n, p in self.params.items() if n not in self.frozen]
 
 
+class _AbsDistance(torch.autograd.Function):
+    """sum |p - ref| without keeping a |p - ref| temporary for backward (grad = sign(p - ref))."""
+
+    @staticmethod
+    def forward(ctx, param: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(param, ref)
+        return torch.dist(param.detach(), ref, p=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        param, ref = ctx.saved_tensors
+        return torch.sign(param.detach() - ref).mul_(grad), None
+
+
 class L1Penalty:
     """coefficient * sum |theta - reference| / normaliser (composable-sft normalises by the model's
     total parameter count and adds the term once per optimizer step)."""
@@ -79,5 +93,5 @@ class L1Penalty:
         total = torch.zeros(())
         for param, ref in self.pairs:
             if param.requires_grad:
-                total = total + (param - ref).abs().sum()
+                total = total + _AbsDistance.apply(param, ref)
         return total * (self.coefficient / self.normaliser)
