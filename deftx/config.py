@@ -256,17 +256,16 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        errors = []
+        if len(args) == 1:
+            return _coerce(value, args[0], key)
         for arg in args:
-            if arg is type(None):
-                continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise _fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

@@ -34,9 +34,3 @@ def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 def base_fingerprint(model: nn.Module) -> str:
     """Fingerprint of ``model``'s current body weights."""
     return tensors_fingerprint({n: p for n, p in body_parameters(model).items()})
-
-
-def body_version(model: nn.Module) -> tuple[int, ...]:
-    """In-place modification counters of the body parameters: equal counters mean the weights
-    have not been written since (used to skip recomputing a fingerprint)."""
-    return tuple(getattr(p, "_version", -1) for _, p in sorted(body_parameters(model).items()))

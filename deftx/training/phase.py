@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from deftx.errors import DeftxError
 from deftx.training.engine import StepEngine
 from deftx.training.progress import Progress
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(DeftxError):
     """The loss became NaN or infinite."""
 
 

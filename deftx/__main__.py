@@ -1,0 +1,5 @@
+import sys
+
+from deftx.cli import main
+
+sys.exit(main())

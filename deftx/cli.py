@@ -1,0 +1,283 @@
+"""``deftx`` command line. Every user error is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from deftx import __version__
+from deftx.errors import DeftxError
+
+EXIT_USAGE = 2
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration (applied in this order)")
+    g.add_argument("--preset", help="a built-in preset, e.g. demo; 'deftx presets' lists them")
+    g.add_argument("--config", metavar="FILE", help="a YAML config file")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one value, e.g. --set language_sft.selection.rank=8 (repeatable)")
+    g.add_argument("--method", choices=["lt_sft", "deft_x"], help="mask selection for every SFT")
+
+
+def _load_config(args: argparse.Namespace, extra: list[str] | None = None):
+    from deftx.config import load_pipeline_config
+
+    return load_pipeline_config(preset=args.preset, config=args.config,
+                                overrides=list(args.overrides) + (extra or []), method=args.method)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from deftx.pipeline import run_pipeline
+
+    extra = [f"output_dir={args.output_dir}"] if args.output_dir else []
+    cfg = _load_config(args, extra)
+    _log(f"deftx {__version__}: pipeline, method {cfg.task_sft.selection.method}, model {cfg.model.name_or_path}, "
+         f"source {cfg.source_language}, targets {', '.join(cfg.target_languages)}, output {cfg.output_dir}")
+    result = run_pipeline(cfg, log=_log)
+    print(result.table())
+    print(f"\nwall time {result.seconds / 60:.1f} min; SFTs and results in {result.output_dir}")
+    return 0
+
+
+def cmd_train_lang(args: argparse.Namespace) -> int:
+    from deftx.data import check_language
+    from deftx.models import load_tokenizer, resolve_model_path
+    from deftx.pipeline import train_language_sft
+
+    cfg = _load_config(args)
+    lang = check_language(args.lang, cfg.data.dataset)
+    out = _fresh_output(args.out, args.overwrite)
+    path = resolve_model_path(cfg.model.name_or_path, log=_log)
+    sft = train_language_sft(path, load_tokenizer(path), lang, cfg.language_sft, model_id=cfg.model.name_or_path,
+                             data_source=cfg.data.source, max_length=cfg.model.max_length, seed=cfg.seed, log=_log)
+    sft.save(out, overwrite=args.overwrite)
+    print(f"saved language SFT for {lang} to {out} ({sft.nnz:,} entries)")
+    return 0
+
+
+def cmd_train_task(args: argparse.Namespace) -> int:
+    from deftx.data import check_language
+    from deftx.models import load_tokenizer, resolve_model_path
+    from deftx.pipeline import train_task_sft
+    from deftx.sft import SparseFineTuning
+
+    cfg = _load_config(args)
+    source = check_language(args.source_lang or cfg.source_language, cfg.data.dataset)
+    out = _fresh_output(args.out, args.overwrite)
+    lang_sft = SparseFineTuning.load(args.lang_sft) if args.lang_sft else None
+    if lang_sft is not None and lang_sft.metadata.kind != "language":
+        raise DeftxError(f"{args.lang_sft}: --lang-sft must be a language SFT, got a {lang_sft.metadata.kind} SFT")
+    path = resolve_model_path(cfg.model.name_or_path, log=_log)
+    sft = train_task_sft(path, load_tokenizer(path), source, lang_sft, cfg.task_sft, model_id=cfg.model.name_or_path,
+                         data_source=cfg.data.source, max_length=cfg.model.max_length, seed=cfg.seed, log=_log,
+                         eval_batch_size=cfg.eval_batch_size)
+    sft.save(out, overwrite=args.overwrite)
+    valid = sft.metadata.metrics.get("source_valid", {})
+    print(f"saved task SFT to {out} ({sft.nnz:,} entries; {source} validation macro-F1 "
+          f"{100 * valid.get('macro_f1', float('nan')):.1f})")
+    return 0
+
+
+def _fresh_output(out: str, overwrite: bool) -> Path:
+    path = Path(out)
+    if path.exists() and not overwrite:
+        raise DeftxError(f"{path} already exists (use --overwrite to replace it)")
+    return path
+
+
+def _composition_and_model(task_dir: str, lang_dir: str | None, model: str | None):
+    from deftx.compose import Composition
+    from deftx.models import load_classifier, load_tokenizer, resolve_model_path
+    from deftx.sft import SparseFineTuning
+
+    task = SparseFineTuning.load(task_dir)
+    lang = SparseFineTuning.load(lang_dir) if lang_dir else None
+    composition = Composition(task, lang)
+    labels = task.metadata.label_names
+    if not labels:
+        raise DeftxError(f"{task_dir}: the task SFT records no label names")
+    model_id = model or task.metadata.base_model
+    if not model_id:
+        raise DeftxError(f"{task_dir}: the SFT records no base model; pass --model")
+    path = resolve_model_path(model_id, log=_log)
+    return composition, load_classifier(path, labels), load_tokenizer(path)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from deftx.data import NUSAX_LABELS, check_language, load_nusax_senti
+    from deftx.evaluation import evaluate
+
+    composition, model, tokenizer = _composition_and_model(args.task, args.lang, args.model)
+    if composition.label_names != list(NUSAX_LABELS):
+        raise DeftxError(f"{args.task}: evaluate supports NusaX sentiment task SFTs "
+                         f"(labels {list(NUSAX_LABELS)}), got {composition.label_names}")
+    rows = []
+    with composition.applied(model):
+        for code in [c.strip() for c in args.languages.split(",") if c.strip()]:
+            lang = check_language(code, "nusax")
+            res = evaluate(model, tokenizer, load_nusax_senti(lang, args.split, args.data), len(NUSAX_LABELS),
+                           max_length=args.max_length)
+            rows.append({"language": lang, **res})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"| language | macro-F1 | accuracy | n |  ({args.split} split)\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['language']} | {100 * r['macro_f1']:.1f} | {100 * r['accuracy']:.1f} | {r['n']} |")
+    return 0
+
+
+def cmd_sft_inspect(args: argparse.Namespace) -> int:
+    from deftx.sft import SparseFineTuning
+
+    sft = SparseFineTuning.load(args.path)
+    meta = sft.metadata
+    total = sum(d.numel for d in sft.diffs.values())
+    info: dict[str, Any] = {
+        "path": str(args.path), **sft.summary(), "density": sft.nnz / total if total else 0.0,
+        "base_model": meta.base_model, "base_fingerprint": meta.base_fingerprint, "selection": meta.selection,
+        "label_names": meta.label_names, "trained_on": meta.trained_on, "metrics": meta.metrics,
+        "deftx_version": meta.deftx_version, "created": meta.created,
+        "tensors": {n: {"shape": list(d.shape), "nnz": d.nnz, "density": d.nnz / max(d.numel, 1)}
+                    for n, d in sft.diffs.items()},
+        "head": {n: list(v.shape) for n, v in sft.head.items()},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{args.path}: {meta.kind} SFT, language {meta.language}, task {meta.task}, method {meta.method}")
+    print(f"  base model {meta.base_model} ({meta.base_fingerprint[:23]}...), deftx {meta.deftx_version}, "
+          f"created {meta.created}")
+    print(f"  {sft.nnz:,} non-zeros of {total:,} maskable entries (density {100 * info['density']:.4f}%), "
+          f"{info['head_entries']:,} dense head entries")
+    if meta.metrics:
+        print(f"  metrics {json.dumps(meta.metrics)}")
+    print(f"  {'tensor':<60} {'shape':>14} {'nnz':>10} {'density':>9}")
+    for name, t in info["tensors"].items():
+        shape = "x".join(map(str, t["shape"]))
+        print(f"  {name:<60} {shape:>14} {t['nnz']:>10,} {100 * t['density']:>8.3f}%")
+    for name, shape in info["head"].items():
+        print(f"  {name:<60} {'x'.join(map(str, shape)):>14} {'(dense head)':>20}")
+    return 0
+
+
+def cmd_sft_compose(args: argparse.Namespace) -> int:
+    from deftx.compose import export_hf_model
+
+    composition, model, tokenizer = _composition_and_model(args.task, args.lang, args.model)
+    out = export_hf_model(composition, model, tokenizer, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}: load it with AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from deftx.offline_model import ensure_offline_e5
+
+    print(ensure_offline_e5(Path(args.cache) if args.cache else None, log=_log))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from deftx.config import preset_names
+
+    print("\n".join(preset_names()))
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deftx", description="Composable sparse fine-tuning (LT-SFT, DeFT-X) for zero-shot cross-lingual transfer.")
+    parser.add_argument("--version", action="version", version=f"deftx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("pipeline", help="language SFTs + task SFT + zero-shot NusaX evaluation, end to end",
+                       description="Train language SFTs (source + targets) by masked LM, a task SFT on the source "
+                                   "language on top of its language SFT, then evaluate task + target-language SFT "
+                                   "on each NusaX test set. Finished SFTs are reused on re-runs.")
+    _config_args(p)
+    p.add_argument("--output-dir", help="where SFTs and results go (default from the config)")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("train-lang", help="train one language SFT (masked LM on NusaX-MT train text)")
+    _config_args(p)
+    p.add_argument("--lang", required=True, help="NusaX language code, e.g. jav")
+    p.add_argument("--out", required=True, help="output SFT directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_train_lang)
+
+    p = sub.add_parser("train-task", help="train a NusaX sentiment task SFT on top of a source-language SFT")
+    _config_args(p)
+    p.add_argument("--lang-sft", help="the source-language SFT to train on top of (omit to train on theta0)")
+    p.add_argument("--source-lang", help="source language (default: the config's source_language)")
+    p.add_argument("--out", required=True, help="output SFT directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_train_task)
+
+    p = sub.add_parser("evaluate", help="evaluate task SFT (+ language SFT) on NusaX languages")
+    p.add_argument("--task", required=True, help="task SFT directory")
+    p.add_argument("--lang", help="language SFT directory to compose with (omit: task SFT alone)")
+    p.add_argument("--languages", required=True, help="comma-separated NusaX codes to evaluate on, e.g. jav,sun")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--data", default="bundled", help="'bundled', 'hub' or a NusaX directory")
+    p.add_argument("--model", help="base model (default: the one recorded in the task SFT)")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    sft = sub.add_parser("sft", help="inspect and compose SFT directories").add_subparsers(
+        dest="sft_command", metavar="SUBCOMMAND", required=True)
+    p = sft.add_parser("inspect", help="metadata, non-zeros per tensor, density")
+    p.add_argument("path", help="SFT directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_sft_inspect)
+    p = sft.add_parser("compose", help="export theta0 + task SFT + language SFT as a Hugging Face model directory")
+    p.add_argument("--task", required=True, help="task SFT directory (its head is used)")
+    p.add_argument("--lang", help="language SFT directory (its head is not used)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--model", help="base model (default: the one recorded in the task SFT)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_sft_compose)
+
+    models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", metavar="SUBCOMMAND",
+                                                                        required=True)
+    p = models.add_parser("fetch", help="download and convert the offline multilingual-e5-small model")
+    p.add_argument("--cache", help="cache directory (default $DEFTX_CACHE or ~/.cache/deftx)")
+    p.set_defaults(func=cmd_models_fetch)
+
+    p = sub.add_parser("presets", help="list the built-in presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DeftxError as exc:
+        print(f"deftx: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileExistsError as exc:
+        print(f"deftx: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("deftx: interrupted (finished SFTs are kept; re-run the same command to continue)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

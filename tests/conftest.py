@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny random-weight encoder with a tokenizer trained on real NusaX text."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_LANGS = ("ind", "jav", "sun")
+
+
+@pytest.fixture(scope="session")
+def nusax_texts() -> list[str]:
+    from deftx.data import load_nusax_mt_text
+
+    return [t for lang in TINY_LANGS for t in load_nusax_mt_text(lang)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, nusax_texts):
+    """A 2-layer BERT-style encoder (hidden 32, WordPiece vocab ~600, no MLM head) saved as a
+    Hugging Face directory, so tests exercise the real from_pretrained loading path."""
+    from deftx.models import create_tiny_model
+
+    return create_tiny_model(tmp_path_factory.mktemp("tiny-bert"), nusax_texts)
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr_dir(tmp_path_factory, nusax_texts):
+    from deftx.models import create_tiny_model
+
+    return create_tiny_model(tmp_path_factory.mktemp("tiny-xlmr"), nusax_texts, architecture="xlm-roberta")

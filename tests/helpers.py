@@ -1,0 +1,135 @@
+"""Shared helpers for the SFT / composition tests: tiny models, random sparse SFTs, weight snapshots
+and tools to craft corrupt SFT directories. Plain functions (fixtures live in the test modules)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deftx.data.nusax import load_nusax_mt_text
+from deftx.io import sha256_file
+from deftx.masks import body_parameters, maskable_parameters, parameter_roles
+from deftx.models import create_tiny_model
+from deftx.sft import METADATA_FILE, WEIGHTS_FILE, SFTMetadata, SparseDelta, SparseFineTuning, current_base_fingerprint
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def tiny_texts(lines: int = 300) -> list[str]:
+    """Real NusaX text (Indonesian, Javanese, Sundanese) for training the tiny tokenizer."""
+    texts: list[str] = []
+    for lang in ("ind", "jav", "sun"):
+        texts.extend(load_nusax_mt_text(lang)[: lines // 3])
+    return texts
+
+
+def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+    return create_tiny_model(directory, tiny_texts(), seed=seed)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def differing_tensors(model: nn.Module, reference: dict[str, torch.Tensor]) -> list[str]:
+    """Names of state_dict tensors that are not bit-identical (torch.equal) to ``reference``."""
+    current = model.state_dict()
+    assert set(current) == set(reference)
+    return sorted(k for k in reference if not torch.equal(current[k], reference[k]))
+
+
+def random_delta(shape: tuple[int, ...], nnz: int, gen: torch.Generator,
+                 indices: torch.Tensor | None = None) -> SparseDelta:
+    numel = 1
+    for s in shape:
+        numel *= s
+    if indices is None:
+        indices = torch.randperm(numel, generator=gen)[: min(nnz, numel)]
+    indices = torch.sort(indices.to(torch.int64)).values
+    values = torch.randn(indices.numel(), generator=gen, dtype=torch.float32) * 0.1
+    return SparseDelta(tuple(shape), indices, values)
+
+
+def random_diffs(model: nn.Module, seed: int, density: float = 0.05,
+                 names: list[str] | None = None) -> dict[str, SparseDelta]:
+    """Random sparse diffs over the maskable body tensors of ``model`` (body-relative names)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = maskable_parameters(model)
+    names = sorted(params) if names is None else names
+    out = {}
+    for name in names:
+        shape = tuple(params[name].shape)
+        numel = params[name].numel()
+        out[name] = random_delta(shape, max(3, int(numel * density)), gen)
+    return out
+
+
+def random_head(model: nn.Module, kind: str, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(tuple(p.shape), generator=gen, dtype=torch.float32)
+            for n, p in parameter_roles(model, kind).head.items()}
+
+
+def make_sft(model: nn.Module, kind: str, seed: int, *, head_model: nn.Module | None = None,
+             fingerprint: str | None = None, density: float = 0.05,
+             diffs: dict[str, SparseDelta] | None = None) -> SparseFineTuning:
+    """A hand-built SFT over ``model``'s body. The head is taken from ``head_model`` (default: ``model``)."""
+    head_model = model if head_model is None else head_model
+    meta = SFTMetadata(
+        kind=kind,
+        language="jav" if kind == "language" else None,
+        task="nusax_senti" if kind == "task" else None,
+        base_model="tiny-test-model",
+        base_fingerprint=current_base_fingerprint(model) if fingerprint is None else fingerprint,
+        tokenizer="tiny-test-model",
+        label_names=list(LABELS) if kind == "task" else None,
+        selection={"kind": "lt_sft", "k": 123},
+        trained_on={"language_sft": "/somewhere/lang-ind"},
+        training={"steps": 7, "lr": 5e-05},
+        metrics={"dev_f1": 0.5},
+    )
+    return SparseFineTuning(random_diffs(model, seed, density) if diffs is None else diffs,
+                            random_head(head_model, kind, seed + 1000), meta)
+
+
+# -- crafting corrupt SFT directories ------------------------------------------------------------
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return dict(load_file(str(directory / WEIGHTS_FILE)))
+
+
+def read_doc(directory: Path) -> dict:
+    return json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
+
+
+def write_doc(directory: Path, doc: dict) -> None:
+    (directory / METADATA_FILE).write_text(json.dumps(doc, indent=2), encoding="utf-8")
+
+
+def rewrite_weights(directory: Path, tensors: dict[str, torch.Tensor], doc: dict | None = None) -> None:
+    """Replace sft.safetensors with ``tensors`` and update ``weights_sha256`` (and the rest of ``doc``)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_FILE))
+    doc = read_doc(directory) if doc is None else doc
+    doc["weights_sha256"] = sha256_file(directory / WEIGHTS_FILE)
+    write_doc(directory, doc)
+
+
+def update_checksum(directory: Path) -> None:
+    doc = read_doc(directory)
+    doc["weights_sha256"] = sha256_file(directory / WEIGHTS_FILE)
+    write_doc(directory, doc)
+
+
+__all__ = [
+    "LABELS", "body_parameters", "build_tiny_model", "differing_tensors", "make_sft", "random_delta",
+    "random_diffs", "random_head", "read_doc", "read_weights", "rewrite_weights", "snapshot",
+    "tiny_texts", "update_checksum", "write_doc",
+]
