@@ -1,0 +1,97 @@
+"""The command line: help everywhere, one-line errors with exit 2, and a tiny end-to-end pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deftx.cli import build_parser, main
+
+COMMANDS = [[], ["pipeline"], ["train-lang"], ["train-task"], ["evaluate"], ["sft"], ["sft", "inspect"],
+            ["sft", "compose"], ["models"], ["models", "fetch"], ["presets"]]
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w) or "deftx")
+def test_help_on_every_command(words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(words + ["--help"])
+    assert exc.value.code == 0
+    assert "usage: deftx" in capsys.readouterr().out
+
+
+def test_console_script_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "deftx", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("deftx ")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["pipeline", "--set", "language_sft.selection.density=1.5"], r"language_sft.selection.density: must be in (0, 1]"),
+    (["pipeline", "--set", "task_sft.selection.rank=0", "--method", "deft_x"], "task_sft.selection.rank: must be a positive"),
+    (["pipeline", "--set", "target_languages=[jav,klingon]"], "unknown NusaX language 'klingon'; valid: ace, ban"),
+    (["pipeline", "--config", "/no/such/file.yaml"], "config file /no/such/file.yaml does not exist"),
+    (["pipeline", "--preset", "nope"], "unknown preset 'nope'"),
+    (["pipeline", "--set", "novalue"], "expected key=value"),
+    (["train-lang", "--lang", "xx", "--out", "/tmp/x"], "unknown NusaX language 'xx'"),
+    (["sft", "inspect", "/no/such/sft"], "/no/such/sft: not a directory"),
+    (["evaluate", "--task", "/no/such/sft", "--languages", "jav"], "/no/such/sft: not a directory"),
+])
+def test_user_errors_are_one_line_with_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deftx: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_sft_inspect_bad_file_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "sft.json").write_text("{not json")
+    assert main(["sft", "inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "sft.json: invalid JSON" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lt_sft", "deft_x"])
+def test_tiny_pipeline_end_to_end_via_cli(tiny_model_dir, tmp_path, method, capsys):
+    """Language SFTs (ind, jav), task SFT on ind over its language SFT, composition, evaluation,
+    inspect, compose export and a re-run that reuses every SFT; on real NusaX rows."""
+    out = tmp_path / "run"
+    argv = ["pipeline", "--method", method, "--output-dir", str(out),
+            "--set", f"model.name_or_path={tiny_model_dir}", "--set", "target_languages=[jav]",
+            "--set", "language_sft.head_warmup_steps=2", "--set", "language_sft.full.max_steps=3",
+            "--set", "language_sft.sparse.max_steps=3", "--set", "task_sft.full.max_steps=4",
+            "--set", "task_sft.sparse.max_steps=4", "--set", "task_sft.full.learning_rate=1e-3",
+            "--set", "max_eval_examples=40", "--set", "language_sft.max_train_examples=64"]
+    if method == "deft_x":
+        argv += ["--set", "language_sft.selection.rank=4", "--set", "task_sft.selection.energy=0.8"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "| jav (Javanese) | target |" in captured.out and "average of targets" in captured.out
+    assert "[lang jav phase 2/2 (sparse)]" in captured.err  # progress is shown
+    results = json.loads((out / "results.json").read_text())
+    assert [r["language"] for r in results["rows"]] == ["ind", "jav"]
+    assert all(0.0 <= r["macro_f1"] <= 1.0 and r["n"] == 40 for r in results["rows"])
+    for name in ("lang-ind", "lang-jav", "task-nusax_senti"):
+        meta = json.loads((out / "sfts" / name / "sft.json").read_text())
+        assert meta["method"] == method and meta["selection"]["method"] == method
+        assert meta["nnz"] > 0 and meta["base_fingerprint"].startswith("sha256:")
+    task_meta = json.loads((out / "sfts" / "task-nusax_senti" / "sft.json").read_text())
+    assert task_meta["trained_on"]["language_sft"] == "ind" and task_meta["label_names"][0] == "negative"
+
+    assert main(["sft", "inspect", str(out / "sfts" / "lang-jav")]) == 0
+    assert "language SFT, language jav" in capsys.readouterr().out
+    assert main(["sft", "compose", "--task", str(out / "sfts" / "task-nusax_senti"), "--lang",
+                 str(out / "sfts" / "lang-jav"), "--out", str(tmp_path / "hf"), "--model", str(tiny_model_dir)]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file() and "wrote " in capsys.readouterr().out
+    assert main(["evaluate", "--task", str(out / "sfts" / "task-nusax_senti"), "--lang", str(out / "sfts" / "lang-jav"),
+                 "--languages", "jav", "--model", str(tiny_model_dir), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["language"] == "jav" and rows[0]["n"] == 400
+
+    assert main(argv) == 0  # a re-run with the same settings trains nothing
+    err = capsys.readouterr().err
+    assert err.count("reusing ") == 3 and "phase 1/2" not in err
