@@ -28,11 +28,11 @@ from deftx.config import PipelineConfig, SFTConfig
 from deftx.data import NUSAX_LABELS, NUSAX_LANGUAGE_NAMES, load_nusax_mt_text, load_nusax_senti
 from deftx.errors import DeftxError
 from deftx.evaluation import evaluate
-from deftx.masks import embedding_parameter_names
+from deftx.masks import embedding_parameter_names, parameter_roles
 from deftx.models import load_classifier, load_masked_lm, load_tokenizer, resolve_model_path
 from deftx.sft import SFTMetadata, SparseFineTuning, current_base_fingerprint, read_metadata
 from deftx.training.batches import classification_stream, masked_lm_stream
-from deftx.training.lt_sft import train_sparse_fine_tuning
+from deftx.training.lt_sft import train_head_only, train_sparse_fine_tuning
 from deftx.training.objectives import classification_loss, masked_lm_loss
 
 Log = Callable[[str], None]
@@ -63,12 +63,21 @@ def _capped(items: list, limit: int | None) -> list:
 
 def train_language_sft(model_path: str, tokenizer, lang: str, sft_cfg: SFTConfig, *, model_id: str,
                        data_source: str, max_length: int, seed: int, log: Log,
-                       texts: list[str] | None = None) -> SparseFineTuning:
-    """A language SFT by masked LM on ``lang``'s NusaX-MT train text (or the given ``texts``)."""
+                       texts: list[str] | None = None,
+                       head_init: dict[str, torch.Tensor] | None = None) -> SparseFineTuning:
+    """A language SFT by masked LM on ``lang``'s NusaX-MT train text (or the given ``texts``).
+
+    A base model without a pretrained MLM head gets its head from ``head_init`` (a shared warm-up,
+    see :func:`warm_up_mlm_head`) or, failing that, a warm-up on ``lang``'s text alone."""
     texts = _capped(texts if texts is not None else load_nusax_mt_text(lang, data_source), sft_cfg.max_train_examples)
     model, has_head = load_masked_lm(model_path, seed=seed)
     fingerprint = current_base_fingerprint(model)
-    if not has_head:
+    head_source = "pretrained"
+    if not has_head and head_init is not None:
+        _load_head(model, head_init)
+        head_source = "shared warm-up"
+    elif not has_head:
+        head_source = f"warm-up on {lang} ({sft_cfg.head_warmup_steps} steps)"
         log(f"[lang {lang}] the base model has no pretrained MLM head: training it for "
             f"{sft_cfg.head_warmup_steps} steps first")
     meta = SFTMetadata(kind="language", language=lang, method=sft_cfg.selection.method,
@@ -76,14 +85,55 @@ def train_language_sft(model_path: str, tokenizer, lang: str, sft_cfg: SFTConfig
                        base_fingerprint=fingerprint, tokenizer=model_id,
                        training={"data": f"NusaX-MT train ({data_source})", "seed": seed,
                                  "mlm_probability": sft_cfg.mlm_probability,
-                                 "head_warmup_steps": 0 if has_head else sft_cfg.head_warmup_steps})
+                                 "mlm_head": head_source})
     result = train_sparse_fine_tuning(
         model, kind="language", loss_fn=masked_lm_loss, cfg=sft_cfg, metadata=meta,
-        embedding_names=frozenset(embedding_parameter_names(model)), head_warmup=not has_head,
+        embedding_names=frozenset(embedding_parameter_names(model)), head_warmup=head_source.startswith("warm-up"),
         label=f"lang {lang}", log=log, stream_for=lambda bs: masked_lm_stream(
             tokenizer, texts, batch_size=bs, seed=seed, max_length=max_length,
             mlm_probability=sft_cfg.mlm_probability))
     return result.sft
+
+
+def _load_head(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+    params = parameter_roles(model, "language").head
+    if set(params) != set(values):
+        raise DeftxError(f"MLM head tensors {sorted(values)} do not match the model's {sorted(params)}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(values[name])
+
+
+def warm_up_mlm_head(model_path: str, tokenizer, texts: list[str], sft_cfg: SFTConfig, *, max_length: int,
+                     seed: int, directory: Path, digest: str, log: Log) -> dict[str, torch.Tensor] | None:
+    """Train the MLM head of a base model released without one, once, on ``texts`` (all the
+    pipeline's languages), and cache it in ``directory``; every language SFT starts from it.
+    Returns None when the model has a pretrained head."""
+    from safetensors.torch import load_file, save_file
+
+    from deftx.io import atomic_directory, write_json
+
+    model, has_head = load_masked_lm(model_path, seed=seed)
+    if has_head or sft_cfg.head_warmup_steps == 0:
+        return None
+    marker = directory / "head.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("digest") == digest:
+        log(f"reusing {directory} (same settings)")
+        return load_file(str(directory / "head.safetensors"))
+    log(f"== MLM head warm-up: the base model has no pretrained MLM head; training it alone for "
+        f"{sft_cfg.head_warmup_steps} steps on {len(texts)} sentences ==")
+    roles = parameter_roles(model, "language")
+    stream = masked_lm_stream(tokenizer, texts, batch_size=sft_cfg.full.batch_size, seed=seed,
+                              max_length=max_length, mlm_probability=sft_cfg.mlm_probability)
+    phase = train_head_only(model, roles.maskable, roles.head, stream, masked_lm_loss,
+                            steps=sft_cfg.head_warmup_steps, learning_rate=sft_cfg.head_warmup_learning_rate,
+                            label="mlm", log=log)
+    values = {n: p.detach().clone().contiguous() for n, p in roles.head.items()}
+    with atomic_directory(directory, overwrite=True) as tmp:
+        save_file(values, str(tmp / "head.safetensors"))
+        write_json(tmp / "head.json", {"digest": digest, "steps": phase.steps, "final_loss": phase.final_loss,
+                                       "sentences": len(texts)})
+    return values
 
 
 def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: SparseFineTuning | None,
@@ -151,16 +201,26 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print) -> PipelineResult:
               "data": cfg.data.source, "deftx": __version__}
 
     languages = [cfg.source_language] + [t for t in cfg.target_languages if t != cfg.source_language]
+    texts = {lang: _capped(load_nusax_mt_text(lang, cfg.data.source), cfg.language_sft.max_train_examples)
+             for lang in languages}
+    head_digest = config_digest({**common, "kind": "mlm-head", "languages": languages,
+                                 "steps": cfg.language_sft.head_warmup_steps,
+                                 "lr": cfg.language_sft.head_warmup_learning_rate,
+                                 "batch": cfg.language_sft.full.batch_size, "mlm": cfg.language_sft.mlm_probability})
+    head = warm_up_mlm_head(model_path, tokenizer, [t for lang in languages for t in texts[lang]], cfg.language_sft,
+                            max_length=cfg.model.max_length, seed=cfg.seed, directory=out / "mlm-head",
+                            digest=head_digest, log=log)
     lang_sfts: dict[str, SparseFineTuning] = {}
     for i, lang in enumerate(languages, 1):
         directory = out / "sfts" / f"lang-{lang}"
-        digest = config_digest({**common, "kind": "language", "lang": lang, "sft": asdict(cfg.language_sft)})
+        digest = config_digest({**common, "kind": "language", "lang": lang, "sft": asdict(cfg.language_sft),
+                                "head": head_digest if head is not None else None})
         sft = _reuse(directory, digest, log)
         if sft is None:
             log(f"== language SFT {i}/{len(languages)}: {lang} ({NUSAX_LANGUAGE_NAMES[lang]}) ==")
             sft = train_language_sft(model_path, tokenizer, lang, cfg.language_sft, model_id=cfg.model.name_or_path,
                                      data_source=cfg.data.source, max_length=cfg.model.max_length,
-                                     seed=cfg.seed, log=log)
+                                     seed=cfg.seed, log=log, texts=texts[lang], head_init=head)
             sft.metadata.training["config_digest"] = digest
             sft.save(directory, overwrite=True)
             log(f"saved {directory} ({sft.nnz:,} entries)")

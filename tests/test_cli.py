@@ -72,6 +72,7 @@ def test_tiny_pipeline_end_to_end_via_cli(tiny_model_dir, tmp_path, method, caps
     captured = capsys.readouterr()
     assert "| jav (Javanese) | target |" in captured.out and "average of targets" in captured.out
     assert "[lang jav phase 2/2 (sparse)]" in captured.err  # progress is shown
+    assert "[mlm head warm-up]" in captured.err and "[lang jav head warm-up]" not in captured.err
     results = json.loads((out / "results.json").read_text())
     assert [r["language"] for r in results["rows"]] == ["ind", "jav"]
     assert all(0.0 <= r["macro_f1"] <= 1.0 and r["n"] == 40 for r in results["rows"])
@@ -79,6 +80,8 @@ def test_tiny_pipeline_end_to_end_via_cli(tiny_model_dir, tmp_path, method, caps
         meta = json.loads((out / "sfts" / name / "sft.json").read_text())
         assert meta["method"] == method and meta["selection"]["method"] == method
         assert meta["nnz"] > 0 and meta["base_fingerprint"].startswith("sha256:")
+        if name.startswith("lang-"):
+            assert meta["training"]["mlm_head"] == "shared warm-up"
     task_meta = json.loads((out / "sfts" / "task-nusax_senti" / "sft.json").read_text())
     assert task_meta["trained_on"]["language_sft"] == "ind" and task_meta["label_names"][0] == "negative"
 
@@ -94,4 +97,4 @@ def test_tiny_pipeline_end_to_end_via_cli(tiny_model_dir, tmp_path, method, caps
 
     assert main(argv) == 0  # a re-run with the same settings trains nothing
     err = capsys.readouterr().err
-    assert err.count("reusing ") == 3 and "phase 1/2" not in err
+    assert err.count("reusing ") == 4 and "phase 1/2" not in err and "warm-up] step" not in err  # head + 3 SFTs

@@ -51,6 +51,20 @@ def _restore(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -
         p.data.copy_(values[n])
 
 
+def train_head_only(model: nn.Module, body: dict[str, nn.Parameter], head: dict[str, nn.Parameter],
+                    stream: BatchStream, loss_fn: LossFn, *, steps: int, learning_rate: float, label: str,
+                    log: Callable[[str], None] | None = None) -> PhaseResult:
+    """Train a freshly initialised head alone (body frozen), e.g. the MLM head of an encoder
+    released without one, so that phase 1 does not spend its steps fitting a random head."""
+    for p in body.values():
+        p.requires_grad_(False)
+    for p in head.values():
+        p.requires_grad_(True)
+    engine = TorchEngine(model, list(head.values()), learning_rate=learning_rate, weight_decay=0.0,
+                         total_steps=steps, max_grad_norm=1.0)
+    return run_phase(engine, stream.batch_at, loss_fn, num_steps=steps, name=f"{label} head warm-up", log=log)
+
+
 def train_sparse_fine_tuning(model: nn.Module, *, kind: SFTKind, stream_for: Callable[[int], BatchStream],
                              loss_fn: LossFn,
                              cfg: SFTConfig, metadata: SFTMetadata, embedding_names: frozenset[str] = frozenset(),
@@ -71,15 +85,8 @@ def train_sparse_fine_tuning(model: nn.Module, *, kind: SFTKind, stream_for: Cal
     n_examples = len(stream.sequences)
 
     if head_warmup and cfg.head_warmup_steps > 0:
-        for p in roles.maskable.values():
-            p.requires_grad_(False)
-        for p in roles.head.values():
-            p.requires_grad_(True)
-        engine = TorchEngine(model, list(roles.head.values()), learning_rate=cfg.head_warmup_learning_rate,
-                             weight_decay=0.0, total_steps=cfg.head_warmup_steps, max_grad_norm=1.0)
-        phases.append(run_phase(engine, stream.batch_at, loss_fn, num_steps=cfg.head_warmup_steps,
-                                name=f"{label} head warm-up", log=log))
-        del engine
+        phases.append(train_head_only(model, roles.maskable, roles.head, stream, loss_fn, steps=cfg.head_warmup_steps,
+                                      learning_rate=cfg.head_warmup_learning_rate, label=label, log=log))
 
     start = _snapshot(roles.maskable)
     head_start = _snapshot(roles.head)
