@@ -1,0 +1,53 @@
+"""Base-model resolution: local directories, hub ids (offline here), clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deftx.errors import ModelError
+from deftx.models import load_classifier, load_masked_lm, load_tokenizer, resolve_model_path
+
+
+def test_local_directory_resolves_and_loads(tiny_xlmr_dir):
+    path = resolve_model_path(str(tiny_xlmr_dir))
+    assert path == str(tiny_xlmr_dir)
+    tok = load_tokenizer(path)
+    assert tok.mask_token_id is not None and tok.pad_token_id == 1
+    model, has_head = load_masked_lm(path)
+    assert type(model).__name__ == "XLMRobertaForMaskedLM" and not has_head
+    clf = load_classifier(path, ["a", "b"], seed=3)
+    assert clf.config.id2label == {0: "a", 1: "b"}
+    again = load_classifier(path, ["a", "b"], seed=3)  # the fresh head is seeded: identical loads
+    assert all((p == q).all() for p, q in zip(clf.parameters(), again.parameters()))
+
+
+@pytest.mark.parametrize("name,message", [
+    ("/no/such/model", "model directory /no/such/model does not exist"),
+    ("./missing-model", "does not exist"),
+    ("offline:nothing", "unknown offline model 'offline:nothing'; available: offline:multilingual-e5-small"),
+])
+def test_bad_model_names(name, message):
+    with pytest.raises(ModelError, match=message):
+        resolve_model_path(name)
+
+
+def test_directory_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelError, match="not a Hugging Face model directory"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_hub_id_is_passed_to_from_pretrained_and_fails_cleanly_offline():
+    """The hub path is kept for users; here the hub is unreachable, which must be one clear error.
+    (A subprocess, so that HF_HUB_OFFLINE is set before huggingface_hub reads it at import.)"""
+    assert resolve_model_path("xlm-roberta-base") == "xlm-roberta-base"
+    code = ("from deftx.errors import ModelError\n"
+            "from deftx.models import load_tokenizer\n"
+            "try:\n    load_tokenizer('xlm-roberta-base')\nexcept ModelError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cannot load tokenizer 'xlm-roberta-base'"), out.stdout + out.stderr
