@@ -104,22 +104,23 @@ def _load_head(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
             p.copy_(values[name])
 
 
-def warm_up_mlm_head(model_path: str, tokenizer, texts: list[str], sft_cfg: SFTConfig, *, max_length: int,
-                     seed: int, directory: Path, digest: str, log: Log) -> dict[str, torch.Tensor] | None:
-    """Train the MLM head of a base model released without one, once, on ``texts`` (all the
-    pipeline's languages), and cache it in ``directory``; every language SFT starts from it.
-    Returns None when the model has a pretrained head."""
+def warm_up_mlm_head(model: torch.nn.Module, tokenizer, texts: list[str], sft_cfg: SFTConfig, *,
+                     max_length: int, seed: int, directory: Path, digest: str, log: Log) -> dict[str, torch.Tensor]:
+    """Train the freshly initialised MLM head of ``model`` (a base model released without one,
+    decoder untied) once, on ``texts`` (all the pipeline's languages), and cache it in
+    ``directory`` under ``digest``; every language SFT then starts from this head."""
     from safetensors.torch import load_file, save_file
 
     from deftx.io import atomic_directory, write_json
 
-    model, has_head = load_masked_lm(model_path, seed=seed)
-    if has_head or sft_cfg.head_warmup_steps == 0:
-        return None
     marker = directory / "head.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("digest") == digest:
-        log(f"reusing {directory} (same settings)")
-        return load_file(str(directory / "head.safetensors"))
+    try:
+        if json.loads(marker.read_text()).get("digest") == digest:
+            values = load_file(str(directory / "head.safetensors"))
+            log(f"reusing {directory} (same settings)")
+            return values
+    except (OSError, ValueError, RuntimeError):
+        pass  # no usable cache: train
     log(f"== MLM head warm-up: the base model has no pretrained MLM head; training it alone for "
         f"{sft_cfg.head_warmup_steps} steps on {len(texts)} sentences ==")
     roles = parameter_roles(model, "language")
@@ -197,8 +198,9 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print) -> PipelineResult:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
     model_path = resolve_model_path(cfg.model.name_or_path, log=log)
     tokenizer = load_tokenizer(model_path)
-    common = {"model": cfg.model.name_or_path, "max_length": cfg.model.max_length, "seed": cfg.seed,
-              "data": cfg.data.source, "deftx": __version__}
+    probe, has_head = load_masked_lm(model_path, seed=cfg.seed)
+    common = {"model": cfg.model.name_or_path, "base_fingerprint": current_base_fingerprint(probe),
+              "max_length": cfg.model.max_length, "seed": cfg.seed, "data": cfg.data.source, "deftx": __version__}
 
     languages = [cfg.source_language] + [t for t in cfg.target_languages if t != cfg.source_language]
     texts = {lang: _capped(load_nusax_mt_text(lang, cfg.data.source), cfg.language_sft.max_train_examples)
@@ -207,9 +209,12 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print) -> PipelineResult:
                                  "steps": cfg.language_sft.head_warmup_steps,
                                  "lr": cfg.language_sft.head_warmup_learning_rate,
                                  "batch": cfg.language_sft.full.batch_size, "mlm": cfg.language_sft.mlm_probability})
-    head = warm_up_mlm_head(model_path, tokenizer, [t for lang in languages for t in texts[lang]], cfg.language_sft,
-                            max_length=cfg.model.max_length, seed=cfg.seed, directory=out / "mlm-head",
-                            digest=head_digest, log=log)
+    head = None
+    if not has_head and cfg.language_sft.head_warmup_steps > 0:
+        head = warm_up_mlm_head(probe, tokenizer, [t for lang in languages for t in texts[lang]], cfg.language_sft,
+                                max_length=cfg.model.max_length, seed=cfg.seed, directory=out / "mlm-head",
+                                digest=head_digest, log=log)
+    del probe
     lang_sfts: dict[str, SparseFineTuning] = {}
     for i, lang in enumerate(languages, 1):
         directory = out / "sfts" / f"lang-{lang}"
