@@ -28,7 +28,6 @@ Usage:  python benchmarks/sft_io.py [--quick] [--repeats N] [--keep DIR]
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys

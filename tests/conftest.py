@@ -34,3 +34,19 @@ def tiny_xlmr_dir(tmp_path_factory, nusax_texts):
     from deftx.models import create_tiny_model
 
     return create_tiny_model(tmp_path_factory.mktemp("tiny-xlmr"), nusax_texts, architecture="xlm-roberta")
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    """A tiny BERT-style base model for the SFT artifact and composition tests."""
+    from helpers import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(scope="session")
+def other_base_dir(tmp_path_factory):
+    """Same architecture and tokenizer as ``base_dir``, different random weights."""
+    from helpers import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-other"), seed=1)

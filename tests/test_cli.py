@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from deftx.cli import build_parser, main
+from deftx.cli import main
 
 COMMANDS = [[], ["pipeline"], ["train-lang"], ["train-task"], ["evaluate"], ["sft"], ["sft", "inspect"],
             ["sft", "compose"], ["models"], ["models", "fetch"], ["presets"]]

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,21 +19,11 @@ from deftx.models import load_classifier, load_masked_lm, load_tokenizer
 from deftx.sft import SFTMetadata, SparseDelta, SparseFineTuning
 
 try:
-    from helpers import LABELS, build_tiny_model, differing_tensors, make_sft, random_delta, snapshot
+    from helpers import LABELS, differing_tensors, make_sft, random_delta, snapshot
 except ImportError:  # tests/ imported as a package
-    from tests.helpers import LABELS, build_tiny_model, differing_tensors, make_sft, random_delta, snapshot
+    from tests.helpers import LABELS, differing_tensors, make_sft, random_delta, snapshot
 
 QUERY = "encoder.layer.0.attention.self.query.weight"
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("compose-tiny-base"))
-
-
-@pytest.fixture(scope="module")
-def other_base_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("compose-tiny-other"), seed=1)
 
 
 def fresh_classifier(base_dir):

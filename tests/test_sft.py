@@ -20,17 +20,16 @@ from deftx.sft import (
     METADATA_FILE,
     WEIGHTS_FILE,
     SFTMetadata,
-    SparseDelta,
     SparseFineTuning,
     current_base_fingerprint,
     read_metadata,
 )
 
 try:
-    from helpers import (LABELS, build_tiny_model, differing_tensors, make_sft, random_delta, read_doc,
+    from helpers import (LABELS, differing_tensors, make_sft, random_delta, read_doc,
                          read_weights, rewrite_weights, snapshot, update_checksum, write_doc)
 except ImportError:  # tests/ imported as a package
-    from tests.helpers import (LABELS, build_tiny_model, differing_tensors, make_sft, random_delta, read_doc,
+    from tests.helpers import (LABELS, differing_tensors, make_sft, random_delta, read_doc,
                                read_weights, rewrite_weights, snapshot, update_checksum, write_doc)
 
 QUERY = "encoder.layer.0.attention.self.query.weight"
@@ -38,17 +37,6 @@ WORDS = "embeddings.word_embeddings.weight"
 
 
 # ------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("sft-tiny-base"))
-
-
-@pytest.fixture(scope="module")
-def other_base_dir(tmp_path_factory) -> Path:
-    """Same architecture and tokenizer, different random weights."""
-    return build_tiny_model(tmp_path_factory.mktemp("sft-tiny-other"), seed=1)
 
 
 @pytest.fixture
