@@ -1,0 +1,74 @@
+"""A DeepSpeed engine behind the phase runner's ``StepEngine`` protocol, and the sparse-phase
+projection for every ZeRO stage.
+
+The runner calls ``loss_fn(engine.module, batch)``, ``engine.backward(loss)`` and ``engine.step()``,
+so the single-process loop (``deftx.training.phase.run_phase``) drives DeepSpeed unchanged.
+Requires ``torch.distributed`` to be initialised (Ray Train or a launcher does it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from deftx.training.engine import linear_schedule
+
+
+class DeepSpeedEngine:
+    """torch AdamW as DeepSpeed's client optimizer (no compiled optimizer ops needed), a linear
+    schedule, gradient clipping, ZeRO ``stage`` 0-3."""
+
+    def __init__(self, module: nn.Module, params: Sequence[nn.Parameter], *, learning_rate: float,
+                 weight_decay: float, total_steps: int, warmup_ratio: float = 0.0,
+                 max_grad_norm: float | None = 1.0, zero_stage: int = 2, micro_batch_size: int = 1) -> None:
+        import deepspeed
+
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 0-3, got {zero_stage}")
+        trainable = [p for p in params if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_ratio))
+        config = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9,
+                  "gradient_clipping": float(max_grad_norm or 0.0), "zero_allow_untested_optimizer": True}
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=trainable, config=config)
+        self.module = self.engine.module
+        self.zero_stage = zero_stage
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+@torch.no_grad()
+def project_outside_mask(params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor],
+                         reference: Mapping[str, torch.Tensor], zero_stage: int) -> None:
+    """Write ``reference`` back outside ``masks`` in the fp32 master *and* the forward weights.
+    Collective under ZeRO 1-3: every rank must call it with the same tensors in the same order."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    for name in sorted(params):
+        p, mask, ref = params[name], masks[name], reference[name]
+        if zero_stage == 0:
+            torch.where(mask, p.data, ref, out=p.data)
+            continue
+        master = safe_get_full_fp32_param(p)
+        fixed = torch.where(mask, master, ref)
+        safe_set_full_fp32_param(p, fixed)
+        if zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if torch.distributed.get_rank() == 0:
+                    p.data.copy_(fixed.to(p.dtype))
+        else:
+            p.data.copy_(fixed.to(p.dtype))
