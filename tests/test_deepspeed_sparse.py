@@ -83,3 +83,67 @@ def test_sparse_phase_keeps_entries_outside_mask_bit_identical(tmp_path, stage):
             moved_here += int((forward[mask] != ref[mask]).sum())
         moved.append(moved_here)
     assert moved[0] == moved[1] > 0  # training happened, identically on both ranks
+
+
+def _selection_worker(rank: int, world: int, store: str, stage: int, method: str, out: str) -> None:
+    os.environ.update(GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from transformers import BertConfig, BertForSequenceClassification
+
+        from deftx.distributed import distributed_select_masks, plan_shards
+        from deftx.masks import embedding_parameter_names, parameter_roles
+        from deftx.selection import make_scorer
+        from deftx.training.deepspeed_engine import DeepSpeedEngine, gather_owned
+
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=32, num_labels=3))
+        roles = parameter_roles(model, "task")
+        for p in roles.frozen.values():
+            p.requires_grad_(False)
+        theta0 = {n: p.detach().clone() for n, p in roles.maskable.items()}
+        shapes = {n: tuple(p.shape) for n, p in roles.maskable.items()}
+        scorer = make_scorer(method, rank=2 if method == "deft_x" else None,
+                             embedding_names=frozenset(embedding_parameter_names(model)))
+        plan = plan_shards(shapes, world, denoised={n: bool(getattr(scorer, "denoises", lambda *a: False)(n, s))
+                                                    for n, s in shapes.items()})
+        engine = DeepSpeedEngine(model, list(roles.maskable.values()) + list(roles.head.values()),
+                                 learning_rate=1e-2, weight_decay=0.0, total_steps=STEPS, zero_stage=stage,
+                                 micro_batch_size=4)
+        for step in range(STEPS):  # phase 1 (full)
+            ids = torch.randint(0, 100, (4, 10), generator=torch.Generator().manual_seed(step * 10 + rank))
+            engine.backward(engine.module(input_ids=ids, labels=torch.tensor([0, 1, 2, 0])).loss)
+            engine.step()
+        mine = gather_owned(roles.maskable, plan.owners, rank, stage)
+        assert set(mine) == set(plan.owned(rank))
+        masks, report = distributed_select_masks(plan, {n: theta0[n] for n in mine}, mine, 100, scorer)
+        everything = gather_owned(roles.maskable, {n: rank for n in shapes}, rank, stage)  # reference only
+        torch.save({"masks": masks, "theta0": theta0, "theta1": everything}, f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("method", ["lt_sft", "deft_x"])
+def test_distributed_selection_under_zero_equals_single_process(tmp_path, stage, method):
+    """Each rank scores only the matrices it owns (gathered from ZeRO partitions one at a time);
+    the all-gathered masks equal the single-process selection on the same phase-1 weights."""
+    from deftx.selection import make_scorer, select_masks
+
+    out = str(tmp_path / "sel")
+    mp.spawn(_selection_worker, args=(2, str(tmp_path / "store"), stage, method, out), nprocs=2, join=True)
+    saved = [torch.load(f"{out}.rank{r}") for r in range(2)]
+    theta1 = saved[0]["theta1"]
+    assert all(torch.equal(theta1[n], saved[1]["theta1"][n]) for n in theta1)  # ranks agree on theta1
+    embeddings = frozenset(n for n in theta1 if "embeddings" in n and n.endswith("embeddings.weight"))
+    want, _ = select_masks(saved[0]["theta0"], theta1, 100, make_scorer(
+        method, rank=2 if method == "deft_x" else None, embedding_names=embeddings))
+    for r in range(2):
+        assert set(saved[r]["masks"]) == set(want)
+        for name in want:
+            assert torch.equal(saved[r]["masks"][name], want[name]), (r, name)
