@@ -11,32 +11,44 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-pytest.importorskip("deepspeed")
 
 STEPS = 3
 
 
-def _worker(rank: int, world: int, store: str, stage: int, out: str) -> None:
+def _join(rank: int, world: int, store: str) -> None:
+    """Join a gloo group bound to loopback, with a file-store rendezvous (no TCP listener)."""
     os.environ.update(GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def _tiny_task_model():
+    """A 2-layer BERT classifier from a config (seeded) and its parameter roles, frozen ones frozen."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from deftx.masks import parameter_roles
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=3))
+    roles = parameter_roles(model, "task")
+    for p in roles.frozen.values():
+        p.requires_grad_(False)
+    return model, roles
+
+
+def _worker(rank: int, world: int, store: str, stage: int, out: str) -> None:
+    _join(rank, world, store)
     try:
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
-        from transformers import BertConfig, BertForSequenceClassification
 
-        from deftx.masks import parameter_roles
         from deftx.training.deepspeed_engine import DeepSpeedEngine, project_outside_mask
         from deftx.training.sparse import SparseUpdate
 
-        torch.manual_seed(0)
-        model = BertForSequenceClassification(BertConfig(
-            vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=32, num_labels=3))
-        roles = parameter_roles(model, "task")
-        for p in roles.frozen.values():
-            p.requires_grad_(False)
+        model, roles = _tiny_task_model()
         reference = {n: p.detach().clone() for n, p in roles.maskable.items()}
         g = torch.Generator().manual_seed(1)
         masks = {n: torch.rand(p.shape, generator=g) < 0.1 for n, p in roles.maskable.items()}
@@ -86,25 +98,15 @@ def test_sparse_phase_keeps_entries_outside_mask_bit_identical(tmp_path, stage):
 
 
 def _selection_worker(rank: int, world: int, store: str, stage: int, method: str, out: str) -> None:
-    os.environ.update(GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    _join(rank, world, store)
     try:
-        from transformers import BertConfig, BertForSequenceClassification
 
         from deftx.distributed import distributed_select_masks, plan_shards
-        from deftx.masks import embedding_parameter_names, parameter_roles
+        from deftx.masks import embedding_parameter_names
         from deftx.selection import make_scorer
         from deftx.training.deepspeed_engine import DeepSpeedEngine, gather_owned
 
-        torch.manual_seed(0)
-        model = BertForSequenceClassification(BertConfig(
-            vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=32, num_labels=3))
-        roles = parameter_roles(model, "task")
-        for p in roles.frozen.values():
-            p.requires_grad_(False)
+        model, roles = _tiny_task_model()
         theta0 = {n: p.detach().clone() for n, p in roles.maskable.items()}
         shapes = {n: tuple(p.shape) for n, p in roles.maskable.items()}
         scorer = make_scorer(method, rank=2 if method == "deft_x" else None,
