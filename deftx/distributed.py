@@ -117,9 +117,5 @@ def distributed_select_masks(plan: ShardPlan, theta0: Mapping[str, torch.Tensor]
     infos = getattr(scorer, "infos", {})
     ranks_all: list[dict[str, int]] = [dict() for _ in range(world)]
     dist.all_gather_object(ranks_all, {n: i.rank for n, i in infos.items() if n in keys})
-    selected = sum(int(m.sum()) for m in masks.values())
-    report = SelectionReport(
-        k=k, selected=selected, maskable=sum(m.numel() for m in masks.values()),
-        density_by_tensor={n: float(masks[n].sum()) / max(masks[n].numel(), 1) for n in names},
-        ranks={n: r for part in ranks_all for n, r in part.items()})
-    return {n: masks[n] for n in names}, report
+    masks = {n: masks[n] for n in names}
+    return masks, SelectionReport.from_masks(k, masks, {n: r for part in ranks_all for n, r in part.items()})

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from deftx.denoise import SVD_TARGETS, DenoiseInfo, denoise_with_info
-from deftx.masks import count_selected, global_top_k
+from deftx.masks import count_selected, density_by_tensor, global_top_k
 
 
 class MaskScorer(Protocol):
@@ -74,6 +74,11 @@ class SelectionReport:
     density_by_tensor: dict[str, float]
     ranks: dict[str, int] = field(default_factory=dict)
 
+    @classmethod
+    def from_masks(cls, k: int, masks: Mapping[str, torch.Tensor], ranks: Mapping[str, int]) -> SelectionReport:
+        return cls(k=k, selected=count_selected(masks), maskable=sum(m.numel() for m in masks.values()),
+                   density_by_tensor=density_by_tensor(masks), ranks=dict(ranks))
+
     def as_dict(self) -> dict:
         return {"k": self.k, "selected": self.selected, "maskable": self.maskable,
                 "ranks": dict(self.ranks)}
@@ -88,11 +93,7 @@ def select_masks(theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torch.
     masks = global_top_k(scores, k)
     del scores
     infos = getattr(scorer, "infos", {})
-    report = SelectionReport(
-        k=k, selected=count_selected(masks), maskable=sum(m.numel() for m in masks.values()),
-        density_by_tensor={n: float(m.sum()) / max(m.numel(), 1) for n, m in masks.items()},
-        ranks={n: i.rank for n, i in infos.items()})
-    return masks, report
+    return masks, SelectionReport.from_masks(k, masks, {n: i.rank for n, i in infos.items()})
 
 
 def make_scorer(method: str, *, rank: int | None = None, energy: float | None = None,

@@ -61,11 +61,6 @@ class SparseDelta:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def to_dense(self) -> torch.Tensor:
-        out = torch.zeros(self.numel, dtype=self.values.dtype)
-        out[self.indices] = self.values
-        return out.view(self.shape)
-
 
 @dataclass
 class SFTMetadata:
