@@ -95,6 +95,21 @@ def make_sft(model: nn.Module, kind: str, seed: int, *, head_model: nn.Module | 
                             random_head(head_model, kind, seed + 1000), meta)
 
 
+# -- distributed workers -------------------------------------------------------------------------
+
+
+def join_loopback_group(rank: int, world: int, store: str) -> None:
+    """Join a gloo group bound to loopback, with a file-store rendezvous (no TCP listener)."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
 # -- crafting corrupt SFT directories ------------------------------------------------------------
 
 
@@ -130,6 +145,6 @@ def update_checksum(directory: Path) -> None:
 
 __all__ = [
     "LABELS", "body_parameters", "build_tiny_model", "differing_tensors", "make_sft", "random_delta",
-    "random_diffs", "random_head", "read_doc", "read_weights", "rewrite_weights", "snapshot",
+    "join_loopback_group", "random_diffs", "random_head", "read_doc", "read_weights", "rewrite_weights", "snapshot",
     "tiny_texts", "update_checksum", "write_doc",
 ]

@@ -4,22 +4,13 @@ the forward weights, and masked entries do move (issue 4, part 3)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import join_loopback_group
 
 STEPS = 3
-
-
-def _join(rank: int, world: int, store: str) -> None:
-    """Join a gloo group bound to loopback, with a file-store rendezvous (no TCP listener)."""
-    os.environ.update(GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
 def _tiny_task_model():
@@ -39,7 +30,7 @@ def _tiny_task_model():
 
 
 def _worker(rank: int, world: int, store: str, stage: int, out: str) -> None:
-    _join(rank, world, store)
+    join_loopback_group(rank, world, store)
     try:
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
@@ -97,7 +88,7 @@ def test_sparse_phase_keeps_entries_outside_mask_bit_identical(tmp_path, stage):
 
 
 def _selection_worker(rank: int, world: int, store: str, stage: int, method: str, out: str) -> None:
-    _join(rank, world, store)
+    join_loopback_group(rank, world, store)
     try:
 
         from deftx.distributed import distributed_select_masks, plan_shards

@@ -21,114 +21,163 @@ from torch import nn
 
 from deftx.config import PhaseConfig, SFTConfig
 from deftx.masks import SFTKind, parameter_roles, resolve_budget
-from deftx.selection import SelectionReport, make_scorer, select_masks
+from deftx.selection import SelectionReport, make_scorer
 from deftx.sft import SFTMetadata, SparseFineTuning
 from deftx.training.batches import BatchStream
-from deftx.training.engine import TorchEngine
 from deftx.training.phase import LossFn, PhaseResult, run_phase
+from deftx.training.runtime import (PHASE_FULL, PHASE_SPARSE, PHASE_WARMUP, LocalRuntime, ModelBuilder,
+                                    ResumeState, TrainingRuntime)
 from deftx.training.sparse import L1Penalty, SparseUpdate
 
 
 @dataclass
 class SFTTrainingResult:
-    sft: SparseFineTuning
+    sft: SparseFineTuning | None
     selection: SelectionReport
     phases: list[PhaseResult] = field(default_factory=list)
-
-
-def _engine(model: nn.Module, params: list[nn.Parameter], cfg: PhaseConfig, steps: int) -> TorchEngine:
-    return TorchEngine(model, params, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                       total_steps=steps, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm)
 
 
 def _snapshot(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in params.items()}
 
 
-@torch.no_grad()
-def _restore(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> None:
-    for n, p in params.items():
-        p.data.copy_(values[n])
-
-
 def train_head_only(model: nn.Module, body: dict[str, nn.Parameter], head: dict[str, nn.Parameter],
                     stream: BatchStream, loss_fn: LossFn, *, steps: int, learning_rate: float, label: str,
-                    log: Callable[[str], None] | None = None) -> PhaseResult:
+                    log: Callable[[str], None] | None = None, runtime: TrainingRuntime | None = None,
+                    step_hook: Callable[..., Callable[[int, float], None] | None] | None = None) -> PhaseResult:
     """Train a freshly initialised head alone (body frozen), e.g. the MLM head of an encoder
     released without one, so that phase 1 does not spend its steps fitting a random head."""
+    runtime = runtime or LocalRuntime()
     for p in body.values():
         p.requires_grad_(False)
     for p in head.values():
         p.requires_grad_(True)
-    engine = TorchEngine(model, list(head.values()), learning_rate=learning_rate, weight_decay=0.0,
-                         total_steps=steps, max_grad_norm=1.0)
-    return run_phase(engine, stream.batch_at, loss_fn, num_steps=steps, name=f"{label} head warm-up", log=log)
+    engine = runtime.engine(model, list(head.values()), _warmup_phase(learning_rate), steps)
+    start_step = runtime.resume_engine(engine, PHASE_WARMUP)
+    hook = step_hook(engine) if step_hook is not None else None
+    result = run_phase(engine, runtime.batches(stream.batch_at), runtime.loss(loss_fn), num_steps=steps,
+                       start_step=start_step, name=f"{label} head warm-up", on_step=hook, log=log)
+    runtime.end_phase(engine)
+    return result
 
 
-def train_sparse_fine_tuning(model: nn.Module, *, kind: SFTKind, stream_for: Callable[[int], BatchStream],
-                             loss_fn: LossFn,
+def _warmup_phase(learning_rate: float) -> PhaseConfig:
+    return PhaseConfig(learning_rate=learning_rate, weight_decay=0.0, max_grad_norm=1.0)
+
+
+def _as_builder(model: nn.Module | ModelBuilder) -> tuple[nn.Module, ModelBuilder | None]:
+    if isinstance(model, nn.Module):
+        return model, None
+    return model(), model
+
+
+def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
+                             stream_for: Callable[[int], BatchStream], loss_fn: LossFn,
                              cfg: SFTConfig, metadata: SFTMetadata, embedding_names: frozenset[str] = frozenset(),
                              head_warmup: bool = False, label: str = "sft",
-                             log: Callable[[str], None] | None = None) -> SFTTrainingResult:
-    """Train one SFT on ``model`` in place and return it (the model ends at theta_start + phi).
+                             log: Callable[[str], None] | None = None,
+                             runtime: TrainingRuntime | None = None) -> SFTTrainingResult:
+    """Train one SFT and return it (on rank 0; other ranks of a distributed runtime get ``sft=None``).
 
-    The model's current weights are the start (theta0, or theta0 + the source-language SFT for a
-    task SFT); ``metadata.base_fingerprint`` must already name the underlying base model.
+    ``model`` is the model at the start weights (theta0, or theta0 + the source-language SFT for a
+    task SFT), or a function that builds it (needed by runtimes that start each phase from a fresh
+    model, e.g. DeepSpeed). With a model object and the local runtime the model is trained in place
+    and ends at theta_start + phi. ``metadata.base_fingerprint`` must already name the base model.
     ``stream_for(batch_size)`` returns the (deterministic) batch stream for a phase.
     """
-    say = log or print
+    runtime = runtime or LocalRuntime()
+    model, build = _as_builder(model)
     roles = parameter_roles(model, kind)
-    for p in roles.frozen.values():
-        p.requires_grad_(False)
+    _freeze(roles.frozen)
+    resume = runtime.resume_state()
+    state = resume or ResumeState(phase=PHASE_WARMUP, step=0)
     phases: list[PhaseResult] = []
     stream = stream_for(cfg.full.batch_size)
     n_examples = len(stream.sequences)
+    if resume is not None:
+        runtime.log(f"[{label}] resuming in phase {resume.phase} at step {resume.step}", log)
 
-    if head_warmup and cfg.head_warmup_steps > 0:
-        phases.append(train_head_only(model, roles.maskable, roles.head, stream, loss_fn, steps=cfg.head_warmup_steps,
-                                      learning_rate=cfg.head_warmup_learning_rate, label=label, log=log))
+    if head_warmup and cfg.head_warmup_steps > 0 and not state.reached(PHASE_FULL):
+        phases.append(train_head_only(model, roles.maskable, roles.head, stream, loss_fn,
+                                      steps=cfg.head_warmup_steps, learning_rate=cfg.head_warmup_learning_rate,
+                                      label=label, log=log, runtime=runtime,
+                                      step_hook=lambda e: runtime.step_hook(e, PHASE_WARMUP, state)))
+        state.phases.append(phases[-1].as_dict())
+        head = runtime.read(roles.head)
+        state.head = {n: v.clone() for n, v in head.items()} if head is not None else {}
+        model = runtime.restart(model, build, state.head, kind)
+        roles = parameter_roles(model, kind)
+        _freeze(roles.frozen)
+    elif state.head:
+        model = runtime.restart(model, build, state.head, kind)
+        roles = parameter_roles(model, kind)
+        _freeze(roles.frozen)
 
     start = _snapshot(roles.maskable)
     head_start = _snapshot(roles.head)
-    for p in list(roles.maskable.values()) + list(roles.head.values()):
-        p.requires_grad_(True)
     n_params = sum(p.numel() for p in model.parameters())
-
-    steps = cfg.full.num_steps(n_examples)
-    engine = _engine(model, list(roles.maskable.values()) + list(roles.head.values()), cfg.full, steps)
-    l1 = L1Penalty(roles.maskable, start, cfg.full.l1_reg, n_params) if cfg.full.l1_reg > 0 else None
-    phases.append(run_phase(engine, stream.batch_at, loss_fn, num_steps=steps, regularizer=l1,
-                            name=f"{label} phase 1/2 (full)", log=log))
-    del engine
-
     sel = cfg.selection
     k = resolve_budget(roles.num_maskable, k=sel.k, density=sel.density)
-    scorer = make_scorer(sel.method, rank=sel.rank, energy=sel.energy, residual_keep=sel.residual_keep,
-                         svd_target=sel.svd_target, denoise_embeddings=sel.denoise_embeddings,
-                         embedding_names=embedding_names, solver=sel.svd_solver)
-    masks, report = select_masks(start, {n: p.detach() for n, p in roles.maskable.items()}, k, scorer)
-    say(f"[{label}] selected {report.selected:,} of {report.maskable:,} maskable entries "
-        f"({100.0 * report.selected / max(report.maskable, 1):.3f}%) by {sel.method}")
 
-    _restore(roles.maskable, start)
-    _restore(roles.head, head_start)
+    if not state.reached(PHASE_SPARSE):
+        for p in list(roles.maskable.values()) + list(roles.head.values()):
+            p.requires_grad_(True)
+        steps = cfg.full.num_steps(n_examples)
+        engine = runtime.engine(model, list(roles.maskable.values()) + list(roles.head.values()), cfg.full, steps)
+        start_step = runtime.resume_engine(engine, PHASE_FULL)
+        l1 = L1Penalty(roles.maskable, start, cfg.full.l1_reg, n_params) if cfg.full.l1_reg > 0 else None
+        phases.append(run_phase(engine, runtime.batches(stream.batch_at), runtime.loss(loss_fn), num_steps=steps,
+                                start_step=start_step, regularizer=l1, name=f"{label} phase 1/2 (full)",
+                                on_step=runtime.step_hook(engine, PHASE_FULL, state), log=log))
+        state.phases.append(phases[-1].as_dict())
+        scorer = make_scorer(sel.method, rank=sel.rank, energy=sel.energy, residual_keep=sel.residual_keep,
+                             svd_target=sel.svd_target, denoise_embeddings=sel.denoise_embeddings,
+                             embedding_names=embedding_names, solver=sel.svd_solver)
+        masks, report = runtime.select(start, roles.maskable, k, scorer)
+        runtime.end_phase(engine)
+        del engine
+        state.masks, state.selection = masks, report.as_dict()
+        state.phase, state.step, state.engine_state = PHASE_SPARSE, 0, None
+        runtime.save_selection(state)
+        runtime.log(f"[{label}] selected {report.selected:,} of {report.maskable:,} maskable entries "
+                    f"({100.0 * report.selected / max(report.maskable, 1):.3f}%) by {sel.method}", log)
+        model = runtime.restart(model, build, {**start, **head_start}, kind)
+        roles = parameter_roles(model, kind)
+        _freeze(roles.frozen)
+    else:
+        assert state.masks is not None
+        masks = state.masks
+        report = SelectionReport.from_masks(k, masks, state.selection.get("ranks", {}))
 
     sparse = SparseUpdate(roles.maskable, masks, start)
     sparse.install()
     try:
         steps = cfg.sparse.num_steps(n_examples)
-        engine = _engine(model, sparse.trainable() + list(roles.head.values()), cfg.sparse, steps)
+        engine = runtime.engine(model, sparse.trainable() + list(roles.head.values()), cfg.sparse, steps)
+        start_step = runtime.resume_engine(engine, PHASE_SPARSE)
         l1 = L1Penalty(roles.maskable, start, cfg.sparse.l1_reg, n_params) if cfg.sparse.l1_reg > 0 else None
         sparse_stream = stream if cfg.sparse.batch_size == cfg.full.batch_size else stream_for(cfg.sparse.batch_size)
-        phases.append(run_phase(engine, sparse_stream.batch_at, loss_fn, num_steps=steps, regularizer=l1,
-                                after_step=[sparse.project], name=f"{label} phase 2/2 (sparse)", log=log))
+        phases.append(run_phase(engine, runtime.batches(sparse_stream.batch_at), runtime.loss(loss_fn),
+                                num_steps=steps, start_step=start_step, regularizer=l1,
+                                after_step=[runtime.projector(sparse)], name=f"{label} phase 2/2 (sparse)",
+                                on_step=runtime.step_hook(engine, PHASE_SPARSE, state), log=log))
+        state.phases.append(phases[-1].as_dict())
+        final = runtime.read(roles.maskable, everywhere=False)
+        final_head = runtime.read(roles.head, everywhere=False)
+        runtime.end_phase(engine)
         del engine
     finally:
         sparse.remove()
 
+    if final is None or final_head is None:  # not the rank that extracts
+        return SFTTrainingResult(sft=None, selection=report, phases=phases)
     metadata.selection = {**metadata.selection, **report.as_dict()}
-    metadata.training = {**metadata.training, "phases": [p.as_dict() for p in phases],
-                         "train_examples": n_examples}
-    sft = SparseFineTuning.extract(start, {n: p.detach() for n, p in roles.maskable.items()}, masks,
-                                   {n: p.detach() for n, p in roles.head.items()}, metadata)
+    metadata.training = {**metadata.training, "phases": list(state.phases),
+                         "train_examples": n_examples, "world_size": runtime.world_size}
+    sft = SparseFineTuning.extract(start, final, masks, final_head, metadata)
     return SFTTrainingResult(sft=sft, selection=report, phases=phases)
+
+
+def _freeze(params: dict[str, nn.Parameter]) -> None:
+    for p in params.values():
+        p.requires_grad_(False)

@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,8 +38,8 @@ class PhaseResult:
         tail = self.losses[-10:]
         return sum(tail) / len(tail) if tail else float("nan")
 
-    def as_dict(self) -> dict[str, float]:
-        return {"steps": self.steps, "seconds": round(self.seconds, 2), "final_loss": self.final_loss}
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "steps": self.steps, "seconds": round(self.seconds, 2), "final_loss": self.final_loss}
 
 
 def run_phase(engine: StepEngine, batch_at: Callable[[int], dict[str, torch.Tensor]], loss_fn: LossFn, *,

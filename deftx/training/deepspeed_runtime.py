@@ -1,0 +1,291 @@
+"""The distributed runtime: the two-phase SFT on every rank of a ``torch.distributed`` group, each
+phase under DeepSpeed ZeRO (stage 0-3), with distributed mask selection and checkpoints.
+
+What differs from the single-process reference (``deftx.training.runtime.LocalRuntime``):
+
+- every phase starts from a freshly built model (a DeepSpeed engine leaves hooks and, under ZeRO-3,
+  partitions on the module it wraps, so a module is never wrapped twice);
+- each rank trains on its share of every batch (rows split evenly; DeepSpeed averages gradients);
+- masks come from ``deftx.distributed.distributed_select_masks``: each rank gathers and scores only
+  the tensors it owns, and the masks equal the single-process masks bit for bit;
+- phase 2 writes theta_start back outside the mask in the fp32 master and the forward weights;
+- every ``checkpoint_every`` steps, and right after the selection, a checkpoint (phase, step,
+  masks, warm-up head, DeepSpeed model/optimizer/scheduler state, RNG per rank) goes to a
+  ``CheckpointSink`` (Ray Train's ``report`` in ``deftx.ray_train``, a directory otherwise).
+  The batch stream is a pure function of the step, so the step is the data position.
+
+No Ray here: Ray Train (or any launcher) creates the process group and provides the sink.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deftx.config import PhaseConfig
+from deftx.distributed import distributed_select_masks, plan_shards
+from deftx.selection import MaskScorer, SelectionReport
+from deftx.training.batches import IGNORE_INDEX
+from deftx.training.deepspeed_engine import DeepSpeedEngine, gather_owned, project_outside_mask
+from deftx.training.phase import LossFn
+from deftx.training.runtime import PHASE_ORDER, BatchAt, ModelBuilder, ResumeState, load_values
+from deftx.training.sparse import SparseUpdate
+
+STATE_FILE = "deftx_state.json"
+MASKS_FILE = "deftx_masks.safetensors"
+HEAD_FILE = "deftx_head.safetensors"
+ENGINE_DIR = "engine"
+ENGINE_TAG = "ckpt"
+WEIGHT_KEY = "_shard_weight"
+
+
+class CheckpointSink(Protocol):
+    def __call__(self, metrics: dict[str, Any], directory: Path | None) -> None:
+        """Called on every rank with the same metrics; ``directory`` holds this rank's checkpoint
+        files (or is None for a metrics-only report). The files of all ranks together form one
+        checkpoint. The directory is deleted after the call returns."""
+
+
+class DirectoryCheckpointSink:
+    """Checkpoints merged into ``root/<phase>-<step>/`` on a filesystem every rank can reach (for
+    launchers other than Ray Train); ``latest()`` is the newest complete one."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __call__(self, metrics: dict[str, Any], directory: Path | None) -> None:
+        if directory is None:
+            return
+        name = f"{PHASE_ORDER.index(metrics['phase'])}-{metrics['phase']}-{int(metrics['step']):08d}"
+        target = self.root / name
+        shutil.copytree(directory, target, dirs_exist_ok=True)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            (self.root / "latest").write_text(name, encoding="utf-8")
+        dist.barrier()
+
+    def latest(self) -> Path | None:
+        marker = self.root / "latest"
+        return self.root / marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+
+
+class DeepSpeedRuntime:
+    """``TrainingRuntime`` for a ``torch.distributed`` group (already initialised) under ZeRO."""
+
+    def __init__(self, *, zero_stage: int = 2, checkpoint_every: int = 0, sink: CheckpointSink | None = None,
+                 resume_from: str | Path | None = None, report_every: int = 10,
+                 status_dir: str | Path | None = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("DeepSpeedRuntime needs an initialised torch.distributed process group")
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 0-3, got {zero_stage}")
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.zero_stage = zero_stage
+        self.checkpoint_every = checkpoint_every
+        self.sink = sink
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.report_every = max(report_every, 1)
+        self.status_dir = Path(status_dir) if status_dir else None
+        self._resume: ResumeState | None = None
+        self._resume_read = False
+
+    # -- engines and models -------------------------------------------------------------------
+
+    def engine(self, model: nn.Module, params: list[nn.Parameter], cfg: PhaseConfig, steps: int) -> DeepSpeedEngine:
+        return DeepSpeedEngine(model, params, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                               total_steps=steps, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
+                               zero_stage=self.zero_stage,
+                               micro_batch_size=max(cfg.batch_size // self.world_size, 1))
+
+    def restart(self, model: nn.Module, build: ModelBuilder | None, values: Mapping[str, torch.Tensor],
+                kind: str) -> nn.Module:
+        if build is None:
+            raise ValueError("the DeepSpeed runtime starts every phase from a fresh model: pass a model builder")
+        del model
+        gc.collect()
+        fresh = build()
+        load_values(fresh, kind, values)
+        return fresh
+
+    def end_phase(self, engine: DeepSpeedEngine) -> None:
+        destroy = getattr(engine.engine, "destroy", None)
+        if callable(destroy):
+            destroy()
+        gc.collect()
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def batches(self, batch_at: BatchAt) -> BatchAt:
+        """Each rank's contiguous share of the rows of every batch. A rank whose share would be
+        empty, or hold no predicted token, computes the loss of the whole batch with weight 0
+        (it must still run backward: ZeRO's gradient reduction is collective)."""
+        rank, world = self.rank, self.world_size
+
+        def shard(step: int) -> dict[str, torch.Tensor]:
+            batch = batch_at(step)
+            rows = torch.tensor_split(torch.arange(batch["input_ids"].shape[0]), world)[rank]
+            part = {k: v[rows] for k, v in batch.items()}
+            labels = part.get("labels")
+            empty = rows.numel() == 0 or (labels is not None and labels.dim() == 2
+                                          and not bool((labels != IGNORE_INDEX).any()))
+            if empty:
+                return {**batch, WEIGHT_KEY: torch.zeros(())}
+            return part
+
+        return shard
+
+    def loss(self, loss_fn: LossFn) -> LossFn:
+        def weighted(module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            if WEIGHT_KEY in batch:
+                batch = dict(batch)
+                weight = batch.pop(WEIGHT_KEY)
+                return loss_fn(module, batch) * weight
+            return loss_fn(module, batch)
+
+        return weighted
+
+    # -- selection, projection, reading -------------------------------------------------------
+
+    def select(self, start: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter], k: int,
+               scorer: MaskScorer) -> tuple[dict[str, torch.Tensor], SelectionReport]:
+        shapes = {n: tuple(start[n].shape) for n in params}
+        denoises = getattr(scorer, "denoises", None)
+        plan = plan_shards(shapes, self.world_size,
+                           denoised={n: bool(denoises(n, s)) for n, s in shapes.items()} if denoises else None)
+        mine = gather_owned(params, plan.owners, self.rank, self.zero_stage)
+        return distributed_select_masks(plan, {n: start[n] for n in mine}, mine, k, scorer)
+
+    def projector(self, sparse: SparseUpdate) -> Callable[[], None]:
+        partial = {n: sparse.params[n] for n in sparse.partial}
+        masks = {n: sparse.masks[n] for n in sparse.partial}
+        reference = {n: sparse.reference[n] for n in sparse.partial}
+        return lambda: project_outside_mask(partial, masks, reference, self.zero_stage)
+
+    @torch.no_grad()
+    def read(self, params: Mapping[str, nn.Parameter], everywhere: bool = True) -> dict[str, torch.Tensor] | None:
+        """Full values of ``params`` (collective under ZeRO-3: gathered one tensor at a time); on
+        every rank, or on rank 0 only (None elsewhere) with ``everywhere=False``."""
+        keep = everywhere or self.rank == 0
+        out: dict[str, torch.Tensor] = {}
+        for name in sorted(params):
+            p = params[name]
+            if self.zero_stage == 3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p]):
+                    if keep:
+                        out[name] = p.data.detach().clone()
+            elif keep:
+                out[name] = p.data.detach().clone()
+        return out if keep else None
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def resume_state(self) -> ResumeState | None:
+        if self._resume_read:
+            return self._resume
+        self._resume_read = True
+        if self.resume_from is None or not (self.resume_from / STATE_FILE).is_file():
+            return None
+        from safetensors.torch import load_file
+
+        root = self.resume_from
+        info = json.loads((root / STATE_FILE).read_text(encoding="utf-8"))
+        if info.get("world_size") != self.world_size or info.get("zero_stage") != self.zero_stage:
+            raise ValueError(f"checkpoint {root} was written by {info.get('world_size')} workers at ZeRO stage "
+                             f"{info.get('zero_stage')}; this run has {self.world_size} at stage {self.zero_stage}")
+        masks = load_file(str(root / MASKS_FILE)) if (root / MASKS_FILE).is_file() else None
+        head = load_file(str(root / HEAD_FILE)) if (root / HEAD_FILE).is_file() else {}
+        self._resume = ResumeState(phase=info["phase"], step=int(info["step"]), head=head, masks=masks,
+                                   selection=info.get("selection", {}), phases=info.get("phases", []),
+                                   engine_state=str(root / ENGINE_DIR) if info.get("engine") else None)
+        return self._resume
+
+    def resume_engine(self, engine: DeepSpeedEngine, phase: str) -> int:
+        state = self.resume_state()
+        if state is None or state.phase != phase:
+            return 0
+        if state.engine_state is not None:
+            path, _ = engine.engine.load_checkpoint(state.engine_state, tag=ENGINE_TAG, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+            if path is None:
+                raise RuntimeError(f"could not load the engine checkpoint in {state.engine_state}")
+            rng = Path(state.engine_state) / f"rng-rank{self.rank}.pt"
+            torch.set_rng_state(torch.load(rng))
+        return state.step
+
+    def step_hook(self, engine: DeepSpeedEngine | None, phase: str,
+                  state: ResumeState) -> Callable[[int, float], None] | None:
+        window: list[float] = []
+        started = time.perf_counter()
+
+        def on_step(step: int, loss: float) -> None:
+            window.append(loss)
+            self._write_status(phase, step)
+            due_checkpoint = self.checkpoint_every > 0 and step % self.checkpoint_every == 0
+            if not due_checkpoint and step % self.report_every != 0:
+                return
+            mean = torch.tensor([sum(window) / len(window)], dtype=torch.float64)
+            dist.all_reduce(mean)
+            metrics = {"phase": phase, "step": step, "loss": float(mean) / self.world_size,
+                       "steps_per_second": len(window) / max(time.perf_counter() - started, 1e-9)}
+            window.clear()
+            if due_checkpoint:
+                state.phase, state.step = phase, step
+                self._save(state, engine, metrics)
+            elif self.sink is not None:
+                self.sink(metrics, None)
+
+        return on_step
+
+    def save_selection(self, state: ResumeState) -> None:
+        if self.sink is not None and self.checkpoint_every > 0:
+            self._save(state, None, {"phase": state.phase, "step": state.step, "selected": int(
+                state.selection.get("selected", 0))})
+
+    def _save(self, state: ResumeState, engine: DeepSpeedEngine | None, metrics: dict[str, Any]) -> None:
+        if self.sink is None:
+            return
+        from safetensors.torch import save_file
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"deftx-ckpt-r{self.rank}-"))
+        try:
+            if engine is not None:
+                engine.engine.save_checkpoint(str(tmp / ENGINE_DIR), tag=ENGINE_TAG)
+                torch.save(torch.get_rng_state(), tmp / ENGINE_DIR / f"rng-rank{self.rank}.pt")
+            if self.rank == 0:
+                if state.masks is not None:
+                    save_file({n: m.contiguous() for n, m in state.masks.items()}, str(tmp / MASKS_FILE))
+                if state.head:
+                    save_file({n: v.contiguous() for n, v in state.head.items()}, str(tmp / HEAD_FILE))
+                info = {"phase": state.phase, "step": state.step, "selection": state.selection,
+                        "phases": state.phases, "engine": engine is not None, "world_size": self.world_size,
+                        "zero_stage": self.zero_stage}
+                (tmp / STATE_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
+            self.sink({**metrics, "checkpoint": 1}, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_status(self, phase: str, step: int) -> None:
+        if self.status_dir is None:
+            return
+        self.status_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.status_dir / f".rank{self.rank}.json"
+        tmp.write_text(json.dumps({"pid": os.getpid(), "rank": self.rank, "phase": phase, "step": step}))
+        os.replace(tmp, self.status_dir / f"rank{self.rank}.json")
+
+    def log(self, message: str, sink: Callable[[str], None] | None) -> None:
+        if self.rank == 0:
+            (sink or print)(message)

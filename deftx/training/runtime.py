@@ -1,0 +1,145 @@
+"""Where a two-phase SFT runs: the parts of ``train_sparse_fine_tuning`` that differ between one
+process and a group of distributed workers, behind one small interface.
+
+The orchestration (warm-up, phase 1, selection, rewind, phase 2, extraction) exists once, in
+``deftx.training.lt_sft``; a runtime only says how to build an engine, how to select masks, how
+to rewind, how to read weights back, and whether to checkpoint. ``LocalRuntime`` is the
+single-process reference; ``deftx.training.deepspeed_runtime.DeepSpeedRuntime`` runs the same
+steps on every rank of a ``torch.distributed`` group under DeepSpeed ZeRO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from deftx.config import PhaseConfig
+from deftx.masks import parameter_roles
+from deftx.selection import MaskScorer, SelectionReport, select_masks
+from deftx.training.engine import StepEngine, TorchEngine
+from deftx.training.phase import LossFn
+from deftx.training.sparse import SparseUpdate
+
+ModelBuilder = Callable[[], nn.Module]
+BatchAt = Callable[[int], dict[str, torch.Tensor]]
+
+PHASE_WARMUP, PHASE_FULL, PHASE_SPARSE = "warmup", "full", "sparse"
+PHASE_ORDER = (PHASE_WARMUP, PHASE_FULL, PHASE_SPARSE)
+
+
+@dataclass
+class ResumeState:
+    """What a checkpoint says about a two-phase run: the phase and step it reached, and the
+    results of the earlier stages that a resumed run must not recompute."""
+
+    phase: str
+    step: int
+    head: dict[str, torch.Tensor] = field(default_factory=dict)   # the head at the start of phase 1
+    masks: dict[str, torch.Tensor] | None = None                  # the selection (phase 2 only)
+    selection: dict[str, Any] = field(default_factory=dict)       # its report
+    phases: list[dict[str, Any]] = field(default_factory=list)    # results of finished phases
+    engine_state: str | None = None                               # engine checkpoint directory
+
+    def reached(self, phase: str) -> bool:
+        """True if the run had already started ``phase`` (so earlier phases are done)."""
+        return PHASE_ORDER.index(self.phase) >= PHASE_ORDER.index(phase)
+
+
+@torch.no_grad()
+def load_values(model: nn.Module, kind: str, values: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``values`` (named as in ``parameter_roles``: maskable body names and head names) into
+    ``model``'s parameters."""
+    roles = parameter_roles(model, kind)  # type: ignore[arg-type]
+    params = {**roles.maskable, **roles.head}
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        raise KeyError(f"no trainable parameter named {unknown[0]}")
+    for name, value in values.items():
+        params[name].data.copy_(value)
+
+
+class TrainingRuntime(Protocol):
+    rank: int
+    world_size: int
+
+    def engine(self, model: nn.Module, params: list[nn.Parameter], cfg: PhaseConfig, steps: int) -> StepEngine: ...
+
+    def restart(self, model: nn.Module, build: ModelBuilder | None, values: Mapping[str, torch.Tensor],
+                kind: str) -> nn.Module: ...
+
+    def select(self, start: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter], k: int,
+               scorer: MaskScorer) -> tuple[dict[str, torch.Tensor], SelectionReport]: ...
+
+    def projector(self, sparse: SparseUpdate) -> Callable[[], None]: ...
+
+    def read(self, params: Mapping[str, nn.Parameter], everywhere: bool = True) -> dict[str, torch.Tensor] | None: ...
+
+    def batches(self, batch_at: BatchAt) -> BatchAt: ...
+
+    def loss(self, loss_fn: LossFn) -> LossFn: ...
+
+    def resume_state(self) -> ResumeState | None: ...
+
+    def resume_engine(self, engine: StepEngine, phase: str) -> int: ...
+
+    def step_hook(self, engine: StepEngine, phase: str, state: ResumeState) -> Callable[[int, float], None] | None: ...
+
+    def save_selection(self, state: ResumeState) -> None: ...
+
+    def end_phase(self, engine: StepEngine) -> None: ...
+
+    def log(self, message: str, sink: Callable[[str], None] | None) -> None: ...
+
+
+class LocalRuntime:
+    """One process, a fused torch AdamW, the model trained and rewound in place, no checkpoints."""
+
+    rank = 0
+    world_size = 1
+
+    def engine(self, model: nn.Module, params: list[nn.Parameter], cfg: PhaseConfig, steps: int) -> StepEngine:
+        return TorchEngine(model, params, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                           total_steps=steps, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm)
+
+    def restart(self, model: nn.Module, build: ModelBuilder | None, values: Mapping[str, torch.Tensor],
+                kind: str) -> nn.Module:
+        """The model at the start of a phase: the same object, with ``values`` written back."""
+        load_values(model, kind, values)
+        return model
+
+    def select(self, start, params, k, scorer):
+        return select_masks(start, {n: p.detach() for n, p in params.items()}, k, scorer)
+
+    def projector(self, sparse: SparseUpdate) -> Callable[[], None]:
+        return sparse.project
+
+    def read(self, params: Mapping[str, nn.Parameter], everywhere: bool = True) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in params.items()}
+
+    def batches(self, batch_at: BatchAt) -> BatchAt:
+        return batch_at
+
+    def loss(self, loss_fn: LossFn) -> LossFn:
+        return loss_fn
+
+    def resume_state(self) -> ResumeState | None:
+        return None
+
+    def resume_engine(self, engine: StepEngine, phase: str) -> int:
+        return 0
+
+    def step_hook(self, engine, phase, state):
+        return None
+
+    def save_selection(self, state: ResumeState) -> None:
+        pass
+
+    def end_phase(self, engine: StepEngine) -> None:
+        pass
+
+    def log(self, message: str, sink: Callable[[str], None] | None) -> None:
+        (sink or print)(message)

@@ -1,0 +1,131 @@
+"""The two-phase SFT on 2 real ranks under DeepSpeed (``DeepSpeedRuntime``, no Ray): it trains,
+keeps LayerNorm frozen and the SFT within its masks, and a run interrupted after a checkpoint and
+resumed from it ends with the same SFT as an uninterrupted run, bit for bit (issue 4, part 4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import join_loopback_group
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_at: tuple[str, int] | None,
+           resume: bool):
+    from deftx.config import PhaseConfig, SelectionConfig, SFTConfig
+    from deftx.data import NUSAX_LABELS, load_nusax_mt_text, load_nusax_senti
+    from deftx.masks import embedding_parameter_names
+    from deftx.models import load_classifier, load_masked_lm, load_tokenizer
+    from deftx.sft import SFTMetadata
+    from deftx.training.batches import classification_stream, masked_lm_stream
+    from deftx.training.deepspeed_runtime import DeepSpeedRuntime, DirectoryCheckpointSink
+    from deftx.training.lt_sft import train_sparse_fine_tuning
+    from deftx.training.objectives import classification_loss, masked_lm_loss
+
+    tok = load_tokenizer(path)
+    sel = SelectionConfig(method="deft_x", density=0.05, rank=2, energy=None, residual_keep=0.01)
+    phase = PhaseConfig(max_steps=6, batch_size=8, learning_rate=5e-3, weight_decay=0.1)
+    cfg = SFTConfig(selection=sel, full=phase, sparse=phase, head_warmup_steps=4)
+    if kind == "task":
+        rows = load_nusax_senti("ind", "train")[:64]
+
+        def build():
+            return load_classifier(path, NUSAX_LABELS, seed=0)
+
+        loss_fn = classification_loss
+        stream_for = lambda bs: classification_stream(tok, rows, batch_size=bs, seed=0, max_length=64)  # noqa: E731
+    else:
+        texts = load_nusax_mt_text("jav")[:64]
+
+        def build():
+            return load_masked_lm(path, seed=0)[0]
+
+        loss_fn = masked_lm_loss
+        stream_for = lambda bs: masked_lm_stream(tok, texts, batch_size=bs, seed=0, max_length=64,  # noqa: E731
+                                                 mlm_probability=0.15)
+    sink = DirectoryCheckpointSink(checkpoints)
+    runtime = DeepSpeedRuntime(zero_stage=stage, checkpoint_every=2, sink=sink,
+                               resume_from=sink.latest() if resume else None)
+    if crash_at is not None:  # stop both ranks right after the given step (a checkpoint precedes it)
+        hook = runtime.step_hook
+
+        def crashing(engine, phase, state):
+            inner = hook(engine, phase, state)
+
+            def on_step(step, loss):
+                inner(step, loss)
+                if (phase, step) == crash_at:
+                    raise Interrupted(f"stopped at {phase} step {step}")
+            return on_step
+
+        runtime.step_hook = crashing
+    return train_sparse_fine_tuning(
+        build, kind=kind, loss_fn=loss_fn, cfg=cfg, stream_for=stream_for, runtime=runtime,
+        metadata=SFTMetadata(kind=kind, base_fingerprint="test", label_names=list(NUSAX_LABELS) if kind == "task"
+                             else None),
+        embedding_names=frozenset(embedding_parameter_names(build())), head_warmup=kind == "language",
+        label="test", log=lambda s: None)
+
+
+def _worker(rank: int, world: int, store: str, path: str, kind: str, stage: int, out: str,
+            crash_at: tuple[str, int] | None) -> None:
+    join_loopback_group(rank, world, store)
+    try:
+        try:
+            result = _train(rank, path, kind, stage, f"{out}/checkpoints", crash_at, resume=False)
+        except Interrupted:
+            dist.barrier()
+            result = _train(rank, path, kind, stage, f"{out}/checkpoints", None, resume=True)
+        if rank == 0:
+            result.sft.save(f"{out}/sft", overwrite=True)
+        else:
+            assert result.sft is None
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, name: str, model_dir, kind: str, stage: int, crash_at=None):
+    out = tmp_path / name
+    out.mkdir()
+    mp.spawn(_worker, args=(2, str(out / "store"), str(model_dir), kind, stage, str(out), crash_at), nprocs=2,
+             join=True)
+    from deftx.sft import SparseFineTuning
+
+    return SparseFineTuning.load(out / "sft")
+
+
+def _assert_same_sft(a, b) -> None:
+    assert set(a.diffs) == set(b.diffs) and set(a.head) == set(b.head)
+    for name in a.diffs:
+        assert torch.equal(a.diffs[name].indices, b.diffs[name].indices), name
+        assert torch.equal(a.diffs[name].values, b.diffs[name].values), name
+    for name in a.head:
+        assert torch.equal(a.head[name], b.head[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resumed_task_sft_equals_uninterrupted_run(tmp_path, tiny_model_dir, stage):
+    """Stopped in the middle of phase 2 (after the checkpoint at step 2), resumed from it."""
+    whole = _run(tmp_path, "whole", tiny_model_dir, "task", stage)
+    resumed = _run(tmp_path, "resumed", tiny_model_dir, "task", stage, crash_at=("sparse", 3))
+    assert whole.nnz > 0
+    assert whole.metadata.training["world_size"] == 2
+    assert [p["name"] for p in whole.metadata.training["phases"]] == [
+        "test phase 1/2 (full)", "test phase 2/2 (sparse)"]
+    _assert_same_sft(whole, resumed)
+
+
+@pytest.mark.slow
+def test_resumed_language_sft_with_head_warmup_equals_uninterrupted_run(tmp_path, tiny_model_dir):
+    """MLM on a model without a pretrained head: head warm-up, then phase 1 stopped at step 3 and
+    resumed from the checkpoint at step 2 (which carries the warmed-up head)."""
+    whole = _run(tmp_path, "whole", tiny_model_dir, "language", 2)
+    resumed = _run(tmp_path, "resumed", tiny_model_dir, "language", 2, crash_at=("full", 3))
+    assert len(whole.metadata.training["phases"]) == 3
+    _assert_same_sft(whole, resumed)
