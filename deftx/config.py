@@ -195,6 +195,57 @@ class DataConfig:
             raise _fail(f"{key}.source", f"{self.source!r} is not 'bundled', 'hub' or an existing directory")
 
 
+BACKENDS = ("ray", "local")
+
+
+@dataclass
+class ClusterConfig:
+    """Where the phases run. ``ray``: every phase on ``num_workers`` Ray Train workers under
+    DeepSpeed ZeRO ``zero_stage``; ``address`` null starts an embedded Ray on 127.0.0.1 (or joins the
+    cluster of ``ray job submit``, which sets RAY_ADDRESS). ``local``: one process, no Ray, no
+    DeepSpeed (the single-process reference). Checkpoints every ``checkpoint_every`` optimizer steps
+    (0: only after each mask selection) go to ``storage_path`` (default ``<output_dir>/ray``; shared
+    storage on a multi-node cluster); a failed worker group restarts from the latest one up to
+    ``max_failures`` times (-1: no limit)."""
+
+    backend: str = "ray"
+    address: str | None = None
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    zero_stage: int = 2
+    checkpoint_every: int = 50
+    max_failures: int = 1
+    storage_path: str | None = None
+    report_every: int = 10
+    check_resources: bool = True
+    status_dir: str | None = None
+
+    def validate(self, key: str = "cluster") -> None:
+        if self.backend not in BACKENDS:
+            raise _fail(f"{key}.backend", f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if self.num_workers < 1:
+            raise _fail(f"{key}.num_workers", f"must be >= 1, got {self.num_workers}")
+        if not self.cpus_per_worker > 0:
+            raise _fail(f"{key}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise _fail(f"{key}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.checkpoint_every < 0:
+            raise _fail(f"{key}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        if self.max_failures < -1:
+            raise _fail(f"{key}.max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}")
+        if self.report_every < 1:
+            raise _fail(f"{key}.report_every", f"must be >= 1, got {self.report_every}")
+        if self.address is not None and self.address.startswith(("http://", "https://")):
+            raise _fail(f"{key}.address", f"{self.address} is a dashboard (job submission) address; submit this "
+                        "script with `ray job submit --address ... -- python ...` instead, or give the cluster's "
+                        "GCS address (HOST:6379) or ray://HOST:10001")
+
+    @property
+    def threads_per_worker(self) -> int:
+        return max(1, int(self.cpus_per_worker))
+
+
 @dataclass
 class PipelineConfig:
     """The NusaX zero-shot pipeline: language SFTs for the source and target languages, a task SFT
@@ -212,6 +263,7 @@ class PipelineConfig:
     eval_batch_size: int = 64
     max_eval_examples: int | None = None
     threads: int | None = None
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> PipelineConfig:
         from deftx.data import check_language
@@ -239,6 +291,13 @@ class PipelineConfig:
             raise _fail("max_eval_examples", "must be >= 1 or null")
         if self.threads is not None and self.threads < 1:
             raise _fail("threads", "must be >= 1 or null")
+        self.cluster.validate()
+        if self.cluster.backend == "ray" and self.cluster.zero_stage == 3:
+            for key, sft in (("language_sft", self.language_sft), ("task_sft", self.task_sft)):
+                for phase in ("full", "sparse"):
+                    if getattr(sft, phase).l1_reg > 0:
+                        raise _fail(f"{key}.{phase}.l1_reg", "the L1 pull needs whole parameters in the loss, "
+                                    "which ZeRO-3 partitions; set it to 0 or use zero_stage 0-2")
         return self
 
     def set_method(self, method: str) -> None:

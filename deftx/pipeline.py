@@ -18,22 +18,24 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from deftx import __version__
 from deftx.compose import Composition
-from deftx.config import PipelineConfig, SFTConfig
+from deftx.config import PipelineConfig, SFTConfig, from_dict
 from deftx.data import NUSAX_LABELS, NUSAX_LANGUAGE_NAMES, load_nusax_mt_text, load_nusax_senti
 from deftx.errors import DeftxError
 from deftx.evaluation import evaluate
-from deftx.masks import embedding_parameter_names, parameter_roles
+from deftx.masks import parameter_roles
 from deftx.models import load_classifier, load_masked_lm, load_tokenizer, resolve_model_path
 from deftx.sft import SFTMetadata, SparseFineTuning, current_base_fingerprint, read_metadata
 from deftx.training.batches import classification_stream, masked_lm_stream
 from deftx.training.lt_sft import train_head_only, train_sparse_fine_tuning
 from deftx.training.objectives import classification_loss, masked_lm_loss
+from deftx.training.phase import PhaseResult
+from deftx.training.runtime import LocalRuntime, TrainingRuntime
 
 Log = Callable[[str], None]
 
@@ -61,20 +63,35 @@ def _capped(items: list, limit: int | None) -> list:
     return items if limit is None else items[:limit]
 
 
+def _start_model_builder(model_path: str, seed: int, head: dict[str, torch.Tensor] | None):
+    """A function building the masked-LM model at a language SFT's start weights."""
+    def build() -> torch.nn.Module:
+        model, _ = load_masked_lm(model_path, seed=seed)
+        if head is not None:
+            _load_head(model, head)
+        return model
+
+    return build
+
+
 def train_language_sft(model_path: str, tokenizer, lang: str, sft_cfg: SFTConfig, *, model_id: str,
                        data_source: str, max_length: int, seed: int, log: Log,
                        texts: list[str] | None = None,
-                       head_init: dict[str, torch.Tensor] | None = None) -> SparseFineTuning:
+                       head_init: dict[str, torch.Tensor] | None = None,
+                       runtime: TrainingRuntime | None = None) -> SparseFineTuning | None:
     """A language SFT by masked LM on ``lang``'s NusaX-MT train text (or the given ``texts``).
 
     A base model without a pretrained MLM head gets its head from ``head_init`` (a shared warm-up,
-    see :func:`warm_up_mlm_head`) or, failing that, a warm-up on ``lang``'s text alone."""
+    see :func:`warm_up_mlm_head`) or, failing that, a warm-up on ``lang``'s text alone.
+    Returns None on the ranks of a distributed runtime other than 0."""
     texts = _capped(texts if texts is not None else load_nusax_mt_text(lang, data_source), sft_cfg.max_train_examples)
     model, has_head = load_masked_lm(model_path, seed=seed)
+    if head_init is not None:
+        _load_head(model, head_init)
+    build = _start_model_builder(model_path, seed, head_init)
     fingerprint = current_base_fingerprint(model)
     head_source = "pretrained"
-    if not has_head and head_init is not None:
-        _load_head(model, head_init)
+    if head_init is not None:
         head_source = "shared warm-up"
     elif not has_head:
         head_source = f"warm-up on {lang} ({sft_cfg.head_warmup_steps} steps)"
@@ -87,12 +104,21 @@ def train_language_sft(model_path: str, tokenizer, lang: str, sft_cfg: SFTConfig
                                  "mlm_probability": sft_cfg.mlm_probability,
                                  "mlm_head": head_source})
     result = train_sparse_fine_tuning(
-        model, kind="language", loss_fn=masked_lm_loss, cfg=sft_cfg, metadata=meta,
-        embedding_names=frozenset(embedding_parameter_names(model)), head_warmup=head_source.startswith("warm-up"),
-        label=f"lang {lang}", log=log, stream_for=lambda bs: masked_lm_stream(
-            tokenizer, texts, batch_size=bs, seed=seed, max_length=max_length,
-            mlm_probability=sft_cfg.mlm_probability))
+        _first_then(model, build), kind="language", loss_fn=masked_lm_loss, cfg=sft_cfg, metadata=meta,
+        head_warmup=head_source.startswith("warm-up"), label=f"lang {lang}", log=log, runtime=runtime,
+        stream_for=lambda bs: masked_lm_stream(tokenizer, texts, batch_size=bs, seed=seed, max_length=max_length,
+                                               mlm_probability=sft_cfg.mlm_probability))
     return result.sft
+
+
+def _first_then(model: torch.nn.Module, build):
+    """A builder that returns the already built ``model`` first, then fresh ones."""
+    first = [model]
+
+    def builder() -> torch.nn.Module:
+        return first.pop() if first else build()
+
+    return builder
 
 
 def _load_head(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
@@ -105,48 +131,45 @@ def _load_head(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
 
 
 def warm_up_mlm_head(model: torch.nn.Module, tokenizer, texts: list[str], sft_cfg: SFTConfig, *,
-                     max_length: int, seed: int, directory: Path, digest: str, log: Log) -> dict[str, torch.Tensor]:
+                     max_length: int, seed: int, log: Log,
+                     runtime: TrainingRuntime | None = None) -> tuple[dict[str, torch.Tensor], PhaseResult]:
     """Train the freshly initialised MLM head of ``model`` (a base model released without one,
-    decoder untied) once, on ``texts`` (all the pipeline's languages), and cache it in
-    ``directory`` under ``digest``; every language SFT then starts from this head."""
-    from safetensors.torch import load_file, save_file
-
-    from deftx.io import atomic_directory, write_json
-
-    marker = directory / "head.json"
-    try:
-        if json.loads(marker.read_text()).get("digest") == digest:
-            values = load_file(str(directory / "head.safetensors"))
-            log(f"reusing {directory} (same settings)")
-            return values
-    except (OSError, ValueError, RuntimeError):
-        pass  # no usable cache: train
-    log(f"== MLM head warm-up: the base model has no pretrained MLM head; training it alone for "
-        f"{sft_cfg.head_warmup_steps} steps on {len(texts)} sentences ==")
+    decoder untied) alone, on ``texts`` (all the pipeline's languages); every language SFT then
+    starts from this head."""
+    runtime = runtime or LocalRuntime()
+    runtime.log(f"== MLM head warm-up: the base model has no pretrained MLM head; training it alone for "
+                f"{sft_cfg.head_warmup_steps} steps on {len(texts)} sentences ==", log)
     roles = parameter_roles(model, "language")
     stream = masked_lm_stream(tokenizer, texts, batch_size=sft_cfg.full.batch_size, seed=seed,
                               max_length=max_length, mlm_probability=sft_cfg.mlm_probability)
     phase = train_head_only(model, roles.maskable, roles.head, stream, masked_lm_loss,
                             steps=sft_cfg.head_warmup_steps, learning_rate=sft_cfg.head_warmup_learning_rate,
-                            label="mlm", log=log)
-    values = {n: p.detach().clone().contiguous() for n, p in roles.head.items()}
-    with atomic_directory(directory, overwrite=True) as tmp:
-        save_file(values, str(tmp / "head.safetensors"))
-        write_json(tmp / "head.json", {"digest": digest, "steps": phase.steps, "final_loss": phase.final_loss,
-                                       "sentences": len(texts)})
-    return values
+                            label="mlm", log=log, runtime=runtime)
+    values = runtime.read(roles.head) or {}
+    return {n: v.detach().clone().contiguous() for n, v in values.items()}, phase
 
 
 def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: SparseFineTuning | None,
                    sft_cfg: SFTConfig, *, model_id: str, data_source: str, max_length: int, seed: int,
-                   log: Log, eval_batch_size: int = 64) -> SparseFineTuning:
-    """A NusaX sentiment task SFT on ``source_lang``, trained on theta0 + ``lang_sft``."""
+                   log: Log, eval_batch_size: int = 64,
+                   runtime: TrainingRuntime | None = None) -> SparseFineTuning | None:
+    """A NusaX sentiment task SFT on ``source_lang``, trained on theta0 + ``lang_sft``, with its
+    macro-F1 on the source validation split (theta0 + lang_sft + task SFT) in its metrics.
+    Returns None on the ranks of a distributed runtime other than 0."""
     train = _capped(load_nusax_senti(source_lang, "train", data_source), sft_cfg.max_train_examples)
-    model = load_classifier(model_path, NUSAX_LABELS, seed=seed)
-    fingerprint = current_base_fingerprint(model)
+    base = load_classifier(model_path, NUSAX_LABELS, seed=seed)
+    fingerprint = current_base_fingerprint(base)
+
+    def build() -> torch.nn.Module:
+        model = load_classifier(model_path, NUSAX_LABELS, seed=seed)
+        if lang_sft is not None:
+            lang_sft.apply(model, with_head=False)
+        return model
+
+    if lang_sft is not None:
+        lang_sft.apply(base, with_head=False)
     trained_on: dict[str, Any] = {}
     if lang_sft is not None:
-        lang_sft.apply(model, with_head=False)
         trained_on = {"language_sft": lang_sft.metadata.language, "language_sft_nnz": lang_sft.nnz,
                       "language_sft_source": lang_sft.source}
     meta = SFTMetadata(kind="task", task="nusax_senti", language=source_lang, method=sft_cfg.selection.method,
@@ -155,14 +178,137 @@ def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: Spars
                        trained_on=trained_on,
                        training={"data": f"NusaX-senti {source_lang} train ({data_source})", "seed": seed})
     result = train_sparse_fine_tuning(
-        model, kind="task", loss_fn=classification_loss, cfg=sft_cfg, metadata=meta,
-        embedding_names=frozenset(embedding_parameter_names(model)), label=f"task {source_lang}", log=log,
+        _first_then(base, build), kind="task", loss_fn=classification_loss, cfg=sft_cfg, metadata=meta,
+        label=f"task {source_lang}", log=log, runtime=runtime,
         stream_for=lambda bs: classification_stream(tokenizer, train, batch_size=bs, seed=seed,
                                                     max_length=max_length))
+    if result.sft is None:
+        return None
     valid = load_nusax_senti(source_lang, "valid", data_source)
-    result.sft.metadata.metrics["source_valid"] = evaluate(model, tokenizer, valid, len(NUSAX_LABELS),
-                                                           batch_size=eval_batch_size, max_length=max_length)
+    classifier = load_classifier(model_path, NUSAX_LABELS, seed=seed)
+    with Composition(result.sft, lang_sft).applied(classifier):
+        result.sft.metadata.metrics["source_valid"] = evaluate(classifier, tokenizer, valid, len(NUSAX_LABELS),
+                                                               batch_size=eval_batch_size, max_length=max_length)
     return result.sft
+
+
+# -- jobs: one unit of training each, as plain data, run by an executor -------------------------
+
+
+JOB_KINDS = ("mlm_head", "language", "task")
+HEAD_FILE, HEAD_INFO = "head.safetensors", "head.json"
+
+
+@dataclass
+class SFTJob:
+    """One unit of training (the shared MLM head, a language SFT or a task SFT) as plain data, so
+    that it can travel to distributed workers. ``config`` is a ``PipelineConfig`` as a dict."""
+
+    kind: str
+    language: str
+    config: dict[str, Any]
+    digest: str
+    head_path: str | None = None
+    language_sft_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in JOB_KINDS:
+            raise ValueError(f"unknown job kind {self.kind!r}; valid: {', '.join(JOB_KINDS)}")
+
+    @property
+    def name(self) -> str:
+        return "mlm-head" if self.kind == "mlm_head" else f"{self.kind}-{self.language}"
+
+    def pipeline_config(self) -> PipelineConfig:
+        return from_dict(PipelineConfig, self.config)
+
+
+class JobOutput:
+    """What a job produced on rank 0: an SFT or a head, saved by ``save(directory)``."""
+
+    def __init__(self, sft: SparseFineTuning | None = None, head: dict[str, torch.Tensor] | None = None,
+                 info: dict[str, Any] | None = None) -> None:
+        self.sft, self.head, self.info = sft, head, info or {}
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        from deftx.io import atomic_directory, write_json
+
+        if self.sft is not None:
+            self.sft.save(directory, overwrite=True)
+            return
+        assert self.head is not None
+        with atomic_directory(directory, overwrite=True) as tmp:
+            save_file(self.head, str(tmp / HEAD_FILE))
+            write_json(tmp / HEAD_INFO, self.info)
+
+
+def load_head(directory: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(directory) / HEAD_FILE))
+
+
+def pipeline_languages(cfg: PipelineConfig) -> list[str]:
+    return [cfg.source_language] + [t for t in cfg.target_languages if t != cfg.source_language]
+
+
+def run_job(job: SFTJob, runtime: TrainingRuntime | None = None, log: Log = print) -> JobOutput | None:
+    """Run ``job`` (on every rank of a distributed runtime); the output on rank 0, None elsewhere."""
+    runtime = runtime or LocalRuntime()
+    cfg = job.pipeline_config()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_path = resolve_model_path(cfg.model.name_or_path, log=log)
+    tokenizer = load_tokenizer(model_path)
+    common = dict(max_length=cfg.model.max_length, seed=cfg.seed, log=log, runtime=runtime)
+    if job.kind == "mlm_head":
+        texts = [t for lang in pipeline_languages(cfg)
+                 for t in _capped(load_nusax_mt_text(lang, cfg.data.source), cfg.language_sft.max_train_examples)]
+        model, _ = load_masked_lm(model_path, seed=cfg.seed)
+        values, phase = warm_up_mlm_head(model, tokenizer, texts, cfg.language_sft, **common)
+        if runtime.rank != 0:
+            return None
+        return JobOutput(head=values, info={"digest": job.digest, "steps": phase.steps,
+                                            "final_loss": phase.final_loss, "sentences": len(texts)})
+    if job.kind == "language":
+        head = load_head(job.head_path) if job.head_path else None
+        sft = train_language_sft(model_path, tokenizer, job.language, cfg.language_sft,
+                                 model_id=cfg.model.name_or_path, data_source=cfg.data.source, head_init=head,
+                                 **common)
+    else:
+        lang_sft = SparseFineTuning.load(job.language_sft_path) if job.language_sft_path else None
+        sft = train_task_sft(model_path, tokenizer, job.language, lang_sft, cfg.task_sft,
+                             model_id=cfg.model.name_or_path, data_source=cfg.data.source,
+                             eval_batch_size=cfg.eval_batch_size, **common)
+    if sft is None:
+        return None
+    sft.metadata.training["config_digest"] = job.digest
+    return JobOutput(sft=sft)
+
+
+class Executor(Protocol):
+    def run(self, job: SFTJob, directory: Path, log: Log) -> None:
+        """Run ``job`` and leave its output in ``directory``."""
+
+
+class LocalExecutor:
+    """Every job in this process (the single-process reference; no Ray, no DeepSpeed)."""
+
+    def run(self, job: SFTJob, directory: Path, log: Log) -> None:
+        output = run_job(job, LocalRuntime(), log)
+        assert output is not None
+        output.save(directory)
+
+
+def make_executor(cfg: PipelineConfig, log: Log = print) -> Executor:
+    """The executor of ``cfg.cluster.backend``: Ray Train workers under DeepSpeed, or this process."""
+    if cfg.cluster.backend == "local":
+        return LocalExecutor()
+    from deftx.ray_train import RayExecutor  # the only place the library reaches for Ray
+
+    return RayExecutor(cfg.cluster, default_storage=Path(cfg.output_dir).resolve() / "ray", log=log)
 
 
 @dataclass
@@ -188,11 +334,34 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-def run_pipeline(cfg: PipelineConfig, log: Log = print) -> PipelineResult:
-    """Train (or reuse) every SFT of the pipeline, then evaluate the compositions."""
+def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """A copy of ``cfg`` whose local paths are absolute (jobs run in other working directories)."""
+    data = asdict(cfg)
+    data["output_dir"] = str(Path(cfg.output_dir).resolve())
+    if Path(cfg.model.name_or_path).is_dir():
+        data["model"]["name_or_path"] = str(Path(cfg.model.name_or_path).resolve())
+    if cfg.data.source not in ("bundled", "hub"):
+        data["data"]["source"] = str(Path(cfg.data.source).resolve())
+    for key in ("storage_path", "status_dir"):
+        if data["cluster"][key]:
+            data["cluster"][key] = str(Path(data["cluster"][key]).resolve())
+    return from_dict(PipelineConfig, data)
+
+
+def _head_digest(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / HEAD_INFO).read_text()).get("digest")
+    except (OSError, ValueError):
+        return None
+
+
+def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | None = None) -> PipelineResult:
+    """Train (or reuse) every SFT of the pipeline with ``executor`` (default: the one of
+    ``cfg.cluster``), then evaluate the compositions in this process."""
     started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    cfg = absolute_paths(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
@@ -201,33 +370,35 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print) -> PipelineResult:
     probe, has_head = load_masked_lm(model_path, seed=cfg.seed)
     common = {"model": cfg.model.name_or_path, "base_fingerprint": current_base_fingerprint(probe),
               "max_length": cfg.model.max_length, "seed": cfg.seed, "data": cfg.data.source, "deftx": __version__}
+    del probe
 
-    languages = [cfg.source_language] + [t for t in cfg.target_languages if t != cfg.source_language]
-    texts = {lang: _capped(load_nusax_mt_text(lang, cfg.data.source), cfg.language_sft.max_train_examples)
-             for lang in languages}
+    languages = pipeline_languages(cfg)
+    config = asdict(cfg)
+    executor = executor or make_executor(cfg, log)
     head_digest = config_digest({**common, "kind": "mlm-head", "languages": languages,
                                  "steps": cfg.language_sft.head_warmup_steps,
                                  "lr": cfg.language_sft.head_warmup_learning_rate,
+                                 "max_examples": cfg.language_sft.max_train_examples,
                                  "batch": cfg.language_sft.full.batch_size, "mlm": cfg.language_sft.mlm_probability})
-    head = None
+    head_dir: Path | None = None
     if not has_head and cfg.language_sft.head_warmup_steps > 0:
-        head = warm_up_mlm_head(probe, tokenizer, [t for lang in languages for t in texts[lang]], cfg.language_sft,
-                                max_length=cfg.model.max_length, seed=cfg.seed, directory=out / "mlm-head",
-                                digest=head_digest, log=log)
-    del probe
+        head_dir = out / "mlm-head"
+        if _head_digest(head_dir) == head_digest:
+            log(f"reusing {head_dir} (same settings)")
+        else:
+            log(f"== MLM head warm-up ({cfg.language_sft.head_warmup_steps} steps; shared by the language SFTs) ==")
+            executor.run(SFTJob("mlm_head", cfg.source_language, config, head_digest), head_dir, log)
     lang_sfts: dict[str, SparseFineTuning] = {}
     for i, lang in enumerate(languages, 1):
         directory = out / "sfts" / f"lang-{lang}"
         digest = config_digest({**common, "kind": "language", "lang": lang, "sft": asdict(cfg.language_sft),
-                                "head": head_digest if head is not None else None})
+                                "head": head_digest if head_dir is not None else None})
         sft = _reuse(directory, digest, log)
         if sft is None:
             log(f"== language SFT {i}/{len(languages)}: {lang} ({NUSAX_LANGUAGE_NAMES[lang]}) ==")
-            sft = train_language_sft(model_path, tokenizer, lang, cfg.language_sft, model_id=cfg.model.name_or_path,
-                                     data_source=cfg.data.source, max_length=cfg.model.max_length,
-                                     seed=cfg.seed, log=log, texts=texts[lang], head_init=head)
-            sft.metadata.training["config_digest"] = digest
-            sft.save(directory, overwrite=True)
+            executor.run(SFTJob("language", lang, config, digest,
+                                head_path=str(head_dir) if head_dir is not None else None), directory, log)
+            sft = SparseFineTuning.load(directory)
             log(f"saved {directory} ({sft.nnz:,} entries)")
         lang_sfts[lang] = sft
 
@@ -238,12 +409,9 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print) -> PipelineResult:
     task_sft = _reuse(directory, digest, log)
     if task_sft is None:
         log(f"== task SFT: {cfg.task} on {cfg.source_language} ==")
-        task_sft = train_task_sft(model_path, tokenizer, cfg.source_language, lang_sfts[cfg.source_language],
-                                  cfg.task_sft, model_id=cfg.model.name_or_path, data_source=cfg.data.source,
-                                  max_length=cfg.model.max_length, seed=cfg.seed, log=log,
-                                  eval_batch_size=cfg.eval_batch_size)
-        task_sft.metadata.training["config_digest"] = digest
-        task_sft.save(directory, overwrite=True)
+        executor.run(SFTJob("task", cfg.source_language, config, digest,
+                            language_sft_path=str(out / "sfts" / f"lang-{cfg.source_language}")), directory, log)
+        task_sft = SparseFineTuning.load(directory)
         log(f"saved {directory} ({task_sft.nnz:,} entries)")
 
     log("== zero-shot evaluation ==")

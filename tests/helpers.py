@@ -13,7 +13,14 @@ from deftx.data.nusax import load_nusax_mt_text
 from deftx.io import sha256_file
 from deftx.masks import body_parameters, maskable_parameters, parameter_roles
 from deftx.models import create_tiny_model
-from deftx.sft import METADATA_FILE, WEIGHTS_FILE, SFTMetadata, SparseDelta, SparseFineTuning, current_base_fingerprint
+from deftx.sft import (
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    SFTMetadata,
+    SparseDelta,
+    SparseFineTuning,
+    current_base_fingerprint,
+)
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -144,7 +151,20 @@ def update_checksum(directory: Path) -> None:
 
 
 __all__ = [
-    "LABELS", "body_parameters", "build_tiny_model", "differing_tensors", "make_sft", "random_delta",
-    "join_loopback_group", "random_diffs", "random_head", "read_doc", "read_weights", "rewrite_weights", "snapshot",
-    "tiny_texts", "update_checksum", "write_doc",
+    "LABELS",
+    "body_parameters",
+    "build_tiny_model",
+    "differing_tensors",
+    "join_loopback_group",
+    "make_sft",
+    "random_delta",
+    "random_diffs",
+    "random_head",
+    "read_doc",
+    "read_weights",
+    "rewrite_weights",
+    "snapshot",
+    "tiny_texts",
+    "update_checksum",
+    "write_doc",
 ]

@@ -65,7 +65,8 @@ def test_tiny_pipeline_end_to_end_via_cli(tiny_model_dir, tmp_path, method, caps
             "--set", "language_sft.head_warmup_steps=2", "--set", "language_sft.full.max_steps=3",
             "--set", "language_sft.sparse.max_steps=3", "--set", "task_sft.full.max_steps=4",
             "--set", "task_sft.sparse.max_steps=4", "--set", "task_sft.full.learning_rate=1e-3",
-            "--set", "max_eval_examples=40", "--set", "language_sft.max_train_examples=64"]
+            "--set", "max_eval_examples=40", "--set", "language_sft.max_train_examples=64",
+            "--set", "cluster.backend=local"]
     if method == "deft_x":
         argv += ["--set", "language_sft.selection.rank=4", "--set", "task_sft.selection.energy=0.8"]
     assert main(argv) == 0

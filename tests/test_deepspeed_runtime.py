@@ -38,7 +38,7 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
             return load_classifier(path, NUSAX_LABELS, seed=0)
 
         loss_fn = classification_loss
-        stream_for = lambda bs: classification_stream(tok, rows, batch_size=bs, seed=0, max_length=64)  # noqa: E731
+        stream_for = lambda bs: classification_stream(tok, rows, batch_size=bs, seed=0, max_length=64)
     else:
         texts = load_nusax_mt_text("jav")[:64]
 
@@ -46,7 +46,7 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
             return load_masked_lm(path, seed=0)[0]
 
         loss_fn = masked_lm_loss
-        stream_for = lambda bs: masked_lm_stream(tok, texts, batch_size=bs, seed=0, max_length=64,  # noqa: E731
+        stream_for = lambda bs: masked_lm_stream(tok, texts, batch_size=bs, seed=0, max_length=64,
                                                  mlm_probability=0.15)
     sink = DirectoryCheckpointSink(checkpoints)
     runtime = DeepSpeedRuntime(zero_stage=stage, checkpoint_every=2, sink=sink,

@@ -20,13 +20,20 @@ import torch
 from torch import nn
 
 from deftx.config import PhaseConfig, SFTConfig
-from deftx.masks import SFTKind, parameter_roles, resolve_budget
+from deftx.masks import SFTKind, embedding_parameter_names, parameter_roles, resolve_budget
 from deftx.selection import SelectionReport, make_scorer
 from deftx.sft import SFTMetadata, SparseFineTuning
 from deftx.training.batches import BatchStream
 from deftx.training.phase import LossFn, PhaseResult, run_phase
-from deftx.training.runtime import (PHASE_FULL, PHASE_SPARSE, PHASE_WARMUP, LocalRuntime, ModelBuilder,
-                                    ResumeState, TrainingRuntime)
+from deftx.training.runtime import (
+    PHASE_FULL,
+    PHASE_SPARSE,
+    PHASE_WARMUP,
+    LocalRuntime,
+    ModelBuilder,
+    ResumeState,
+    TrainingRuntime,
+)
 from deftx.training.sparse import L1Penalty, SparseUpdate
 
 
@@ -73,7 +80,7 @@ def _as_builder(model: nn.Module | ModelBuilder) -> tuple[nn.Module, ModelBuilde
 
 def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
                              stream_for: Callable[[int], BatchStream], loss_fn: LossFn,
-                             cfg: SFTConfig, metadata: SFTMetadata, embedding_names: frozenset[str] = frozenset(),
+                             cfg: SFTConfig, metadata: SFTMetadata, embedding_names: frozenset[str] | None = None,
                              head_warmup: bool = False, label: str = "sft",
                              log: Callable[[str], None] | None = None,
                              runtime: TrainingRuntime | None = None) -> SFTTrainingResult:
@@ -84,9 +91,12 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
     model, e.g. DeepSpeed). With a model object and the local runtime the model is trained in place
     and ends at theta_start + phi. ``metadata.base_fingerprint`` must already name the base model.
     ``stream_for(batch_size)`` returns the (deterministic) batch stream for a phase.
+    ``embedding_names`` (skipped by the SVD unless configured) default to the model's embeddings.
     """
     runtime = runtime or LocalRuntime()
     model, build = _as_builder(model)
+    if embedding_names is None:
+        embedding_names = frozenset(embedding_parameter_names(model))
     roles = parameter_roles(model, kind)
     _freeze(roles.frozen)
     resume = runtime.resume_state()

@@ -1,0 +1,211 @@
+"""The Ray layer: each training job (MLM head, language SFT, task SFT) is one Ray Train
+``TorchTrainer`` run whose workers execute ``deftx.pipeline.run_job`` with a ``DeepSpeedRuntime``.
+
+Thin on purpose: the training loop, the selection and the checkpoint contents live in the library;
+this module starts or joins Ray, checks that the cluster can host the workers, maps checkpoints to
+``ray.train.report`` and back, and copies the finished artifact out of the run's last checkpoint.
+
+- Address: ``cluster.address`` (GCS ``HOST:6379`` or ``ray://HOST:10001``), else ``RAY_ADDRESS``
+  (set by ``ray job submit``), else an embedded Ray on 127.0.0.1 with this machine's CPUs.
+- Runs are named ``<output dir name>-<job>-<digest>`` under ``cluster.storage_path``: re-running an
+  interrupted job with the same settings resumes it from its latest checkpoint.
+- Worker failures: ``FailureConfig(max_failures)``; the restarted group resumes from the latest
+  checkpoint (phase, step, masks, optimizer, RNG).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from deftx.config import ClusterConfig
+from deftx.errors import DeftxError
+from deftx.pipeline import Log, SFTJob
+
+RUNTIME_ENV_VARS = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+CONNECT_TIMEOUT_S = 5.0
+
+
+class ClusterError(DeftxError):
+    """Ray cannot be reached, or cannot host the configured workers."""
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` or ``ray://HOST:PORT`` -> (host, port); None for 'auto' and other forms."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail within ``timeout`` seconds, naming the address, if nothing listens there."""
+    target = _host_port(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc} "
+                           f"(is the head running? `ray status --address {address}`)") from None
+
+
+def connect(cluster: ClusterConfig, log: Log = print) -> str:
+    """Join the configured Ray cluster, or start an embedded one on 127.0.0.1. Returns a description."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # the job CLI and ray.init must agree (notes/stack.md)
+    env = {"env_vars": dict(RUNTIME_ENV_VARS)}
+    if ray.is_initialized():
+        return "the Ray instance already initialised in this process"
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            raise ClusterError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+        return f"Ray cluster at {address}"
+    cpus = os.cpu_count() or 1
+    log(f"starting an embedded Ray on 127.0.0.1 ({cpus} CPUs)")
+    env["env_vars"]["GLOO_SOCKET_IFNAME"] = "lo"  # one machine: collectives over loopback
+    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             runtime_env=env, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    return "embedded Ray on 127.0.0.1"
+
+
+def check_resources(cluster: ClusterConfig, available: dict[str, float]) -> None:
+    """The configured workers must fit the cluster's current resources (before any training)."""
+    cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    wanted = cluster.num_workers * cluster.cpus_per_worker
+    if wanted > cpus + 1e-9:
+        raise ClusterError(f"cluster.num_workers={cluster.num_workers} x cluster.cpus_per_worker="
+                           f"{cluster.cpus_per_worker:g} needs {wanted:g} CPUs but the Ray cluster has {cpus:g}; "
+                           f"lower num_workers or cpus_per_worker (or set cluster.check_resources: false on an "
+                           f"autoscaling cluster)")
+    if cluster.use_gpu and gpus < cluster.num_workers:
+        raise ClusterError(f"cluster.use_gpu is true with {cluster.num_workers} workers (one GPU each) but the Ray "
+                           f"cluster has {gpus:g} GPUs; set cluster.use_gpu: false to train on CPUs")
+
+
+def _report_sink(metrics: dict[str, Any], directory: Path | None) -> None:
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory is not None else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+ARTIFACT_DIR = "artifact"
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker loop: one job on every rank, under DeepSpeed."""
+    import ray.train
+    import torch
+
+    from deftx.pipeline import run_job
+    from deftx.training.deepspeed_runtime import DeepSpeedRuntime
+
+    cluster = ClusterConfig(**config["cluster"])
+    job = SFTJob(**config["job"])
+    torch.set_num_threads(cluster.threads_per_worker)
+    rank = ray.train.get_context().get_world_rank()
+    log: Log = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)
+    checkpoint = ray.train.get_checkpoint()
+    with (checkpoint.as_directory() if checkpoint is not None else nullcontext(None)) as resume_dir:
+        if resume_dir is not None and (Path(resume_dir) / ARTIFACT_DIR).is_dir():
+            log(f"[{job.name}] the run already finished; nothing to do")
+            return
+        runtime = DeepSpeedRuntime(zero_stage=cluster.zero_stage, checkpoint_every=cluster.checkpoint_every,
+                                   sink=_report_sink, resume_from=resume_dir, report_every=cluster.report_every,
+                                   status_dir=cluster.status_dir)
+        output = run_job(job, runtime, log)
+    if rank == 0:
+        assert output is not None
+        with tempfile.TemporaryDirectory(prefix="deftx-artifact-") as tmp:
+            output.save(Path(tmp) / ARTIFACT_DIR)
+            ray.train.report({"done": 1}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report({"done": 1}, checkpoint=None)
+
+
+class RayExecutor:
+    """Runs each job as a Ray Train ``TorchTrainer`` of ``cluster.num_workers`` DeepSpeed workers."""
+
+    def __init__(self, cluster: ClusterConfig, default_storage: Path, log: Log = print) -> None:
+        self.cluster = cluster
+        self.storage = Path(cluster.storage_path).resolve() if cluster.storage_path else default_storage
+        self.log = log
+        self._connected = False
+        self.description = ""
+
+    def _ensure_connected(self) -> None:
+        if self._connected:
+            return
+        import ray
+
+        self.description = connect(self.cluster, self.log)
+        if self.cluster.check_resources:
+            check_resources(self.cluster, ray.cluster_resources())
+        self.log(f"phases run on {self.cluster.num_workers} Ray Train workers ({self.description}), DeepSpeed "
+                 f"ZeRO-{self.cluster.zero_stage}, checkpoints in {self.storage}")
+        self._connected = True
+
+    def run(self, job: SFTJob, directory: Path, log: Log) -> None:
+        self._ensure_connected()
+        from dataclasses import asdict
+
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        run_name = f"{Path(job.config.get('output_dir', 'deftx')).name}-{job.name}-{job.digest[:10]}"
+        self.storage.mkdir(parents=True, exist_ok=True)
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={"job": asdict(job), "cluster": asdict(self.cluster)},
+            torch_config=TorchConfig(backend="nccl" if self.cluster.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=self.cluster.num_workers, use_gpu=self.cluster.use_gpu,
+                                         resources_per_worker={"CPU": self.cluster.cpus_per_worker}),
+            run_config=RunConfig(name=run_name, storage_path=str(self.storage),
+                                 failure_config=FailureConfig(max_failures=self.cluster.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 logging_config=LoggingConfig(log_level="WARNING")),
+        )
+        started = time.perf_counter()
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # Ray wraps worker errors; keep the first line of the cause
+            raise ClusterError(f"{job.name}: the Ray Train run {run_name} failed: {_first_line(exc)} "
+                               f"(full logs under {self.storage / run_name})") from exc
+        if result.checkpoint is None:
+            raise ClusterError(f"{job.name}: the Ray Train run {run_name} finished without an artifact")
+        with result.checkpoint.as_directory() as ckpt:
+            source = Path(ckpt) / ARTIFACT_DIR
+            if not source.is_dir():
+                raise ClusterError(f"{job.name}: the last checkpoint of {run_name} holds no artifact")
+            tmp = directory.with_name(directory.name + ".incoming")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp)
+            if directory.exists():
+                shutil.rmtree(directory)
+            tmp.rename(directory)
+        log(f"[{job.name}] done on {self.cluster.num_workers} workers in {time.perf_counter() - started:.0f} s "
+            f"(run {run_name})")
+
+
+def _first_line(exc: BaseException) -> str:
+    seen = exc
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[0] if text else ''}"
