@@ -25,13 +25,19 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one value, e.g. --set language_sft.selection.rank=8 (repeatable)")
     g.add_argument("--method", choices=["lt_sft", "deft_x"], help="mask selection for every SFT")
+    g.add_argument("--address", help="join this Ray cluster (GCS HOST:6379 or ray://HOST:10001) instead of starting "
+                                     "an embedded one; under `ray job submit` the cluster is joined by itself")
+    g.add_argument("--local", action="store_true",
+                   help="train in this process without Ray or DeepSpeed (the single-process reference)")
 
 
 def _load_config(args: argparse.Namespace, extra: list[str] | None = None):
     from deftx.config import load_pipeline_config
 
+    cluster = [f"cluster.address={args.address}"] if args.address else []
+    cluster += ["cluster.backend=local"] if args.local else []
     return load_pipeline_config(preset=args.preset, config=args.config,
-                                overrides=list(args.overrides) + (extra or []), method=args.method)
+                                overrides=list(args.overrides) + (extra or []) + cluster, method=args.method)
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -50,39 +56,48 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_one_job(cfg, kind: str, language: str, out: Path, language_sft_path: str | None = None):
+    """Train one SFT with the configured executor (Ray workers or this process) into ``out``."""
+    from dataclasses import asdict
+
+    from deftx.pipeline import SFTJob, absolute_paths, config_digest, make_executor
+    from deftx.sft import SparseFineTuning
+
+    cfg = absolute_paths(cfg)
+    config = asdict(cfg)
+    job = SFTJob(kind, language, config, config_digest({"job": kind, "language": language, "config": config,
+                                                        "language_sft": language_sft_path}),
+                 language_sft_path=language_sft_path)
+    executor = make_executor(cfg, _log)
+    executor.prepare()
+    executor.run(job, out.resolve(), _log)
+    return SparseFineTuning.load(out)
+
+
 def cmd_train_lang(args: argparse.Namespace) -> int:
     from deftx.data import check_language
-    from deftx.models import load_tokenizer, resolve_model_path
-    from deftx.pipeline import train_language_sft
 
     cfg = _load_config(args)
     lang = check_language(args.lang, cfg.data.dataset)
     out = _fresh_output(args.out, args.overwrite)
-    path = resolve_model_path(cfg.model.name_or_path, log=_log)
-    sft = train_language_sft(path, load_tokenizer(path), lang, cfg.language_sft, model_id=cfg.model.name_or_path,
-                             data_source=cfg.data.source, max_length=cfg.model.max_length, seed=cfg.seed, log=_log)
-    sft.save(out, overwrite=args.overwrite)
+    sft = _run_one_job(cfg, "language", lang, out)
     print(f"saved language SFT for {lang} to {out} ({sft.nnz:,} entries)")
     return 0
 
 
 def cmd_train_task(args: argparse.Namespace) -> int:
     from deftx.data import check_language
-    from deftx.models import load_tokenizer, resolve_model_path
-    from deftx.pipeline import train_task_sft
     from deftx.sft import SparseFineTuning
 
     cfg = _load_config(args)
     source = check_language(args.source_lang or cfg.source_language, cfg.data.dataset)
     out = _fresh_output(args.out, args.overwrite)
-    lang_sft = SparseFineTuning.load(args.lang_sft) if args.lang_sft else None
-    if lang_sft is not None and lang_sft.metadata.kind != "language":
-        raise DeftxError(f"{args.lang_sft}: --lang-sft must be a language SFT, got a {lang_sft.metadata.kind} SFT")
-    path = resolve_model_path(cfg.model.name_or_path, log=_log)
-    sft = train_task_sft(path, load_tokenizer(path), source, lang_sft, cfg.task_sft, model_id=cfg.model.name_or_path,
-                         data_source=cfg.data.source, max_length=cfg.model.max_length, seed=cfg.seed, log=_log,
-                         eval_batch_size=cfg.eval_batch_size)
-    sft.save(out, overwrite=args.overwrite)
+    if args.lang_sft:
+        lang_sft = SparseFineTuning.load(args.lang_sft)
+        if lang_sft.metadata.kind != "language":
+            raise DeftxError(f"{args.lang_sft}: --lang-sft must be a language SFT, got a {lang_sft.metadata.kind} SFT")
+    sft = _run_one_job(cfg, "task", source, out,
+                       language_sft_path=str(Path(args.lang_sft).resolve()) if args.lang_sft else None)
     valid = sft.metadata.metrics.get("source_valid", {})
     print(f"saved task SFT to {out} ({sft.nnz:,} entries; {source} validation macro-F1 "
           f"{100 * valid.get('macro_f1', float('nan')):.1f})")

@@ -289,12 +289,18 @@ def run_job(job: SFTJob, runtime: TrainingRuntime | None = None, log: Log = prin
 
 
 class Executor(Protocol):
+    def prepare(self) -> None:
+        """Check that jobs can run (e.g. reach the cluster) before any work is done."""
+
     def run(self, job: SFTJob, directory: Path, log: Log) -> None:
         """Run ``job`` and leave its output in ``directory``."""
 
 
 class LocalExecutor:
     """Every job in this process (the single-process reference; no Ray, no DeepSpeed)."""
+
+    def prepare(self) -> None:
+        pass
 
     def run(self, job: SFTJob, directory: Path, log: Log) -> None:
         output = run_job(job, LocalRuntime(), log)
@@ -365,6 +371,8 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | Non
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    executor = executor or make_executor(cfg, log)
+    executor.prepare()
     model_path = resolve_model_path(cfg.model.name_or_path, log=log)
     tokenizer = load_tokenizer(model_path)
     probe, has_head = load_masked_lm(model_path, seed=cfg.seed)
@@ -374,7 +382,6 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | Non
 
     languages = pipeline_languages(cfg)
     config = asdict(cfg)
-    executor = executor or make_executor(cfg, log)
     head_digest = config_digest({**common, "kind": "mlm-head", "languages": languages,
                                  "steps": cfg.language_sft.head_warmup_steps,
                                  "lr": cfg.language_sft.head_warmup_learning_rate,

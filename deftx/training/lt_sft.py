@@ -106,6 +106,7 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
     n_examples = len(stream.sequences)
     if resume is not None:
         runtime.log(f"[{label}] resuming in phase {resume.phase} at step {resume.step}", log)
+        metadata.training = {**metadata.training, "resumed_from": {"phase": resume.phase, "step": resume.step}}
 
     if head_warmup and cfg.head_warmup_steps > 0 and not state.reached(PHASE_FULL):
         phases.append(train_head_only(model, roles.maskable, roles.head, stream, loss_fn,

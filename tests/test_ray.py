@@ -1,0 +1,170 @@
+"""Real services: a Ray head and an MLflow server started by ``infra/local/up.sh`` on 127.0.0.1
+(stopped by ``down.sh``), a tiny pipeline submitted with ``ray job submit`` of ``ray_jobs/pipeline.py``,
+a worker killed by its pid in the middle of phase 2, and the errors a user meets before any training.
+
+One head for the module: the test process joins it with one ``ray.init``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PORTS = {"RAY_PORT": "6391", "RAY_DASHBOARD_PORT": "8291", "MLFLOW_PORT": "5091"}
+TINY = ["--set", "target_languages=[jav]", "--set", "language_sft.head_warmup_steps=2",
+        "--set", "language_sft.full.max_steps=3", "--set", "language_sft.sparse.max_steps=3",
+        "--set", "task_sft.full.max_steps=3", "--set", "task_sft.sparse.max_steps=3",
+        "--set", "max_eval_examples=40", "--set", "language_sft.max_train_examples=64"]
+
+pytestmark = pytest.mark.slow
+
+
+def _env(state: Path) -> dict[str, str]:
+    return {**os.environ, **PORTS, "DEFTX_INFRA_DIR": str(state), "RAY_AUTH_MODE": "token",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head + MLflow server from infra/local/up.sh (run twice: the second run must be a no-op)."""
+    state = tmp_path_factory.mktemp("infra")
+    env = _env(state)
+    first = subprocess.run([str(ROOT / "infra/local/up.sh")], env=env, capture_output=True, text=True, timeout=240)
+    try:
+        assert first.returncode == 0, first.stderr + first.stdout
+        again = subprocess.run([str(ROOT / "infra/local/up.sh")], env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert again.returncode == 0 and "already running" in again.stdout
+        yield {"gcs": f"127.0.0.1:{PORTS['RAY_PORT']}", "dashboard": f"http://127.0.0.1:{PORTS['RAY_DASHBOARD_PORT']}",
+               "mlflow": f"http://127.0.0.1:{PORTS['MLFLOW_PORT']}", "env": env, "state": state}
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        down = subprocess.run([str(ROOT / "infra/local/down.sh")], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert not (state / "mlflow.pid").exists() and not (state / "ray.pid").exists()
+
+
+def test_infra_services_listen_on_loopback_only(head):
+    import urllib.request
+
+    with urllib.request.urlopen(f"{head['mlflow']}/health", timeout=10) as reply:
+        assert reply.status == 200
+    listeners = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    addresses = [line.split()[3] for line in listeners]
+    assert addresses and all("127.0.0.1" in a or a.startswith("[::1]") for a in addresses), addresses
+
+
+def test_ray_job_submit_runs_the_pipeline(head, tiny_model_dir, tmp_path):
+    """The README's command, verbatim apart from the tiny settings: SUCCEEDED and the SFTs exist."""
+    out = tmp_path / "job"
+    cmd = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--",
+           "python", "ray_jobs/pipeline.py", "--output-dir", str(out),
+           "--set", f"model.name_or_path={tiny_model_dir}", *TINY]
+    done = subprocess.run(cmd, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in (done.stdout + done.stderr).lower()
+    results = json.loads((out / "results.json").read_text())
+    assert [r["language"] for r in results["rows"]] == ["ind", "jav"]
+    for name in ("lang-ind", "lang-jav", "task-nusax_senti"):
+        meta = json.loads((out / "sfts" / name / "sft.json").read_text())
+        assert meta["nnz"] > 0 and meta["training"]["world_size"] == 2
+    assert (out / "mlm-head" / "head.safetensors").is_file()
+
+
+def _task_job(model_dir: Path, out: Path):
+    from dataclasses import asdict
+
+    from deftx.config import load_pipeline_config
+    from deftx.pipeline import SFTJob, absolute_paths
+
+    cfg = absolute_paths(load_pipeline_config(overrides=[
+        f"model.name_or_path={model_dir}", f"output_dir={out}", "task_sft.full.max_steps=4",
+        "task_sft.sparse.max_steps=16", "task_sft.full.batch_size=8", "task_sft.sparse.batch_size=8",
+        "task_sft.max_train_examples=128"]))
+    return SFTJob("task", "ind", asdict(cfg), digest="test")
+
+
+def _executor(head, **changes):
+    from deftx.config import ClusterConfig
+    from deftx.ray_train import RayExecutor
+
+    cluster = ClusterConfig(address=head["gcs"], checkpoint_every=2, max_failures=1, **changes)
+    return RayExecutor(cluster, default_storage=Path(head["state"]) / "storage", log=lambda line: None)
+
+
+def _kill_in_phase_2(status: Path, killed: dict) -> None:
+    deadline = time.time() + 600
+    while time.time() < deadline and not killed:
+        try:
+            info = json.loads((status / "rank1.json").read_text())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+            continue
+        if info["phase"] == "sparse" and 3 <= info["step"] < 14:
+            os.kill(info["pid"], signal.SIGKILL)
+            killed.update(info)
+            return
+        time.sleep(0.02)
+
+
+def test_killed_worker_resumes_and_ends_with_the_same_sft(head, tiny_model_dir, tmp_path):
+    """SIGKILL one worker in the middle of phase 2: Ray Train restarts the group from the latest
+    checkpoint (FailureConfig max_failures=1) and the SFT equals an uninterrupted run's, bit for bit."""
+    from deftx.sft import SparseFineTuning
+
+    _executor(head).run(_task_job(tiny_model_dir, tmp_path / "whole"), tmp_path / "whole-sft", print)
+    status = tmp_path / "status"
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_in_phase_2, args=(status, killed), daemon=True)
+    killer.start()
+    _executor(head, status_dir=str(status)).run(_task_job(tiny_model_dir, tmp_path / "killed"),
+                                                tmp_path / "killed-sft", print)
+    killer.join(timeout=5)
+    assert killed, "the worker was not killed in phase 2 (it finished first?)"
+    whole, resumed = SparseFineTuning.load(tmp_path / "whole-sft"), SparseFineTuning.load(tmp_path / "killed-sft")
+    assert resumed.metadata.training["resumed_from"]["phase"] == "sparse"
+    assert resumed.metadata.training["resumed_from"]["step"] <= killed["step"]
+    assert whole.nnz > 0 and set(whole.diffs) == set(resumed.diffs)
+    for name in whole.diffs:
+        assert torch.equal(whole.diffs[name].indices, resumed.diffs[name].indices), name
+        assert torch.equal(whole.diffs[name].values, resumed.diffs[name].values), name
+    for name in whole.head:
+        assert torch.equal(whole.head[name], resumed.head[name]), name
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_workers": 3}, "needs 3 CPUs but the Ray cluster has 2"),
+    ({"use_gpu": True}, "cluster has 0 GPUs"),
+])
+def test_a_config_the_cluster_cannot_host_fails_before_training(head, tiny_model_dir, tmp_path, changes, message):
+    from deftx.ray_train import ClusterError
+
+    executor = _executor(head, **changes)
+    started = time.time()
+    with pytest.raises(ClusterError, match=message):
+        executor.run(_task_job(tiny_model_dir, tmp_path / "x"), tmp_path / "x-sft", print)
+    assert time.time() - started < 30 and not (tmp_path / "x-sft").exists()
+
+
+def test_unreachable_address_fails_within_seconds_naming_it(tmp_path):
+    started = time.time()
+    done = subprocess.run([sys.executable, "ray_jobs/pipeline.py", "--address", "127.0.0.1:9", "--output-dir",
+                           str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("deftx: error: cannot reach the Ray cluster at 127.0.0.1:9"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.time() - started < 30  # (python + ray import included)
