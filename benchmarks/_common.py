@@ -40,6 +40,22 @@ def build_model(quick: bool, seed: int = 0):
     return model
 
 
+def benchmark_model_path(quick: bool) -> str:
+    """A Hugging Face model directory: a tiny random model built here (``quick``) or the offline e5."""
+    if quick:
+        import sys
+        import tempfile
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from helpers import build_tiny_model
+
+        return str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
+    from deftx.offline_model import ensure_offline_e5
+
+    return str(ensure_offline_e5())
+
+
 def describe_model(quick: bool, maskable: dict) -> str:
     cfg = model_config(quick)
     n = sum(p.numel() for p in maskable.values())

@@ -104,6 +104,7 @@ class DeepSpeedRuntime:
     # -- engines and models -------------------------------------------------------------------
 
     def engine(self, model: nn.Module, params: list[nn.Parameter], cfg: PhaseConfig, steps: int) -> DeepSpeedEngine:
+        self._weight_decay = cfg.weight_decay
         return DeepSpeedEngine(model, params, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                total_steps=steps, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm,
                                zero_stage=self.zero_stage,
@@ -168,6 +169,12 @@ class DeepSpeedRuntime:
         return distributed_select_masks(plan, {n: start[n] for n in mine}, mine, k, scorer)
 
     def projector(self, sparse: SparseUpdate) -> Callable[[], None]:
+        """The post-step write-back of theta_start outside the mask. Without weight decay it is not
+        needed, and skipped: the gradient hook zeroes gradients there, so AdamW's moments stay 0
+        and its update is exactly 0 (clipping scales zeros to zeros). Under ZeRO 1-3 the write-back
+        gathers every partially masked tensor each step, which costs more than the step itself."""
+        if getattr(self, "_weight_decay", 1.0) == 0.0:
+            return lambda: None
         partial = {n: sparse.params[n] for n in sparse.partial}
         masks = {n: sparse.masks[n] for n in sparse.partial}
         reference = {n: sparse.reference[n] for n in sparse.partial}
