@@ -16,7 +16,8 @@ class Interrupted(RuntimeError):
 
 
 def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_at: tuple[str, int] | None,
-           resume: bool):
+           resume: bool, phase1: tuple[str, str] | None = None, stop_after_phase1: bool = False,
+           density: float = 0.05):
     from deftx.config import PhaseConfig, SelectionConfig, SFTConfig
     from deftx.data import NUSAX_LABELS, load_nusax_mt_text, load_nusax_senti
     from deftx.masks import embedding_parameter_names
@@ -28,7 +29,9 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
     from deftx.training.objectives import classification_loss, masked_lm_loss
 
     tok = load_tokenizer(path)
-    sel = SelectionConfig(method="deft_x", density=0.05, rank=2, energy=None, residual_keep=0.01)
+    from deftx.training.phase1_store import Phase1Store
+
+    sel = SelectionConfig(method="deft_x", density=density, rank=2, energy=None, residual_keep=0.01)
     phase = PhaseConfig(max_steps=6, batch_size=8, learning_rate=5e-3, weight_decay=0.1)
     cfg = SFTConfig(selection=sel, full=phase, sparse=phase, head_warmup_steps=4)
     if kind == "task":
@@ -69,7 +72,8 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
         metadata=SFTMetadata(kind=kind, base_fingerprint="test", label_names=list(NUSAX_LABELS) if kind == "task"
                              else None),
         embedding_names=frozenset(embedding_parameter_names(build())), head_warmup=kind == "language",
-        label="test", log=lambda s: None)
+        label="test", log=lambda s: None, phase1=Phase1Store(*phase1) if phase1 else None,
+        stop_after_phase1=stop_after_phase1)
 
 
 def _worker(rank: int, world: int, store: str, path: str, kind: str, stage: int, out: str,
@@ -129,3 +133,35 @@ def test_resumed_language_sft_with_head_warmup_equals_uninterrupted_run(tmp_path
     resumed = _run(tmp_path, "resumed", tiny_model_dir, "language", 2, crash_at=("full", 3))
     assert len(whole.metadata.training["phases"]) == 3
     _assert_same_sft(whole, resumed)
+
+
+def _phase1_worker(rank: int, world: int, store: str, path: str, stage: int, out: str) -> None:
+    """Phase 1 once into a store, then a trial with another density from the store, then the same
+    trial trained from scratch."""
+    join_loopback_group(rank, world, store)
+    try:
+        saved = (f"{out}/phase1", "d1")
+        first = _train(rank, path, "language", stage, f"{out}/c1", None, False, phase1=saved, stop_after_phase1=True)
+        assert first.sft is None
+        dist.barrier()
+        reused = _train(rank, path, "language", stage, f"{out}/c2", None, False, phase1=saved, density=0.1)
+        scratch = _train(rank, path, "language", stage, f"{out}/c3", None, False, density=0.1)
+        if rank == 0:
+            reused.sft.save(f"{out}/reused")
+            scratch.sft.save(f"{out}/scratch")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_phase1_store_reuse_under_zero3_gives_the_sft_of_a_full_run(tmp_path, tiny_model_dir):
+    """Under ZeRO-3 a trial that reads warm-up + phase 1 from the store (plain tensors, not
+    partitions) ends with the SFT of a run that trains everything, bit for bit."""
+    from deftx.sft import SparseFineTuning
+
+    mp.spawn(_phase1_worker, args=(2, str(tmp_path / "store"), str(tiny_model_dir), 3, str(tmp_path)), nprocs=2,
+             join=True)
+    reused, scratch = SparseFineTuning.load(tmp_path / "reused"), SparseFineTuning.load(tmp_path / "scratch")
+    assert reused.metadata.training["phase1_reused_from"] == str(tmp_path / "phase1")
+    assert reused.nnz > 0
+    _assert_same_sft(reused, scratch)

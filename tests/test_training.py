@@ -131,3 +131,51 @@ def test_phase_lengths_follow_epochs_min_and_max():
     assert PhaseConfig(epochs=2, batch_size=16).num_steps(500) == 63
     assert PhaseConfig(epochs=0.1, batch_size=16, min_steps=10).num_steps(500) == 10
     assert PhaseConfig(epochs=5, batch_size=16, max_steps=20).num_steps(500) == 20
+
+
+def _train_language(path, cfg, store=None, stop_after_phase1=False):
+    from deftx.training.phase1_store import Phase1Store
+
+    tok = load_tokenizer(str(path))
+    model, _ = load_masked_lm(str(path))
+    texts = load_nusax_mt_text("jav")[:64]
+    return train_sparse_fine_tuning(
+        model, kind="language", loss_fn=masked_lm_loss, cfg=cfg,
+        metadata=SFTMetadata(kind="language", base_fingerprint=current_base_fingerprint(model)),
+        head_warmup=True, label="lang", phase1=Phase1Store(*store) if store else None,
+        stop_after_phase1=stop_after_phase1,
+        stream_for=lambda bs: masked_lm_stream(tok, texts, batch_size=bs, seed=0, max_length=64, mlm_probability=0.15),
+        log=lambda s: None)
+
+
+def _same_sft(a, b):
+    assert set(a.diffs) == set(b.diffs) and set(a.head) == set(b.head)
+    for name in a.diffs:
+        assert torch.equal(a.diffs[name].indices, b.diffs[name].indices), name
+        assert torch.equal(a.diffs[name].values, b.diffs[name].values), name
+    for name in a.head:
+        assert torch.equal(a.head[name], b.head[name]), name
+
+
+def test_phase1_store_reuse_gives_the_sft_of_a_full_run(tiny_xlmr_dir, tmp_path):
+    """A sweep trains warm-up + phase 1 once; a trial with another selection read from the store
+    ends with exactly the SFT that training everything for that selection gives."""
+    store = (tmp_path / "phase1", "digest-a")
+    first = _train_language(tiny_xlmr_dir, _cfg("lt_sft", warmup=3), store, stop_after_phase1=True)
+    assert first.sft is None and first.selection is None
+    assert [p.name for p in first.phases] == ["lang head warm-up", "lang phase 1/2 (full)"]
+    assert (tmp_path / "phase1" / "head_start.safetensors").is_file()
+
+    other = _cfg("deft_x", warmup=3)
+    reused = _train_language(tiny_xlmr_dir, other, store)
+    scratch = _train_language(tiny_xlmr_dir, other)
+    _same_sft(reused.sft, scratch.sft)
+    assert [p.name for p in reused.phases] == ["lang phase 2/2 (sparse)"]   # only phase 2 was trained
+    recorded = [p["name"] for p in reused.sft.metadata.training["phases"]]
+    assert recorded == [p["name"] for p in scratch.sft.metadata.training["phases"]]
+    assert reused.sft.metadata.training["phase1_reused_from"] == str(tmp_path / "phase1")
+
+    # another digest (settings that change phase 1) never reads the stored result
+    fresh = _train_language(tiny_xlmr_dir, other, (tmp_path / "phase1", "digest-b"))
+    assert "phase1_reused_from" not in fresh.sft.metadata.training
+    _same_sft(fresh.sft, scratch.sft)

@@ -75,17 +75,18 @@ def project_outside_mask(params: Mapping[str, nn.Parameter], masks: Mapping[str,
 
 
 @torch.no_grad()
-def gather_owned(params: Mapping[str, nn.Parameter], owners: Mapping[str, int], rank: int,
+def gather_owned(params: Mapping[str, torch.Tensor], owners: Mapping[str, int], rank: int,
                  zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 copies of the tensors this rank owns (``owners[name] == rank``).
 
     Under ZeRO-3 a parameter is partitioned; each one is gathered in turn (a collective that every
     rank enters, in name order) and only its owner keeps a copy, so no rank ever holds more than
-    one gathered tensor beyond the ones it owns. Under ZeRO 0-2 every rank holds full weights."""
+    one gathered tensor beyond the ones it owns. Under ZeRO 0-2 every rank holds full weights, and
+    so does every rank for plain tensors (not ZeRO-3 parameters)."""
     out: dict[str, torch.Tensor] = {}
     for name in sorted(params):
         p = params[name]
-        if zero_stage == 3:
+        if zero_stage == 3 and hasattr(p, "ds_id"):
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p]):

@@ -100,6 +100,9 @@ class DeepSpeedRuntime:
         self.status_dir = Path(status_dir) if status_dir else None
         self._resume: ResumeState | None = None
         self._resume_read = False
+        # weight decay of the phase whose engine was built last (None: no engine yet, so the
+        # sparse write-back is never skipped by mistake)
+        self._weight_decay: float | None = None
 
     # -- engines and models -------------------------------------------------------------------
 
@@ -159,7 +162,7 @@ class DeepSpeedRuntime:
 
     # -- selection, projection, reading -------------------------------------------------------
 
-    def select(self, start: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter], k: int,
+    def select(self, start: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], k: int,
                scorer: MaskScorer) -> tuple[dict[str, torch.Tensor], SelectionReport]:
         shapes = {n: tuple(start[n].shape) for n in params}
         denoises = getattr(scorer, "denoises", None)
@@ -173,7 +176,7 @@ class DeepSpeedRuntime:
         needed, and skipped: the gradient hook zeroes gradients there, so AdamW's moments stay 0
         and its update is exactly 0 (clipping scales zeros to zeros). Under ZeRO 1-3 the write-back
         gathers every partially masked tensor each step, which costs more than the step itself."""
-        if getattr(self, "_weight_decay", 1.0) == 0.0:
+        if self._weight_decay == 0.0:
             return lambda: None
         partial = {n: sparse.params[n] for n in sparse.partial}
         masks = {n: sparse.masks[n] for n in sparse.partial}

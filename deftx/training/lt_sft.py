@@ -1,7 +1,8 @@
 """The two-phase LT-SFT loop (with the DeFT-X scoring step plugged in when configured).
 
     [head warm-up]  language SFTs on a model without a pretrained MLM head: head only, body frozen
-    phase 1         all maskable + head parameters, fresh optimizer (L1 towards the start optional)
+    phase 1         all maskable + head parameters, fresh optimizer (L1 towards the start optional);
+                    with a ``Phase1Store``, read from it when it holds this phase 1, else saved to it
     selection       per-tensor scores -> exact global top-K (deftx.selection)
     rewind          every trained parameter back to its value at the start of phase 1
     phase 2         masked entries + head, fresh optimizer; entries outside the mask stay
@@ -13,7 +14,8 @@ LayerNorm parameters and the untied MLM decoder are frozen throughout.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +27,7 @@ from deftx.selection import SelectionReport, make_scorer
 from deftx.sft import SFTMetadata, SparseFineTuning
 from deftx.training.batches import BatchStream
 from deftx.training.phase import LossFn, PhaseResult, run_phase
+from deftx.training.phase1_store import Phase1State, Phase1Store
 from deftx.training.runtime import (
     PHASE_FULL,
     PHASE_SPARSE,
@@ -40,12 +43,20 @@ from deftx.training.sparse import L1Penalty, SparseUpdate
 @dataclass
 class SFTTrainingResult:
     sft: SparseFineTuning | None
-    selection: SelectionReport
+    selection: SelectionReport | None   # None when the run stopped after phase 1
     phases: list[PhaseResult] = field(default_factory=list)
 
 
 def _snapshot(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in params.items()}
+
+
+def seed_phase(seed: int, phase: str, rank: int) -> None:
+    """Set torch's RNG (dropout) to a state fixed by the run's seed, the phase and the rank, so that
+    a phase draws the same random numbers however the run got there: after training the earlier
+    phases, after reading them from a ``Phase1Store``, or on another attempt."""
+    digest = hashlib.sha256(f"{seed}/{phase}/{rank}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def train_head_only(model: nn.Module, body: dict[str, nn.Parameter], head: dict[str, nn.Parameter],
@@ -59,6 +70,7 @@ def train_head_only(model: nn.Module, body: dict[str, nn.Parameter], head: dict[
         p.requires_grad_(False)
     for p in head.values():
         p.requires_grad_(True)
+    seed_phase(stream.seed, PHASE_WARMUP, runtime.rank)
     engine = runtime.engine(model, list(head.values()), _warmup_phase(learning_rate), steps)
     start_step = runtime.resume_engine(engine, PHASE_WARMUP)
     hook = step_hook(engine) if step_hook is not None else None
@@ -83,7 +95,8 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
                              cfg: SFTConfig, metadata: SFTMetadata, embedding_names: frozenset[str] | None = None,
                              head_warmup: bool = False, label: str = "sft",
                              log: Callable[[str], None] | None = None,
-                             runtime: TrainingRuntime | None = None) -> SFTTrainingResult:
+                             runtime: TrainingRuntime | None = None, phase1: Phase1Store | None = None,
+                             stop_after_phase1: bool = False) -> SFTTrainingResult:
     """Train one SFT and return it (on rank 0; other ranks of a distributed runtime get ``sft=None``).
 
     ``model`` is the model at the start weights (theta0, or theta0 + the source-language SFT for a
@@ -92,6 +105,8 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
     and ends at theta_start + phi. ``metadata.base_fingerprint`` must already name the base model.
     ``stream_for(batch_size)`` returns the (deterministic) batch stream for a phase.
     ``embedding_names`` (skipped by the SVD unless configured) default to the model's embeddings.
+    ``phase1``: where phase 1's result is read from (skipping the warm-up and phase 1) or, when it
+    holds none for its digest, saved to; ``stop_after_phase1`` returns once it is saved (``sft`` None).
     """
     runtime = runtime or LocalRuntime()
     model, build = _as_builder(model)
@@ -107,8 +122,13 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
     if resume is not None:
         runtime.log(f"[{label}] resuming in phase {resume.phase} at step {resume.step}", log)
         metadata.training = {**metadata.training, "resumed_from": {"phase": resume.phase, "step": resume.step}}
+    cached = phase1.load() if phase1 is not None and not state.reached(PHASE_SPARSE) else None
+    if cached is not None:
+        runtime.log(f"[{label}] warm-up and phase 1 reused from {phase1.directory}", log)
+        state.phases, state.head = list(cached.phases), dict(cached.head_start)
+        metadata.training = {**metadata.training, "phase1_reused_from": str(phase1.directory)}
 
-    if head_warmup and cfg.head_warmup_steps > 0 and not state.reached(PHASE_FULL):
+    if cached is None and head_warmup and cfg.head_warmup_steps > 0 and not state.reached(PHASE_FULL):
         phases.append(train_head_only(model, roles.maskable, roles.head, stream, loss_fn,
                                       steps=cfg.head_warmup_steps, learning_rate=cfg.head_warmup_learning_rate,
                                       label=label, log=log, runtime=runtime,
@@ -131,22 +151,39 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
     k = resolve_budget(roles.num_maskable, k=sel.k, density=sel.density)
 
     if not state.reached(PHASE_SPARSE):
-        for p in list(roles.maskable.values()) + list(roles.head.values()):
-            p.requires_grad_(True)
-        steps = cfg.full.num_steps(n_examples)
-        engine = runtime.engine(model, list(roles.maskable.values()) + list(roles.head.values()), cfg.full, steps)
-        start_step = runtime.resume_engine(engine, PHASE_FULL)
-        l1 = L1Penalty(roles.maskable, start, cfg.full.l1_reg, n_params) if cfg.full.l1_reg > 0 else None
-        phases.append(run_phase(engine, runtime.batches(stream.batch_at), runtime.loss(loss_fn), num_steps=steps,
-                                start_step=start_step, regularizer=l1, name=f"{label} phase 1/2 (full)",
-                                on_step=runtime.step_hook(engine, PHASE_FULL, state), log=log))
-        state.phases.append(phases[-1].as_dict())
+        engine = None
+        if cached is None:
+            for p in list(roles.maskable.values()) + list(roles.head.values()):
+                p.requires_grad_(True)
+            steps = cfg.full.num_steps(n_examples)
+            seed_phase(stream.seed, PHASE_FULL, runtime.rank)
+            engine = runtime.engine(model, list(roles.maskable.values()) + list(roles.head.values()), cfg.full, steps)
+            start_step = runtime.resume_engine(engine, PHASE_FULL)
+            l1 = L1Penalty(roles.maskable, start, cfg.full.l1_reg, n_params) if cfg.full.l1_reg > 0 else None
+            phases.append(run_phase(engine, runtime.batches(stream.batch_at), runtime.loss(loss_fn), num_steps=steps,
+                                    start_step=start_step, regularizer=l1, name=f"{label} phase 1/2 (full)",
+                                    on_step=runtime.step_hook(engine, PHASE_FULL, state), log=log))
+            state.phases.append(phases[-1].as_dict())
+            theta1: Mapping[str, torch.Tensor] = roles.maskable
+            if phase1 is not None:
+                values = runtime.read(roles.maskable, everywhere=False)  # collective under ZeRO-3
+                if values is not None:
+                    phase1.save(Phase1State(values, dict(state.head), list(state.phases)))
+                    runtime.log(f"[{label}] phase 1 saved to {phase1.directory}", log)
+                del values
+        else:
+            theta1 = cached.theta1
+        if stop_after_phase1:
+            if engine is not None:
+                runtime.end_phase(engine)
+            return SFTTrainingResult(sft=None, selection=None, phases=phases)
         scorer = make_scorer(sel.method, rank=sel.rank, energy=sel.energy, residual_keep=sel.residual_keep,
                              svd_target=sel.svd_target, denoise_embeddings=sel.denoise_embeddings,
                              embedding_names=embedding_names, solver=sel.svd_solver)
-        masks, report = runtime.select(start, roles.maskable, k, scorer)
-        runtime.end_phase(engine)
-        del engine
+        masks, report = runtime.select(start, theta1, k, scorer)
+        if engine is not None:
+            runtime.end_phase(engine)
+        del engine, theta1, cached
         state.masks, state.selection = masks, report.as_dict()
         state.phase, state.step, state.engine_state = PHASE_SPARSE, 0, None
         runtime.save_selection(state)
@@ -164,6 +201,7 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
     sparse.install()
     try:
         steps = cfg.sparse.num_steps(n_examples)
+        seed_phase(stream.seed, PHASE_SPARSE, runtime.rank)
         engine = runtime.engine(model, sparse.trainable() + list(roles.head.values()), cfg.sparse, steps)
         start_step = runtime.resume_engine(engine, PHASE_SPARSE)
         l1 = L1Penalty(roles.maskable, start, cfg.sparse.l1_reg, n_params) if cfg.sparse.l1_reg > 0 else None

@@ -71,8 +71,10 @@ class TrainingRuntime(Protocol):
     def restart(self, model: nn.Module, build: ModelBuilder | None, values: Mapping[str, torch.Tensor],
                 kind: str) -> nn.Module: ...
 
-    def select(self, start: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter], k: int,
-               scorer: MaskScorer) -> tuple[dict[str, torch.Tensor], SelectionReport]: ...
+    def select(self, start: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], k: int,
+               scorer: MaskScorer) -> tuple[dict[str, torch.Tensor], SelectionReport]:
+        """Masks of the ``k`` entries scoring highest between ``start`` and ``params`` (the model's
+        parameters after phase 1, or plain tensors read from a ``Phase1Store``)."""
 
     def projector(self, sparse: SparseUpdate) -> Callable[[], None]: ...
 
