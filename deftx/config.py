@@ -247,6 +247,25 @@ class ClusterConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """MLflow tracking and the model registry. ``uri`` null: ``MLFLOW_TRACKING_URI`` if set, else a
+    local sqlite store in ``mlflow/`` under the working directory; or a server URL such as
+    ``http://127.0.0.1:5000`` (``infra/local/up.sh``). ``experiment`` null: ``deftx-<task>``.
+    ``register``: register SFTs and composed models (and move the ``champion`` alias)."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str | None = None
+    register: bool = True
+
+    def validate(self, key: str = "tracking") -> None:
+        if self.uri is not None and not self.uri.strip():
+            raise _fail(f"{key}.uri", "must not be empty (use null for the local default)")
+        if self.experiment is not None and not self.experiment.strip():
+            raise _fail(f"{key}.experiment", "must not be empty (use null for deftx-<task>)")
+
+
+@dataclass
 class PipelineConfig:
     """The NusaX zero-shot pipeline: language SFTs for the source and target languages, a task SFT
     on the source language (on top of its language SFT), then task + target-language SFT per target."""
@@ -264,6 +283,7 @@ class PipelineConfig:
     max_eval_examples: int | None = None
     threads: int | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> PipelineConfig:
         from deftx.data import check_language
@@ -292,6 +312,7 @@ class PipelineConfig:
         if self.threads is not None and self.threads < 1:
             raise _fail("threads", "must be >= 1 or null")
         self.cluster.validate()
+        self.tracking.validate()
         if self.cluster.backend == "ray" and self.cluster.zero_stage == 3:
             for key, sft in (("language_sft", self.language_sft), ("task_sft", self.task_sft)):
                 for phase in ("full", "sparse"):
@@ -299,6 +320,10 @@ class PipelineConfig:
                         raise _fail(f"{key}.{phase}.l1_reg", "the L1 pull needs whole parameters in the loss, "
                                     "which ZeRO-3 partitions; set it to 0 or use zero_stage 0-2")
         return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"deftx-{self.task}"
 
     def set_method(self, method: str) -> None:
         self.language_sft.selection.method = method

@@ -236,8 +236,8 @@ class SparseFineTuning:
         state.stack.pop()
 
     @contextlib.contextmanager
-    def applied(self, model: nn.Module, with_head: bool = True) -> Iterator[nn.Module]:
-        self.apply(model, with_head=with_head)
+    def applied(self, model: nn.Module, with_head: bool = True, check_base: bool = True) -> Iterator[nn.Module]:
+        self.apply(model, with_head=with_head, check_base=check_base)
         try:
             yield model
         finally:

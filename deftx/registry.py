@@ -1,0 +1,465 @@
+"""The SFT model registry on MLflow: registered models, tags, the ``champion`` alias, lookup.
+
+Names:
+  ``deftx-lang-<lang>``        language SFTs (plain artifact: the SFT directory)
+  ``deftx-task-<task>``        task SFTs (plain artifact)
+  ``deftx-<task>-<lang>``      composed zero-shot models: an MLflow pyfunc model that contains its
+                               task and language SFTs (``deftx.mlflow_model.ComposedSFTModel``)
+
+Every version is tagged with its metrics, method, hyperparameters and base fingerprint. A version
+is registered once per SFT (a version whose ``weights_sha256`` tag matches is reused), so repeating
+a registration - e.g. ``deftx registry sync`` after a partial upload - never duplicates it.
+
+``champion`` (per composed model) points at the version with the best score on the same objective:
+it moves only when a new version scores strictly higher. With a local sqlite store the
+compare-and-move runs under a file lock; with a server, sweeps re-check the alias when they end
+(:meth:`Registry.reconcile_champion`), so concurrent trials cannot leave it on a worse version.
+
+Registrations that cannot reach MLflow are written as JSON records (``PendingRegistration``) under
+the run's output directory and uploaded later by ``deftx registry sync``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deftx import __version__
+from deftx.errors import DeftxError
+from deftx.sft import read_metadata
+from deftx.tracking import RunHandle, Tracker, flatten_params
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+CHAMPION = "champion"
+PENDING_DIR = "registry-pending"
+TAG_SCORE, TAG_OBJECTIVE = "score", "objective"
+
+
+class RegistryError(DeftxError):
+    """A registry lookup or registration failed (the message says what exists instead)."""
+
+
+def language_model_name(lang: str) -> str:
+    return f"deftx-lang-{lang}"
+
+
+def task_model_name(task: str) -> str:
+    return f"deftx-task-{task}"
+
+
+def composed_model_name(task: str, lang: str) -> str:
+    return f"deftx-{task}-{lang}"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """``NAME@ALIAS``, ``NAME/VERSION`` or ``NAME`` (the latest version)."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        text = text.strip()
+        if text.startswith("models:/"):
+            text = text[len("models:/"):]
+        if "@" in text:
+            name, alias = text.split("@", 1)
+            if not name or not alias:
+                raise RegistryError(f"{text!r}: expected NAME@ALIAS, NAME/VERSION or NAME")
+            return cls(name, alias=alias)
+        if "/" in text:
+            name, version = text.rsplit("/", 1)
+            if not name or not version.isdigit():
+                raise RegistryError(f"{text!r}: expected NAME@ALIAS, NAME/VERSION or NAME")
+            return cls(name, version=version)
+        if not text:
+            raise RegistryError("empty model reference")
+        return cls(text)
+
+    def __str__(self) -> str:
+        return self.name + (f"@{self.alias}" if self.alias else f"/{self.version}" if self.version else "")
+
+
+def sft_tags(sft_dir: str | Path) -> dict[str, str]:
+    """Tags describing an SFT directory: kind, language, task, method, hyperparameters, metrics,
+    base model and fingerprint, and the weights checksum (the identity used to avoid duplicates)."""
+    doc = read_metadata(sft_dir)
+    tags = {"kind": doc.get("kind"), "language": doc.get("language"), "task": doc.get("task"),
+            "method": doc.get("method"), "base_model": doc.get("base_model"),
+            "base_fingerprint": doc.get("base_fingerprint"), "weights_sha256": doc.get("weights_sha256"),
+            "nnz": doc.get("nnz"), "deftx_version": doc.get("deftx_version")}
+    selection = {k: v for k, v in (doc.get("selection") or {}).items() if not isinstance(v, (dict, list))}
+    tags.update({f"selection.{k}": v for k, v in selection.items()})
+    tags.update({f"metrics.{k}": v for k, v in flatten_params(doc.get("metrics") or {}).items()})
+    return {k: str(v) for k, v in tags.items() if v is not None and v != ""}
+
+
+@dataclass
+class PendingRegistration:
+    """A registration to do (now, or later by ``deftx registry sync`` if MLflow is unreachable):
+    a composed model (task + language SFT) with its score, or a single SFT when ``language_sft`` is
+    the only part given and ``task_sft`` is None."""
+
+    experiment: str
+    run_name: str
+    task: str
+    language: str
+    task_sft: str | None
+    language_sft: str | None
+    score: float | None = None
+    objective: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def save(self, output_dir: str | Path) -> Path:
+        directory = Path(output_dir) / PENDING_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{self.run_name}-{uuid.uuid4().hex[:8]}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        tmp.rename(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PendingRegistration:
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One registered version, as deftx reports it (the version number as a string)."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    tags: dict[str, str]
+    created: int | None = None
+
+    @classmethod
+    def of(cls, mv) -> VersionInfo:
+        return cls(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or {}), mv.creation_timestamp)
+
+
+@dataclass
+class Registered:
+    """The versions one registration produced (None where that part was not registered)."""
+
+    language_version: str | None = None
+    task_version: str | None = None
+    composed_version: str | None = None
+    champion: bool = False
+
+
+class Registry:
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    @property
+    def client(self):
+        return self.tracker.client
+
+    # -- registration -------------------------------------------------------------------------
+
+    def _ensure_model(self, name: str, description: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            try:
+                self.client.create_registered_model(name, description=description)
+            except MlflowException:
+                self.client.get_registered_model(name)   # created concurrently: fine if it exists now
+
+    def _existing_version(self, name: str, checksum: str) -> str | None:
+        found = self.client.search_model_versions(f"name='{name}' and tags.weights_sha256='{checksum}'")
+        return str(min((int(v.version) for v in found))) if found else None
+
+    def register_sft(self, run: RunHandle, sft_dir: str | Path) -> str:
+        """Register an SFT directory as a version of ``deftx-lang-<lang>`` / ``deftx-task-<task>``
+        (reusing the version that already holds these weights)."""
+        tags = sft_tags(sft_dir)
+        name = language_model_name(tags["language"]) if tags["kind"] == "language" else task_model_name(
+            tags.get("task", "task"))
+        self._ensure_model(name, f"deftx {tags['kind']} SFTs")
+        existing = self._existing_version(name, tags["weights_sha256"])
+        if existing is not None:
+            return existing
+        folder = f"sfts/{Path(sft_dir).name}"
+        self.client.log_artifacts(run.run_id, str(sft_dir), folder)
+        version = self.client.create_model_version(name, source=f"{run.artifact_uri}/{folder}", run_id=run.run_id,
+                                                   tags=tags, description=f"{tags['kind']} SFT")
+        return str(version.version)
+
+    def register_composed(self, run: RunHandle, pending: PendingRegistration, part_versions: dict[str, str]) -> str:
+        """Save the pyfunc model (containing both SFTs) into ``run`` and register it."""
+        import mlflow.pyfunc
+
+        from deftx import mlflow_model
+        from deftx.mlflow_model import LANGUAGE_ARTIFACT, TASK_ARTIFACT
+
+        name = composed_model_name(pending.task, pending.language)
+        self._ensure_model(name, f"deftx zero-shot model: {pending.task} SFT + {pending.language} language SFT")
+        task_tags, lang_tags = sft_tags(pending.task_sft), sft_tags(pending.language_sft)
+        tags = {**{f"task.{k}": v for k, v in task_tags.items() if not k.startswith("metrics.")},
+                **{f"language.{k}": v for k, v in lang_tags.items() if not k.startswith("metrics.")},
+                "base_fingerprint": task_tags.get("base_fingerprint", ""),
+                "weights_sha256": f"{task_tags['weights_sha256']}+{lang_tags['weights_sha256']}",
+                **{f"{k}_version": v for k, v in part_versions.items()},
+                **{f"metrics.{k}": str(v) for k, v in pending.metrics.items()},
+                **{f"params.{k}": v for k, v in flatten_params(pending.params).items()}, **pending.tags}
+        if pending.score is not None:
+            tags.update({TAG_SCORE: repr(float(pending.score)), TAG_OBJECTIVE: pending.objective or ""})
+        existing = self._existing_version(name, tags["weights_sha256"])
+        if existing is not None:
+            return existing
+        with tempfile.TemporaryDirectory(prefix="deftx-pyfunc-") as tmp:
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(   # models-from-code: the model file is code, nothing is pickled
+                str(local), python_model=str(Path(mlflow_model.__file__)),
+                artifacts={TASK_ARTIFACT: str(pending.task_sft), LANGUAGE_ARTIFACT: str(pending.language_sft)},
+                pip_requirements=[f"deftx=={__version__}", "torch==2.13.0", "transformers==5.23.0"],
+                metadata={"deftx": {"task": pending.task, "language": pending.language,
+                                    "base_model": task_tags.get("base_model")}})
+            self.client.log_artifacts(run.run_id, str(local), "composed-model")
+        version = self.client.create_model_version(name, source=f"{run.artifact_uri}/composed-model",
+                                                   run_id=run.run_id, tags=tags,
+                                                   description=f"theta0 + phi_task({pending.task}) + "
+                                                               f"phi_lang({pending.language})")
+        return str(version.version)
+
+    def submit(self, pending: PendingRegistration, output_dir: str | Path | None = None,
+               parent: RunHandle | None = None) -> Registered | None:
+        """Register ``pending`` now; if MLflow is unreachable (or fails), save it under
+        ``output_dir`` for ``deftx registry sync`` and return None."""
+        def register() -> Registered:
+            out = Registered()
+            with self.tracker.run(pending.experiment, pending.run_name, parent=parent, params=pending.params,
+                                  tags={"deftx.registration": "1", **pending.tags}) as run:
+                if run.run_id is None:
+                    raise RuntimeError(self.tracker.problem or "MLflow is unreachable")
+                self.tracker.log_metrics(run, pending.metrics)
+                parts: dict[str, str] = {}
+                if pending.language_sft:
+                    out.language_version = parts["language_sft"] = self.register_sft(run, pending.language_sft)
+                if pending.task_sft:
+                    out.task_version = parts["task_sft"] = self.register_sft(run, pending.task_sft)
+                if pending.task_sft and pending.language_sft:
+                    out.composed_version = self.register_composed(run, pending, parts)
+                    if pending.score is not None and pending.objective:
+                        out.champion = self.promote_champion(composed_model_name(pending.task, pending.language),
+                                                             out.composed_version, pending.objective, pending.score)
+            return out
+
+        result = self.tracker.call(f"registering {pending.run_name}", register)
+        if result is None and output_dir is not None:
+            path = pending.save(output_dir)
+            self.tracker.log(f"WARNING: {pending.run_name} not registered ({self.tracker.problem}); saved {path} - "
+                             f"run `deftx registry sync {output_dir}` when MLflow is back")
+        return result
+
+    # -- the champion alias -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _champion_lock(self) -> Iterator[None]:
+        uri = self.tracker.uri
+        if not uri.startswith("sqlite:///"):
+            yield
+            return
+        lock_path = Path(uri[len("sqlite:///"):]).with_suffix(".champion.lock")
+        with open(lock_path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def current_champion(self, name: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            return None
+
+    def promote_champion(self, name: str, version: str, objective: str, score: float) -> bool:
+        """Point ``champion`` at ``version`` if there is none, or if ``score`` beats the champion's
+        score on the same ``objective``. A champion scored on another objective is not comparable
+        and stays."""
+        with self._champion_lock():
+            current = self.current_champion(name)
+            if current is not None:
+                if str(current.version) == str(version):
+                    return True
+                if current.tags.get(TAG_OBJECTIVE) != objective:
+                    self.tracker.log(f"{name}: champion v{current.version} was scored on "
+                                     f"{current.tags.get(TAG_OBJECTIVE) or 'no objective'}, not {objective}; "
+                                     "it stays")
+                    return False
+                if not score > float(current.tags.get(TAG_SCORE, "-inf")):
+                    return False
+            self.client.set_registered_model_alias(name, CHAMPION, version)
+            return True
+
+    def reconcile_champion(self, name: str, objective: str) -> str | None:
+        """Make ``champion`` the best version on ``objective`` (after concurrent trials)."""
+        with self._champion_lock():
+            versions = [v for v in self.client.search_model_versions(f"name='{name}'")
+                        if v.tags.get(TAG_OBJECTIVE) == objective and TAG_SCORE in v.tags]
+            if not versions:
+                return None
+            current = self.current_champion(name)
+            if current is not None and current.tags.get(TAG_OBJECTIVE) not in (None, objective):
+                return str(current.version)
+            best = max(versions, key=lambda v: (float(v.tags[TAG_SCORE]), -int(v.version)))
+            if current is None or float(best.tags[TAG_SCORE]) > float(current.tags.get(TAG_SCORE, "-inf")):
+                self.client.set_registered_model_alias(name, CHAMPION, str(best.version))
+                return str(best.version)
+            return str(current.version)
+
+    # -- lookup -------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(m.name for m in self.client.search_registered_models(max_results=1000)
+                      if m.name.startswith("deftx-"))
+
+    def resolve(self, ref: ModelRef | str) -> VersionInfo:
+        """The version ``ref`` names; a missing name/alias/version says what exists."""
+        from mlflow.exceptions import MlflowException
+
+        ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+        try:
+            model = self.client.get_registered_model(ref.name)
+        except MlflowException:
+            names = self.names()
+            raise RegistryError(f"no registered model {ref.name!r} in {self.tracker.uri}; registered: "
+                                f"{', '.join(names) if names else 'none (run a pipeline or sweep first)'}") from None
+        aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
+        if ref.alias:
+            if ref.alias not in aliases:
+                have = ", ".join(f"@{a} (v{v})" for a, v in sorted(aliases.items())) or "no aliases"
+                raise RegistryError(f"{ref.name} has no alias {ref.alias!r}; it has {have}")
+            return VersionInfo.of(self.client.get_model_version(ref.name, aliases[ref.alias]))
+        versions = sorted(self.client.search_model_versions(f"name='{ref.name}'"), key=lambda v: int(v.version))
+        if not versions:
+            raise RegistryError(f"{ref.name} has no versions")
+        if ref.version is None:
+            return VersionInfo.of(versions[-1])
+        for v in versions:
+            if str(v.version) == ref.version:
+                return VersionInfo.of(v)
+        raise RegistryError(f"{ref.name} has no version {ref.version}; versions: "
+                            f"{', '.join(str(v.version) for v in versions)}")
+
+    def listing(self) -> list[dict[str, Any]]:
+        rows = []
+        for name in self.names():
+            model = self.client.get_registered_model(name)
+            versions = self.client.search_model_versions(f"name='{name}'")
+            aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
+            latest = max(versions, key=lambda v: int(v.version)) if versions else None
+            rows.append({"name": name, "versions": len(versions),
+                         "aliases": dict(sorted(aliases.items())),
+                         "latest": str(latest.version) if latest else None,
+                         "score": (self.client.get_model_version(name, aliases[CHAMPION]).tags.get(TAG_SCORE)
+                                   if CHAMPION in aliases else None)})
+        return rows
+
+    def show(self, ref: ModelRef | str) -> dict[str, Any]:
+        version = self.resolve(ref)
+        model = self.client.get_registered_model(version.name)
+        aliases = sorted(a for a, v in (model.aliases or {}).items() if str(v) == version.version)
+        return {"name": version.name, "version": version.version, "aliases": aliases, "source": version.source,
+                "run_id": version.run_id, "created": version.created, "tags": version.tags}
+
+    def download(self, ref: ModelRef | str, destination: str | Path) -> Path:
+        """The version's files (an SFT directory, or the pyfunc model directory) under ``destination``."""
+        import mlflow.artifacts
+
+        version = self.resolve(ref)
+        destination = Path(destination)
+        destination.mkdir(parents=True, exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(destination),
+                                                    tracking_uri=self.tracker.uri)
+        return Path(local)
+
+
+def sync_pending(registry: Registry, output_dirs: list[str | Path], log=print) -> tuple[int, int]:
+    """Upload the registrations saved while MLflow was unreachable. Returns (done, still pending)."""
+    done = left = 0
+    for root in output_dirs:
+        directory = Path(root) / PENDING_DIR
+        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+            pending = PendingRegistration.load(path)
+            result = registry.submit(pending)   # no output_dir: a failure must not duplicate the record
+            if result is None:
+                left += 1
+                log(f"still pending: {path} ({registry.tracker.problem})")
+                continue
+            path.unlink()
+            done += 1
+            log(f"registered {pending.run_name}: composed v{result.composed_version}, "
+                f"language v{result.language_version}, task v{result.task_version}"
+                + (" (champion)" if result.champion else ""))
+        if directory.is_dir() and not any(directory.iterdir()):
+            shutil.rmtree(directory, ignore_errors=True)
+    return done, left
+
+
+def compose_from_registry(registry: Registry, ref: ModelRef | str, out_dir: str | Path, *,
+                          base_model: str | None = None, overwrite: bool = False, log=print) -> Path:
+    """``deftx registry get``: download a composed model (or a task SFT), verify the base
+    fingerprint, compose into a standalone Hugging Face model directory at ``out_dir``."""
+    from deftx.compose import Composition, export_hf_model
+    from deftx.mlflow_model import LANGUAGE_ARTIFACT, TASK_ARTIFACT
+    from deftx.models import load_classifier, load_tokenizer, resolve_model_path
+    from deftx.sft import SparseFineTuning
+
+    version = registry.resolve(ref)
+    with tempfile.TemporaryDirectory(prefix="deftx-get-") as tmp:
+        local = registry.download(ref, tmp)
+        if (local / "MLmodel").is_file():
+            task = SparseFineTuning.load(_artifact_dir(local, TASK_ARTIFACT))
+            language = SparseFineTuning.load(_artifact_dir(local, LANGUAGE_ARTIFACT))
+        else:
+            sft = SparseFineTuning.load(local)
+            if sft.metadata.kind != "task":
+                raise RegistryError(f"{version.name}/{version.version} is a {sft.metadata.kind} SFT; compose a "
+                                    f"model from a composed model (deftx-<task>-<lang>) or a task SFT")
+            task, language = sft, None
+        composition = Composition(task, language)
+        base = base_model or task.metadata.base_model
+        path = resolve_model_path(base, log=log)
+        model = load_classifier(path, task.metadata.label_names or [])
+        from deftx.sft import current_base_fingerprint
+
+        found = current_base_fingerprint(model)
+        if task.metadata.base_fingerprint and found != task.metadata.base_fingerprint:
+            raise RegistryError(f"{version.name}/{version.version} was trained on a base model with fingerprint "
+                                f"{task.metadata.base_fingerprint[:19]}..., but {base} has {found[:19]}...")
+        return export_hf_model(composition, model, load_tokenizer(path), out_dir, overwrite=overwrite)
+
+
+def _artifact_dir(model_dir: Path, name: str) -> Path:
+    """Where ``mlflow.pyfunc.save_model`` put artifact ``name`` (``artifacts/<basename>``)."""
+    doc = (model_dir / "MLmodel").read_text(encoding="utf-8")
+    import yaml
+
+    artifacts = yaml.safe_load(doc)["flavors"]["python_function"].get("artifacts", {})
+    if name not in artifacts:
+        raise RegistryError(f"{model_dir}: the model has no {name} artifact")
+    return model_dir / artifacts[name]["path"]
