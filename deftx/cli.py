@@ -210,6 +210,92 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from deftx.ray_tune import run_sweep
+    from deftx.sweep import check_sweep
+    from deftx.tune_space import load_space
+
+    extra = [f"output_dir={args.output_dir}"] if args.output_dir else []
+    cfg = _load_config(args, extra)
+    space = load_space(args.space)
+    langs = check_sweep(cfg, space, [c.strip() for c in args.langs.split(",") if c.strip()], args.num_samples)
+    _log(f"deftx {__version__}: sweep of the {space.sft} SFT's selection over {', '.join(langs)}, "
+         f"{args.num_samples} trials each, objective {space.objective.key}, output {cfg.output_dir}")
+    result = run_sweep(cfg, space, langs, args.num_samples, name=args.name, log=_log,
+                       max_concurrent=args.max_concurrent)
+    print(result.table())
+    shared = ", ".join(f"{k} {v:.0f} s" for k, v in result.shared_seconds.items()) or "all reused"
+    print(f"\nwall time {result.seconds / 60:.1f} min (shared work: {shared}); results in "
+          f"{result.output_dir}/sweeps/{result.name}")
+    return 0
+
+
+def _registry(args: argparse.Namespace):
+    from deftx.registry import open_registry
+
+    return open_registry(args.tracking_uri, log=_log)
+
+
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    rows = _registry(args).listing()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no deftx models registered yet")
+        return 0
+    print(f"{'name':<36} {'versions':>8} {'latest':>7}  aliases")
+    for r in rows:
+        aliases = ", ".join(f"@{a}=v{v}" for a, v in r["aliases"].items()) or "-"
+        score = f" (score {float(r['score']):.4f})" if r["score"] else ""
+        print(f"{r['name']:<36} {r['versions']:>8} {r['latest'] or '-':>7}  {aliases}{score}")
+    return 0
+
+
+def cmd_registry_show(args: argparse.Namespace) -> int:
+    info = _registry(args).show(args.ref)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{info['name']} version {info['version']}" + (f" (@{', @'.join(info['aliases'])})" if info["aliases"] else ""))
+    print(f"  source {info['source']}\n  run {info['run_id']}")
+    for key in sorted(info["tags"]):
+        print(f"  {key}: {info['tags'][key]}")
+    return 0
+
+
+def cmd_registry_get(args: argparse.Namespace) -> int:
+    from deftx.registry import compose_from_registry
+
+    out = compose_from_registry(_registry(args), args.ref, args.out, base_model=args.model,
+                                overwrite=args.overwrite, log=_log)
+    print(f"wrote {out}: load it with AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_registry_sync(args: argparse.Namespace) -> int:
+    from deftx.registry import sync_pending
+
+    done, left = sync_pending(_registry(args), args.dirs, log=_log)
+    print(f"registered {done}; still pending {left}")
+    return 1 if left else 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from deftx.registry import load_model
+
+    texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise DeftxError("predict: give texts as arguments or on stdin")
+    labels = load_model(args.ref, args.tracking_uri).predict(texts)
+    if args.json:
+        print(json.dumps([{"text": t, "label": lab} for t, lab in zip(texts, labels)], indent=2, ensure_ascii=False))
+    else:
+        for text, label in zip(texts, labels):
+            print(f"{label}\t{text}")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -241,6 +327,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output SFT directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_train_task)
+
+    p = sub.add_parser("sweep", help="Ray Tune sweep of the selection hyperparameters per target language",
+                       description="One Tune experiment per target language over a search space file "
+                                   "(tune_spaces/*.yaml); every trial is tracked in MLflow, its composed model "
+                                   "registered, and the champion alias moved when it scores higher. Re-running the "
+                                   "same command resumes an interrupted sweep without rerunning finished trials.")
+    _config_args(p)
+    p.add_argument("--space", required=True, help="search space file, e.g. tune_spaces/nusax.yaml")
+    p.add_argument("--langs", required=True, help="comma-separated target languages, e.g. jav,sun,min")
+    p.add_argument("--num-samples", type=int, default=8, help="trials per language (default 8)")
+    p.add_argument("--name", help="sweep name (default <output dir name>-sweep); the same name resumes")
+    p.add_argument("--max-concurrent", type=int, default=1, help="trials running at once (default 1)")
+    p.add_argument("--output-dir", help="where shared SFTs, trials and results go (default from the config)")
+    p.set_defaults(func=cmd_sweep)
+
+    reg = sub.add_parser("registry", help="look up, download and compose registered SFTs").add_subparsers(
+        dest="registry_command", metavar="SUBCOMMAND", required=True)
+
+    def registry_parser(name: str, help: str) -> argparse.ArgumentParser:
+        q = reg.add_parser(name, help=help)
+        q.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow)")
+        return q
+
+    p = registry_parser("list", "registered deftx models, versions and aliases")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_registry_list)
+    p = registry_parser("show", "one version's tags (metrics, method, hyperparameters, base fingerprint)")
+    p.add_argument("ref", help="NAME@ALIAS, NAME/VERSION or NAME (latest), e.g. deftx-nusax_senti-jav@champion")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_registry_show)
+    p = registry_parser("get", "download, verify the base fingerprint, compose into a Hugging Face model directory")
+    p.add_argument("ref", help="a composed model (deftx-<task>-<lang>) or task SFT reference")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--model", help="base model (default: the one recorded in the SFTs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_registry_get)
+    p = registry_parser("sync", "upload registrations saved while the tracking server was unreachable")
+    p.add_argument("dirs", nargs="+", help="output directories of pipelines or sweeps")
+    p.set_defaults(func=cmd_registry_sync)
+
+    p = sub.add_parser("predict", help="labels for texts from a registered composed model")
+    p.add_argument("ref", help="e.g. deftx-nusax_senti-jav@champion")
+    p.add_argument("texts", nargs="*", help="texts to classify (default: one per line on stdin)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="evaluate task SFT (+ language SFT) on NusaX languages")
     p.add_argument("--task", required=True, help="task SFT directory")

@@ -35,6 +35,7 @@ from deftx.training.batches import classification_stream, masked_lm_stream
 from deftx.training.lt_sft import train_head_only, train_sparse_fine_tuning
 from deftx.training.objectives import classification_loss, masked_lm_loss
 from deftx.training.phase import PhaseResult
+from deftx.training.phase1_store import Phase1Store
 from deftx.training.runtime import LocalRuntime, TrainingRuntime
 
 Log = Callable[[str], None]
@@ -78,12 +79,14 @@ def train_language_sft(model_path: str, tokenizer, lang: str, sft_cfg: SFTConfig
                        data_source: str, max_length: int, seed: int, log: Log,
                        texts: list[str] | None = None,
                        head_init: dict[str, torch.Tensor] | None = None,
-                       runtime: TrainingRuntime | None = None) -> SparseFineTuning | None:
+                       runtime: TrainingRuntime | None = None, phase1: Phase1Store | None = None,
+                       stop_after_phase1: bool = False) -> SparseFineTuning | None:
     """A language SFT by masked LM on ``lang``'s NusaX-MT train text (or the given ``texts``).
 
     A base model without a pretrained MLM head gets its head from ``head_init`` (a shared warm-up,
     see :func:`warm_up_mlm_head`) or, failing that, a warm-up on ``lang``'s text alone.
-    Returns None on the ranks of a distributed runtime other than 0."""
+    Returns None on the ranks of a distributed runtime other than 0, and with ``stop_after_phase1``
+    (which only fills ``phase1``)."""
     texts = _capped(texts if texts is not None else load_nusax_mt_text(lang, data_source), sft_cfg.max_train_examples)
     model, has_head = load_masked_lm(model_path, seed=seed)
     if head_init is not None:
@@ -106,7 +109,7 @@ def train_language_sft(model_path: str, tokenizer, lang: str, sft_cfg: SFTConfig
     result = train_sparse_fine_tuning(
         _first_then(model, build), kind="language", loss_fn=masked_lm_loss, cfg=sft_cfg, metadata=meta,
         head_warmup=head_source.startswith("warm-up"), label=f"lang {lang}", log=log, runtime=runtime,
-        stream_for=lambda bs: masked_lm_stream(tokenizer, texts, batch_size=bs, seed=seed, max_length=max_length,
+        phase1=phase1, stop_after_phase1=stop_after_phase1, stream_for=lambda bs: masked_lm_stream(tokenizer, texts, batch_size=bs, seed=seed, max_length=max_length,
                                                mlm_probability=sft_cfg.mlm_probability))
     return result.sft
 
@@ -152,7 +155,8 @@ def warm_up_mlm_head(model: torch.nn.Module, tokenizer, texts: list[str], sft_cf
 def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: SparseFineTuning | None,
                    sft_cfg: SFTConfig, *, model_id: str, data_source: str, max_length: int, seed: int,
                    log: Log, eval_batch_size: int = 64,
-                   runtime: TrainingRuntime | None = None) -> SparseFineTuning | None:
+                   runtime: TrainingRuntime | None = None, phase1: Phase1Store | None = None,
+                   stop_after_phase1: bool = False) -> SparseFineTuning | None:
     """A NusaX sentiment task SFT on ``source_lang``, trained on theta0 + ``lang_sft``, with its
     macro-F1 on the source validation split (theta0 + lang_sft + task SFT) in its metrics.
     Returns None on the ranks of a distributed runtime other than 0."""
@@ -179,7 +183,7 @@ def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: Spars
                        training={"data": f"NusaX-senti {source_lang} train ({data_source})", "seed": seed})
     result = train_sparse_fine_tuning(
         _first_then(base, build), kind="task", loss_fn=classification_loss, cfg=sft_cfg, metadata=meta,
-        label=f"task {source_lang}", log=log, runtime=runtime,
+        label=f"task {source_lang}", log=log, runtime=runtime, phase1=phase1, stop_after_phase1=stop_after_phase1,
         stream_for=lambda bs: classification_stream(tokenizer, train, batch_size=bs, seed=seed,
                                                     max_length=max_length))
     if result.sft is None:
@@ -210,6 +214,10 @@ class SFTJob:
     digest: str
     head_path: str | None = None
     language_sft_path: str | None = None
+    phase1_dir: str | None = None       # a Phase1Store to read phase 1 from, or to fill
+    phase1_digest: str | None = None
+    phase1_only: bool = False           # fill the store and stop (no SFT output)
+    probe: dict[str, Any] | None = None  # language SFTs: {"every", "task_sft", "language", "split", "report_path"}
 
     def __post_init__(self) -> None:
         if self.kind not in JOB_KINDS:
@@ -217,7 +225,9 @@ class SFTJob:
 
     @property
     def name(self) -> str:
-        return "mlm-head" if self.kind == "mlm_head" else f"{self.kind}-{self.language}"
+        if self.kind == "mlm_head":
+            return "mlm-head"
+        return f"{self.kind}-{self.language}" + ("-phase1" if self.phase1_only else "")
 
     def pipeline_config(self) -> PipelineConfig:
         return from_dict(PipelineConfig, self.config)
@@ -235,6 +245,10 @@ class JobOutput:
 
         from deftx.io import atomic_directory, write_json
 
+        if self.sft is None and self.head is None:   # a phase-1-only job: a marker with its info
+            with atomic_directory(directory, overwrite=True) as tmp:
+                write_json(tmp / "job.json", self.info)
+            return
         if self.sft is not None:
             self.sft.save(directory, overwrite=True)
             return
@@ -272,20 +286,44 @@ def run_job(job: SFTJob, runtime: TrainingRuntime | None = None, log: Log = prin
             return None
         return JobOutput(head=values, info={"digest": job.digest, "steps": phase.steps,
                                             "final_loss": phase.final_loss, "sentences": len(texts)})
+    if job.probe and job.kind == "language":
+        runtime = _probed(runtime, job, cfg, model_path, tokenizer)
+        common["runtime"] = runtime
+    phase1 = Phase1Store(job.phase1_dir, job.phase1_digest or "") if job.phase1_dir else None
+    if job.phase1_only and phase1 is None:
+        raise ValueError(f"{job.name}: phase1_only needs phase1_dir")
     if job.kind == "language":
         head = load_head(job.head_path) if job.head_path else None
         sft = train_language_sft(model_path, tokenizer, job.language, cfg.language_sft,
                                  model_id=cfg.model.name_or_path, data_source=cfg.data.source, head_init=head,
-                                 **common)
+                                 phase1=phase1, stop_after_phase1=job.phase1_only, **common)
     else:
         lang_sft = SparseFineTuning.load(job.language_sft_path) if job.language_sft_path else None
         sft = train_task_sft(model_path, tokenizer, job.language, lang_sft, cfg.task_sft,
                              model_id=cfg.model.name_or_path, data_source=cfg.data.source,
-                             eval_batch_size=cfg.eval_batch_size, **common)
+                             eval_batch_size=cfg.eval_batch_size, phase1=phase1,
+                             stop_after_phase1=job.phase1_only, **common)
+    if job.phase1_only:
+        return JobOutput(info={"phase1_dir": job.phase1_dir, "digest": job.phase1_digest}) if runtime.rank == 0 else None
     if sft is None:
         return None
     sft.metadata.training["config_digest"] = job.digest
     return JobOutput(sft=sft)
+
+
+def _probed(runtime: TrainingRuntime, job: SFTJob, cfg: PipelineConfig, model_path: str, tokenizer) -> TrainingRuntime:
+    """``runtime`` scoring the language SFT with the task SFT every ``probe.every`` phase-2 steps."""
+    from deftx.training.probe import ProbedRuntime, language_probe
+
+    spec = job.probe or {}
+    split = spec["split"]
+    lang = spec["language"] if split == "target_valid" else cfg.source_language
+    examples = load_nusax_senti(lang, "valid", cfg.data.source) if runtime.rank == 0 else []
+    probe = language_probe(model_path, tokenizer, SparseFineTuning.load(spec["task_sft"]), examples,
+                           len(NUSAX_LABELS), split, seed=cfg.seed, batch_size=cfg.eval_batch_size,
+                           max_length=cfg.model.max_length) if runtime.rank == 0 else (lambda values, step: {})
+    return ProbedRuntime(runtime, kind="language", every=int(spec["every"]), probe=probe,
+                         report_path=spec["report_path"])
 
 
 class Executor(Protocol):
@@ -361,28 +399,52 @@ def _head_digest(directory: Path) -> str | None:
         return None
 
 
-def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | None = None) -> PipelineResult:
-    """Train (or reuse) every SFT of the pipeline with ``executor`` (default: the one of
-    ``cfg.cluster``), then evaluate the compositions in this process."""
-    started = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    cfg = absolute_paths(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
-    executor = executor or make_executor(cfg, log)
-    executor.prepare()
-    model_path = resolve_model_path(cfg.model.name_or_path, log=log)
-    tokenizer = load_tokenizer(model_path)
+@dataclass
+class TrainedSFTs:
+    """What :func:`train_pipeline_sfts` produced: directories, loaded SFTs and their digests."""
+
+    output_dir: Path
+    common: dict[str, Any]                       # what every digest includes (model, fingerprint, ...)
+    head_dir: Path | None
+    head_digest: str | None
+    language: dict[str, SparseFineTuning] = field(default_factory=dict)
+    task: SparseFineTuning | None = None
+    task_dir: Path | None = None
+
+    def language_dir(self, lang: str) -> Path:
+        return self.output_dir / "sfts" / f"lang-{lang}"
+
+
+def _common_digest_parts(cfg: PipelineConfig, model_path: str) -> tuple[dict[str, Any], bool]:
     probe, has_head = load_masked_lm(model_path, seed=cfg.seed)
     common = {"model": cfg.model.name_or_path, "base_fingerprint": current_base_fingerprint(probe),
               "max_length": cfg.model.max_length, "seed": cfg.seed, "data": cfg.data.source, "deftx": __version__}
-    del probe
+    return common, has_head
 
-    languages = pipeline_languages(cfg)
+
+def language_sft_digest(trained: TrainedSFTs, lang: str, sft_cfg: SFTConfig) -> str:
+    return config_digest({**trained.common, "kind": "language", "lang": lang, "sft": asdict(sft_cfg),
+                          "head": trained.head_digest})
+
+
+def phase1_digest(trained: TrainedSFTs, kind: str, lang: str, sft_cfg: SFTConfig, extra: Any = None) -> str:
+    """The digest of everything an SFT's warm-up and phase 1 depend on: not the selection, not phase 2."""
+    parts = {k: v for k, v in asdict(sft_cfg).items() if k not in ("selection", "sparse")}
+    return config_digest({**trained.common, "kind": f"{kind}-phase1", "lang": lang, "sft": parts,
+                          "head": trained.head_digest, "extra": extra})
+
+
+def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list[str], log: Log = print,
+                        with_task: bool = True) -> TrainedSFTs:
+    """Train (or reuse) the shared MLM head, the language SFTs of ``languages`` and the task SFT
+    (on the source language, on top of its language SFT) with ``executor``. ``cfg`` must have
+    absolute paths (:func:`absolute_paths`)."""
+    out = Path(cfg.output_dir)
+    model_path = resolve_model_path(cfg.model.name_or_path, log=log)
+    common, has_head = _common_digest_parts(cfg, model_path)
     config = asdict(cfg)
-    head_digest = config_digest({**common, "kind": "mlm-head", "languages": languages,
+    all_langs = pipeline_languages(cfg)
+    head_digest = config_digest({**common, "kind": "mlm-head", "languages": all_langs,
                                  "steps": cfg.language_sft.head_warmup_steps,
                                  "lr": cfg.language_sft.head_warmup_learning_rate,
                                  "max_examples": cfg.language_sft.max_train_examples,
@@ -395,11 +457,10 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | Non
         else:
             log(f"== MLM head warm-up ({cfg.language_sft.head_warmup_steps} steps; shared by the language SFTs) ==")
             executor.run(SFTJob("mlm_head", cfg.source_language, config, head_digest), head_dir, log)
-    lang_sfts: dict[str, SparseFineTuning] = {}
+    trained = TrainedSFTs(out, common, head_dir, head_digest if head_dir is not None else None)
     for i, lang in enumerate(languages, 1):
-        directory = out / "sfts" / f"lang-{lang}"
-        digest = config_digest({**common, "kind": "language", "lang": lang, "sft": asdict(cfg.language_sft),
-                                "head": head_digest if head_dir is not None else None})
+        directory = trained.language_dir(lang)
+        digest = language_sft_digest(trained, lang, cfg.language_sft)
         sft = _reuse(directory, digest, log)
         if sft is None:
             log(f"== language SFT {i}/{len(languages)}: {lang} ({NUSAX_LANGUAGE_NAMES[lang]}) ==")
@@ -407,19 +468,51 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | Non
                                 head_path=str(head_dir) if head_dir is not None else None), directory, log)
             sft = SparseFineTuning.load(directory)
             log(f"saved {directory} ({sft.nnz:,} entries)")
-        lang_sfts[lang] = sft
+        trained.language[lang] = sft
+    if not with_task:
+        return trained
 
     directory = out / "sfts" / f"task-{cfg.task}"
+    source_sft = trained.language[cfg.source_language]
     digest = config_digest({**common, "kind": "task", "source": cfg.source_language,
-                            "lang_sft": lang_sfts[cfg.source_language].metadata.training.get("config_digest"),
+                            "lang_sft": source_sft.metadata.training.get("config_digest"),
                             "sft": asdict(cfg.task_sft)})
     task_sft = _reuse(directory, digest, log)
     if task_sft is None:
         log(f"== task SFT: {cfg.task} on {cfg.source_language} ==")
         executor.run(SFTJob("task", cfg.source_language, config, digest,
-                            language_sft_path=str(out / "sfts" / f"lang-{cfg.source_language}")), directory, log)
+                            language_sft_path=str(trained.language_dir(cfg.source_language))), directory, log)
         task_sft = SparseFineTuning.load(directory)
         log(f"saved {directory} ({task_sft.nnz:,} entries)")
+    trained.task, trained.task_dir = task_sft, directory
+    return trained
+
+
+def start_run(cfg: PipelineConfig, log: Log, executor: Executor | None) -> tuple[PipelineConfig, Executor]:
+    """Absolute paths, the output directory with the resolved config, a prepared executor."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg = absolute_paths(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    executor = executor or make_executor(cfg, log)
+    executor.prepare()
+    return cfg, executor
+
+
+def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | None = None) -> PipelineResult:
+    """Train (or reuse) every SFT of the pipeline with ``executor`` (default: the one of
+    ``cfg.cluster``), then evaluate the compositions in this process."""
+    started = time.perf_counter()
+    cfg, executor = start_run(cfg, log, executor)
+    languages = pipeline_languages(cfg)
+    trained = train_pipeline_sfts(cfg, executor, languages, log)
+    lang_sfts, task_sft = trained.language, trained.task
+    assert task_sft is not None
+    out = Path(cfg.output_dir)
+    model_path = resolve_model_path(cfg.model.name_or_path, log=log)
+    tokenizer = load_tokenizer(model_path)
 
     log("== zero-shot evaluation ==")
     classifier = load_classifier(model_path, NUSAX_LABELS, seed=cfg.seed)

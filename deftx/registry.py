@@ -463,3 +463,32 @@ def _artifact_dir(model_dir: Path, name: str) -> Path:
     if name not in artifacts:
         raise RegistryError(f"{model_dir}: the model has no {name} artifact")
     return model_dir / artifacts[name]["path"]
+
+
+def open_registry(tracking_uri: str | None = None, log=print) -> Registry:
+    """The registry at ``tracking_uri`` (else ``MLFLOW_TRACKING_URI``, else ./mlflow); fails with a
+    clear message when it cannot be reached (lookups need it)."""
+    tracker = Tracker(tracking_uri, log=lambda line: None)
+    if tracker.offline:
+        raise RegistryError(f"cannot reach the MLflow tracking server at {tracker.uri} "
+                            f"(start it with infra/local/up.sh, or pass --tracking-uri)")
+    if tracker.uri.startswith("sqlite:///") and not Path(tracker.uri[len("sqlite:///"):]).is_file():
+        raise RegistryError(f"no MLflow store at {tracker.uri[len('sqlite:///'):]} (run a pipeline or sweep here "
+                            f"first, or pass --tracking-uri / set MLFLOW_TRACKING_URI)")
+    tracker.log = log
+    return Registry(tracker)
+
+
+def load_model(ref: str, tracking_uri: str | None = None):
+    """``mlflow.pyfunc.load_model`` of a composed model (e.g. ``deftx-nusax_senti-jav@champion``):
+    ``.predict(list_of_texts)`` returns label names."""
+    import mlflow
+    import mlflow.pyfunc
+
+    registry = open_registry(tracking_uri)
+    version = registry.resolve(ref)
+    if not version.name.startswith("deftx-") or version.tags.get("kind") in ("language", "task"):
+        raise RegistryError(f"{ref}: a {version.tags.get('kind')} SFT, not a composed model (deftx-<task>-<lang>)")
+    mlflow.set_tracking_uri(registry.tracker.uri)
+    mlflow.set_registry_uri(registry.tracker.uri)
+    return mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")

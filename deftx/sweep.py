@@ -1,0 +1,170 @@
+"""Sweeps of the selection hyperparameters per target language: everything except Ray Tune itself.
+
+What is shared and what each trial recomputes (``sft: language``, the default):
+
+  once per sweep        the MLM head warm-up (when the base model has none), the source-language
+                        SFT and the task SFT on top of it (the NusaX pipeline's, reused if present)
+  once per language     the target language SFT's head warm-up + phase 1 (``Phase1Store``): phase 1
+                        does not depend on the selection, so no trial trains it again
+  every trial           the selection (method, budget, rank rule, residual, SVD target) from the
+                        stored phase 1, phase 2, and the evaluation of theta0 + phi_task + phi_lang
+
+With ``sft: task`` the roles swap: the language SFTs are shared (the pipeline's), the task SFT's
+phase 1 is stored once, and every trial selects and trains the task SFT's phase 2.
+
+``deftx.ray_tune`` runs the trials as a Tune experiment per language; this module prepares the
+shared work, turns a sampled point into a training job, and scores the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deftx.config import ConfigError, PipelineConfig, SelectionConfig, from_dict
+from deftx.data import NUSAX_LABELS, check_language, load_nusax_senti
+from deftx.errors import DataError
+from deftx.pipeline import (
+    Executor,
+    Log,
+    SFTJob,
+    config_digest,
+    phase1_digest,
+    train_pipeline_sfts,
+)
+from deftx.tune_space import SearchSpace, selection_from_sample
+
+
+def check_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num_samples: int) -> list[str]:
+    """Validate a sweep before any work: returns the normalised target languages."""
+    if space.dataset != cfg.data.dataset:
+        raise ConfigError(f"{space.source or 'space'}: a {space.dataset} search space, but the pipeline trains on "
+                          f"{cfg.data.dataset}" + (" (the AmericasNLI pipeline is not built yet)"
+                                                   if space.dataset == "americasnli" else ""))
+    if num_samples < 1:
+        raise ConfigError(f"--num-samples: must be >= 1, got {num_samples}")
+    if not languages:
+        raise ConfigError("--langs: give at least one target language")
+    out = []
+    for code in languages:
+        try:
+            lang = check_language(code, cfg.data.dataset)
+        except DataError as exc:
+            raise ConfigError(f"--langs: {exc}") from None
+        if lang == cfg.source_language:
+            raise ConfigError(f"--langs: {lang} is the source language; sweep target languages")
+        if lang in out:
+            raise ConfigError(f"--langs: {lang} is listed twice")
+        out.append(lang)
+    for lang in out:
+        space.for_language(lang)
+    return out
+
+
+@dataclass
+class SharedWork:
+    """Plain data for trials: the pipeline config (absolute paths) and the shared artifacts."""
+
+    config: dict[str, Any]
+    sft: str                                    # "language" or "task": which SFT the trials train
+    task_sft: str | None                        # shared task SFT (sft == language)
+    source_sft: str                             # the source-language SFT (under the task SFT)
+    language_sfts: dict[str, str] = field(default_factory=dict)   # shared target SFTs (sft == task)
+    head_dir: str | None = None
+    phase1: dict[str, tuple[str, str]] = field(default_factory=dict)   # lang -> (store dir, digest)
+    seconds: dict[str, float] = field(default_factory=dict)           # wall time of each shared step
+
+    def pipeline_config(self) -> PipelineConfig:
+        return from_dict(PipelineConfig, self.config)
+
+
+def prepare_shared_work(cfg: PipelineConfig, space: SearchSpace, languages: list[str], executor: Executor,
+                        log: Log = print) -> SharedWork:
+    """Train (or reuse) what no trial's hyperparameters change. ``cfg`` has absolute paths."""
+    out = Path(cfg.output_dir)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    if space.sft == "language":
+        trained = train_pipeline_sfts(cfg, executor, [cfg.source_language], log)
+    else:
+        trained = train_pipeline_sfts(cfg, executor, [cfg.source_language, *languages], log)
+    seconds["pipeline SFTs"] = time.perf_counter() - started
+    assert trained.task_dir is not None
+    shared = SharedWork(config=asdict(cfg), sft=space.sft, task_sft=str(trained.task_dir),
+                        source_sft=str(trained.language_dir(cfg.source_language)),
+                        head_dir=str(trained.head_dir) if trained.head_dir else None)
+    if space.sft == "task":
+        shared.language_sfts = {lang: str(trained.language_dir(lang)) for lang in languages}
+        stores = {"task": (cfg.source_language, "task", cfg.task_sft)}
+    else:
+        stores = {lang: (lang, "language", cfg.language_sft) for lang in languages}
+    for key, (lang, kind, sft_cfg) in stores.items():
+        extra = trained.language[cfg.source_language].metadata.training.get("config_digest") if kind == "task" else None
+        digest = phase1_digest(trained, kind, lang, sft_cfg, extra)
+        directory = out / "phase1" / f"{kind}-{lang}"
+        shared.phase1[key] = (str(directory), digest)
+        from deftx.training.phase1_store import Phase1Store
+
+        if Phase1Store(directory, digest).exists():
+            log(f"reusing {directory} (phase 1 with the same settings)")
+            continue
+        log(f"== phase 1 of the {kind} SFT ({lang}), shared by every trial ==")
+        step = time.perf_counter()
+        job = SFTJob(kind, lang, shared.config, digest, head_path=shared.head_dir if kind == "language" else None,
+                     language_sft_path=shared.source_sft if kind == "task" else None,
+                     phase1_dir=str(directory), phase1_digest=digest, phase1_only=True)
+        executor.run(job, out / "phase1" / f".{kind}-{lang}.job", log)
+        seconds[f"phase 1 {kind}-{lang}"] = time.perf_counter() - step
+    shared.seconds = seconds
+    return shared
+
+
+def trial_job(shared: SharedWork, lang: str, sample: dict[str, Any]) -> tuple[SFTJob, SelectionConfig]:
+    """The training job of one trial: the swept SFT with the sampled selection, phase 1 from the
+    store."""
+    config = copy.deepcopy(shared.config)
+    key = "language_sft" if shared.sft == "language" else "task_sft"
+    base = from_dict(SelectionConfig, config[key]["selection"])
+    selection = selection_from_sample(base, sample)
+    config[key]["selection"] = asdict(selection)
+    store, p1_digest = shared.phase1[lang if shared.sft == "language" else "task"]
+    digest = config_digest({"trial": key, "lang": lang, "selection": asdict(selection), "sft": config[key],
+                            "phase1": p1_digest})
+    cfg = from_dict(PipelineConfig, config)
+    if shared.sft == "language":
+        job = SFTJob("language", lang, config, digest, head_path=shared.head_dir, phase1_dir=store,
+                     phase1_digest=p1_digest)
+    else:
+        job = SFTJob("task", cfg.source_language, config, digest, language_sft_path=shared.source_sft,
+                     phase1_dir=store, phase1_digest=p1_digest)
+    return job, selection
+
+
+def composed_parts(shared: SharedWork, lang: str, trial_sft: str) -> tuple[str, str]:
+    """(task SFT dir, language SFT dir) of the trial's composed model for target ``lang``."""
+    if shared.sft == "language":
+        assert shared.task_sft is not None
+        return shared.task_sft, trial_sft
+    return trial_sft, shared.language_sfts[lang]
+
+
+def score_composition(cfg: PipelineConfig, task_dir: str, lang_dir: str, lang: str, split: str) -> dict[str, float]:
+    """macro-F1 and accuracy of theta0 + phi_task + phi_lang on the objective's split:
+    ``target_valid`` (``lang``'s validation examples) or ``source_valid``."""
+    from deftx.compose import Composition
+    from deftx.evaluation import evaluate
+    from deftx.models import load_classifier, load_tokenizer, resolve_model_path
+    from deftx.sft import SparseFineTuning
+
+    eval_lang = lang if split == "target_valid" else cfg.source_language
+    path = resolve_model_path(cfg.model.name_or_path, log=lambda line: None)
+    model = load_classifier(path, NUSAX_LABELS, seed=cfg.seed)
+    composition = Composition(SparseFineTuning.load(task_dir), SparseFineTuning.load(lang_dir))
+    rows = load_nusax_senti(eval_lang, "valid", cfg.data.source)
+    with composition.applied(model):
+        res = evaluate(model, load_tokenizer(path), rows, len(NUSAX_LABELS), batch_size=cfg.eval_batch_size,
+                       max_length=cfg.model.max_length)
+    return {f"{split}_macro_f1": res["macro_f1"], f"{split}_accuracy": res["accuracy"], f"{split}_n": res["n"]}
