@@ -230,10 +230,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry(args: argparse.Namespace):
+def _registry(args: argparse.Namespace, create: bool = False):
     from deftx.registry import open_registry
 
-    return open_registry(args.tracking_uri, log=_log)
+    return open_registry(args.tracking_uri, log=_log, create=create)
 
 
 def cmd_registry_list(args: argparse.Namespace) -> int:
@@ -276,7 +276,7 @@ def cmd_registry_get(args: argparse.Namespace) -> int:
 def cmd_registry_sync(args: argparse.Namespace) -> int:
     from deftx.registry import sync_pending
 
-    done, left = sync_pending(_registry(args), args.dirs, log=_log)
+    done, left = sync_pending(_registry(args, create=True), args.dirs, log=_log)
     print(f"registered {done}; still pending {left}")
     return 1 if left else 0
 

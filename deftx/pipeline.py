@@ -503,25 +503,53 @@ def start_run(cfg: PipelineConfig, log: Log, executor: Executor | None) -> tuple
 
 def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | None = None) -> PipelineResult:
     """Train (or reuse) every SFT of the pipeline with ``executor`` (default: the one of
-    ``cfg.cluster``), then evaluate the compositions in this process."""
+    ``cfg.cluster``), then evaluate the compositions in this process, track the run in MLflow and
+    register the SFTs and composed models (``cfg.tracking``)."""
+    from deftx.tracking import Tracker
+
     started = time.perf_counter()
     cfg, executor = start_run(cfg, log, executor)
+    out = Path(cfg.output_dir)
+    tracker = Tracker(cfg.tracking.uri, enabled=cfg.tracking.enabled, log=log)
+    run = tracker.start_run(cfg.experiment_name, f"pipeline-{out.name}", params=asdict(cfg),
+                            tags={"deftx.output_dir": str(out), "deftx.version": __version__})
+    try:
+        result = _train_and_evaluate(cfg, executor, log, started, tracker, run)
+    except BaseException as exc:
+        tracker.end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.end_run(run)
+    return result
+
+
+def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, started: float, tracker, run) -> PipelineResult:
+    from deftx.pipeline_tracking import log_sft
+    from deftx.plots import close, language_bars
+    from deftx.registry import PendingRegistration, Registry
+
     languages = pipeline_languages(cfg)
     trained = train_pipeline_sfts(cfg, executor, languages, log)
     lang_sfts, task_sft = trained.language, trained.task
-    assert task_sft is not None
+    assert task_sft is not None and trained.task_dir is not None
     out = Path(cfg.output_dir)
+    for lang in languages:
+        log_sft(tracker, cfg.experiment_name, run, trained.language_dir(lang), f"lang-{lang}")
+    log_sft(tracker, cfg.experiment_name, run, trained.task_dir, f"task-{cfg.task}")
     model_path = resolve_model_path(cfg.model.name_or_path, log=log)
     tokenizer = load_tokenizer(model_path)
 
     log("== zero-shot evaluation ==")
     classifier = load_classifier(model_path, NUSAX_LABELS, seed=cfg.seed)
     result = PipelineResult(method=cfg.task_sft.selection.method, output_dir=str(out))
+    kwargs = dict(batch_size=cfg.eval_batch_size, max_length=cfg.model.max_length)
+    valid_scores: dict[str, float] = {}
     for lang in languages:
         test = _capped(load_nusax_senti(lang, "test", cfg.data.source), cfg.max_eval_examples)
-        kwargs = dict(batch_size=cfg.eval_batch_size, max_length=cfg.model.max_length)
         with Composition(task_sft, lang_sfts[lang]).applied(classifier):
             composed = evaluate(classifier, tokenizer, test, len(NUSAX_LABELS), **kwargs)
+            if lang != cfg.source_language and cfg.tracking.enabled:
+                valid = load_nusax_senti(lang, "valid", cfg.data.source)
+                valid_scores[lang] = evaluate(classifier, tokenizer, valid, len(NUSAX_LABELS), **kwargs)["macro_f1"]
         with Composition(task_sft).applied(classifier):
             alone = evaluate(classifier, tokenizer, test, len(NUSAX_LABELS), **kwargs)
         role = "source" if lang == cfg.source_language else "target"
@@ -533,4 +561,32 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | Non
     result.seconds = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
     (out / "results.md").write_text(result.table() + f"\n\nwall time {result.seconds:.0f} s\n", encoding="utf-8")
+
+    for row in result.rows:
+        tracker.log_metrics(run, {f"test.{row['language']}.macro_f1": row["macro_f1"],
+                                  f"test.{row['language']}.task_only_macro_f1": row["task_only_macro_f1"],
+                                  f"test.{row['language']}.accuracy": row["accuracy"]})
+    tracker.log_metrics(run, {"seconds": result.seconds})
+    fig = language_bars({r["language"]: r["macro_f1"] for r in result.rows}, "test macro-F1",
+                        title="NusaX-senti test macro-F1: task + language SFT (bars) vs task SFT only",
+                        baseline={r["language"]: r["task_only_macro_f1"] for r in result.rows})
+    tracker.log_figure(run, fig, "plots/f1-per-language.png")
+    close(fig)
+    tracker.log_file(run, out / "results.md")
+    if cfg.tracking.enabled and cfg.tracking.register:
+        registry = Registry(tracker)
+        for lang, score in valid_scores.items():
+            row = next(r for r in result.rows if r["language"] == lang)
+            pending = PendingRegistration(
+                experiment=cfg.experiment_name, run_name=f"register-{out.name}-{lang}", task=cfg.task, language=lang,
+                task_sft=str(trained.task_dir), language_sft=str(trained.language_dir(lang)), score=score,
+                objective="target_valid_macro_f1",
+                params={"pipeline": out.name, "method": cfg.task_sft.selection.method},
+                metrics={"target_valid_macro_f1": score, "test_macro_f1": row["macro_f1"],
+                         "test_task_only_macro_f1": row["task_only_macro_f1"]},
+                tags={"deftx.pipeline": str(out)})
+            done = registry.submit(pending, output_dir=out, parent=run)
+            if done is not None:
+                log(f"registered {pending.task}-{lang}: composed v{done.composed_version}"
+                    + (" (champion)" if done.champion else ""))
     return result

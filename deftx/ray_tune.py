@@ -75,6 +75,7 @@ class LanguageResult:
     champion_version: str | None
     seconds: float
     rows: list[dict[str, Any]] = field(default_factory=list)
+    best_trial_dir: str | None = None
 
 
 @dataclass
@@ -154,16 +155,19 @@ def _trial(sample: dict[str, Any], *, shared: dict[str, Any], lang: str, setting
     params = {"language": lang, **selection.hyperparameters()}
     tracker = Tracker(settings["tracking_uri"], enabled=settings["tracking"], log=log)
     if settings["tracking"]:
-        parent = RunHandle(settings["parent_runs"].get(lang))
-        pending = PendingRegistration(experiment=settings["experiment"], run_name=f"trial-{lang}-{ctx.get_trial_id()}",
-                                      task=cfg.task, language=lang, task_sft=task_dir, language_sft=lang_dir,
-                                      score=metrics[key], objective=key, params=params, metrics=metrics,
-                                      tags={"deftx.sweep": settings["name"], "deftx.trial": ctx.get_trial_id()})
+        from deftx.pipeline_tracking import log_sft
+
+        trial_id = ctx.get_trial_id()
+        tags = {"deftx.sweep": settings["name"], "deftx.trial": trial_id}
+        run = log_sft(tracker, settings["experiment"], RunHandle(settings["parent_runs"].get(lang)),
+                      trial_dir / "sft", f"trial-{lang}-{trial_id}", extra_params={"sample": sample})
+        tracker.log_metrics(run, metrics)
+        tracker.set_tags(run, tags)
         if settings["register"]:
-            Registry(tracker).submit(pending, output_dir=settings["output_dir"], parent=parent)
-        else:
-            with tracker.run(settings["experiment"], pending.run_name, parent=parent, params=params) as run:
-                tracker.log_metrics(run, metrics)
+            pending = PendingRegistration(experiment=settings["experiment"], run_name=f"register-{lang}-{trial_id}",
+                                          task=cfg.task, language=lang, task_sft=task_dir, language_sft=lang_dir,
+                                          score=metrics[key], objective=key, params=params, metrics=metrics, tags=tags)
+            Registry(tracker).submit(pending, output_dir=settings["output_dir"], parent=run)
     tune.report({**metrics, "phase2_step": -1, "final": 1})
 
 
@@ -266,7 +270,7 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
                                               failure_config=tune.FailureConfig(max_failures=0)))
             log(f"== sweep {lang}: {num_samples} trials, objective {key} ==")
             grid = tuner.fit()
-            summary = _summarise(grid, lang, key, time.perf_counter() - lang_started)
+            summary = _summarise(grid, lang, key, time.perf_counter() - lang_started, Path(settings["trial_root"]))
             if cfg.tracking.enabled and cfg.tracking.register and not tracker.offline:
                 summary.champion_version = tracker.call(
                     "checking the champion", lambda: registry.reconcile_champion(composed_model_name(cfg.task, lang),
@@ -274,6 +278,8 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
             tracker.log_metrics(lang_run, {f"best_{key}": summary.best_score, "trials": summary.trials})
             tracker.log_params(lang_run, {"best": summary.best_config})
             _log_sweep_plots(tracker, lang_run, summary, key)
+            if not tracker.offline:
+                _log_spectra(tracker, lang_run, cfg, shared, lang, summary)
             tracker.end_run(lang_run)
             result.languages.append(summary)
             log(f"[sweep {lang}] best {key} {100 * summary.best_score:.1f}: {summary.best_config}")
@@ -292,12 +298,13 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
     return result
 
 
-def _summarise(grid, lang: str, key: str, seconds: float) -> LanguageResult:
+def _summarise(grid, lang: str, key: str, seconds: float, trial_root: Path) -> LanguageResult:
     rows = []
     for res in grid:
         metrics = res.metrics or {}
         final = bool(metrics.get("final"))
         rows.append({"config": dict(res.config or {}), "score": metrics.get(key), "final": final,
+                     "trial_id": metrics.get("trial_id"),
                      "iterations": metrics.get("training_iteration"), "error": str(res.error) if res.error else None})
     finished = [r for r in rows if r["final"] and r["score"] is not None]
     if not finished:
@@ -308,7 +315,8 @@ def _summarise(grid, lang: str, key: str, seconds: float) -> LanguageResult:
     return LanguageResult(language=lang, best_config=best["config"], best_score=float(best["score"]),
                           objective=key, trials=len(rows), finished=len(finished),
                           stopped_early=sum(1 for r in rows if not r["final"] and not r["error"]),
-                          champion_version=None, seconds=seconds, rows=rows)
+                          champion_version=None, seconds=seconds, rows=rows,
+                          best_trial_dir=str(trial_root / best["trial_id"]) if best["trial_id"] else None)
 
 
 def _log_sweep_plots(tracker: Tracker, run: RunHandle, summary: LanguageResult, key: str) -> None:
@@ -317,6 +325,37 @@ def _log_sweep_plots(tracker: Tracker, run: RunHandle, summary: LanguageResult, 
     fig = trial_scatter(summary.rows, key, title=f"{summary.language}: trials")
     if fig is not None:
         tracker.log_figure(run, fig, f"plots/trials-{summary.language}.png")
+
+
+def _log_spectra(tracker: Tracker, run: RunHandle, cfg: PipelineConfig, shared: SharedWork, lang: str,
+                 summary: LanguageResult) -> None:
+    """Singular values of the stored phase-1 change, with the best trial's DeFT-X ranks marked."""
+    from deftx.masks import parameter_roles
+    from deftx.models import load_classifier, load_masked_lm, resolve_model_path
+    from deftx.pipeline_tracking import spectra_figure
+    from deftx.plots import close
+    from deftx.sft import read_metadata
+
+    best_dir = summary.best_trial_dir
+    ranks = {}
+    if best_dir and (Path(best_dir) / "sft" / "sft.json").is_file():
+        ranks = read_metadata(Path(best_dir) / "sft").get("selection", {}).get("ranks", {})
+    path = resolve_model_path(cfg.model.name_or_path, log=lambda line: None)
+    if shared.sft == "language":
+        store, kind = shared.phase1[lang][0], "language"
+        model = load_masked_lm(path, seed=cfg.seed)[0]
+    else:   # the task SFT starts at theta0 + the source-language SFT
+        from deftx.data import NUSAX_LABELS
+        from deftx.sft import SparseFineTuning
+
+        store, kind = shared.phase1["task"][0], "task"
+        model = load_classifier(path, NUSAX_LABELS, seed=cfg.seed)
+        SparseFineTuning.load(shared.source_sft).apply(model, with_head=False)
+    base = {n: p.detach() for n, p in parameter_roles(model, kind).maskable.items()}
+    fig = spectra_figure(store, base, ranks, title=f"{lang}: phase-1 change spectra (dashed: best trial's rank)")
+    if fig is not None:
+        tracker.log_figure(run, fig, f"plots/spectra-{lang}.png")
+        close(fig)
 
 
 def _log_language_bars(tracker: Tracker, run: RunHandle, result: SweepResult, key: str) -> None:

@@ -465,14 +465,14 @@ def _artifact_dir(model_dir: Path, name: str) -> Path:
     return model_dir / artifacts[name]["path"]
 
 
-def open_registry(tracking_uri: str | None = None, log=print) -> Registry:
+def open_registry(tracking_uri: str | None = None, log=print, create: bool = False) -> Registry:
     """The registry at ``tracking_uri`` (else ``MLFLOW_TRACKING_URI``, else ./mlflow); fails with a
-    clear message when it cannot be reached (lookups need it)."""
+    clear message when it cannot be reached, or (unless ``create``) when a local store does not exist."""
     tracker = Tracker(tracking_uri, log=lambda line: None)
     if tracker.offline:
         raise RegistryError(f"cannot reach the MLflow tracking server at {tracker.uri} "
                             f"(start it with infra/local/up.sh, or pass --tracking-uri)")
-    if tracker.uri.startswith("sqlite:///") and not Path(tracker.uri[len("sqlite:///"):]).is_file():
+    if not create and tracker.uri.startswith("sqlite:///") and not Path(tracker.uri[len("sqlite:///"):]).is_file():
         raise RegistryError(f"no MLflow store at {tracker.uri[len('sqlite:///'):]} (run a pipeline or sweep here "
                             f"first, or pass --tracking-uri / set MLFLOW_TRACKING_URI)")
     tracker.log = log

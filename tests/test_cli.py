@@ -67,10 +67,21 @@ def test_tiny_pipeline_end_to_end_via_cli(tiny_model_dir, tmp_path, method, caps
             "--set", "task_sft.sparse.max_steps=4", "--set", "task_sft.full.learning_rate=1e-3",
             "--set", "max_eval_examples=40", "--set", "language_sft.max_train_examples=64",
             "--set", "cluster.backend=local"]
+    store = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     if method == "deft_x":
         argv += ["--set", "language_sft.selection.rank=4", "--set", "task_sft.selection.energy=0.8"]
+        # the tracking server is down for the whole run: training completes, registrations wait on disk
+        argv += ["--set", f"tracking.uri=http://127.0.0.1:{_closed_port()}"]
+    else:
+        argv += ["--set", f"tracking.uri={store}"]
     assert main(argv) == 0
     captured = capsys.readouterr()
+    if method == "deft_x":
+        assert "WARNING: MLflow tracking is off" in captured.err and "registry sync" in captured.err
+        assert len(list((out / "registry-pending").glob("*.json"))) == 1
+        assert main(["registry", "sync", str(out), "--tracking-uri", store]) == 0
+        assert "registered 1; still pending 0" in capsys.readouterr().out
+    _check_tracked_pipeline(store, out)
     assert "| jav (Javanese) | target |" in captured.out and "average of targets" in captured.out
     assert "[lang jav phase 2/2 (sparse)]" in captured.err  # progress is shown
     assert "[mlm head warm-up]" in captured.err and "[lang jav head warm-up]" not in captured.err
@@ -99,3 +110,38 @@ def test_tiny_pipeline_end_to_end_via_cli(tiny_model_dir, tmp_path, method, caps
     assert main(argv) == 0  # a re-run with the same settings trains nothing
     err = capsys.readouterr().err
     assert err.count("reusing ") == 4 and "phase 1/2" not in err and "warm-up] step" not in err  # head + 3 SFTs
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _check_tracked_pipeline(store: str, out) -> None:
+    """The run is in MLflow (parent + one nested run per SFT, with loss curves and plots) unless the
+    server was down, and the composed model of each target is registered as champion."""
+    from deftx.registry import open_registry
+
+    registry = open_registry(store)
+    champion = registry.resolve("deftx-nusax_senti-jav@champion")
+    assert champion.tags["objective"] == "target_valid_macro_f1" and 0 <= float(champion.tags["score"]) <= 1
+    assert {r["name"] for r in registry.listing()} == {"deftx-lang-jav", "deftx-task-nusax_senti",
+                                                        "deftx-nusax_senti-jav"}
+    client = registry.client
+    runs = {r.info.run_name: r for r in client.search_runs([registry.tracker.experiment_id("deftx-nusax_senti")])}
+    if "pipeline-run" not in runs:   # the server was down during the run: only the synced registration
+        assert any(name.startswith("register-run-jav") for name in runs)
+        return
+    parent = runs["pipeline-run"]
+    assert parent.data.params["source_language"] == "ind" and "test.jav.macro_f1" in parent.data.metrics
+    for name in ("lang-ind", "lang-jav", "task-nusax_senti"):
+        child = runs[name]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        history = client.get_metric_history(child.info.run_id, "loss.phase2_sparse")
+        assert [m.step for m in history] == list(range(1, len(history) + 1)) and history
+    assert [a.path for a in client.list_artifacts(runs["lang-jav"].info.run_id, "plots")] == [
+        "plots/mask-density-per-layer.png"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/f1-per-language.png"]

@@ -67,12 +67,21 @@ def test_infra_services_listen_on_loopback_only(head):
     assert addresses and all("127.0.0.1" in a or a.startswith("[::1]") for a in addresses), addresses
 
 
-def test_ray_job_submit_runs_the_pipeline(head, tiny_model_dir, tmp_path):
-    """The README's command, verbatim apart from the tiny settings: SUCCEEDED and the SFTs exist."""
-    out = tmp_path / "job"
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory):
+    """One output directory for the pipeline job and the sweep job (which reuses its shared SFTs)."""
+    return tmp_path_factory.mktemp("ray-job") / "job"
+
+
+def test_ray_job_submit_runs_the_pipeline(head, tiny_model_dir, job_dir):
+    """The README's command, verbatim apart from the tiny settings: SUCCEEDED, the SFTs exist, and
+    the run is tracked and registered on the MLflow server that up.sh started."""
+    from deftx.registry import open_registry
+
+    out = job_dir
     cmd = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--",
            "python", "ray_jobs/pipeline.py", "--output-dir", str(out),
-           "--set", f"model.name_or_path={tiny_model_dir}", *TINY]
+           "--set", f"model.name_or_path={tiny_model_dir}", *TINY, "--set", f"tracking.uri={head['mlflow']}"]
     done = subprocess.run(cmd, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in (done.stdout + done.stderr).lower()
@@ -82,6 +91,41 @@ def test_ray_job_submit_runs_the_pipeline(head, tiny_model_dir, tmp_path):
         meta = json.loads((out / "sfts" / name / "sft.json").read_text())
         assert meta["nnz"] > 0 and meta["training"]["world_size"] == 2
     assert (out / "mlm-head" / "head.safetensors").is_file()
+    champion = open_registry(head["mlflow"]).resolve("deftx-nusax_senti-jav@champion")
+    assert champion.tags["deftx.pipeline"] == str(out)
+
+
+def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tiny_model_dir, job_dir):
+    """`ray job submit ... ray_jobs/sweep.py`: each trial launches a 2-worker TorchTrainer (Train V2
+    pattern, trial 0.01 CPU + workers 0.99); the pipeline's head, source SFT and task SFT are reused;
+    trials are registered on the MLflow server and the champion moves to the best of them."""
+    from deftx.registry import open_registry
+
+    space = job_dir.parent / "space.json"
+    space.write_text(json.dumps({
+        "dataset": "nusax", "eval_every": 2, "scheduler": {"kind": "asha"},
+        "default": {"method": {"choice": ["lt_sft", "deft_x"]}, "density": {"loguniform": [0.01, 0.1]},
+                    "rank": 2}}))
+    cmd = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--",
+           "python", "ray_jobs/sweep.py", "--space", str(space), "--langs", "jav", "--num-samples", "2",
+           "--output-dir", str(job_dir), "--set", f"model.name_or_path={tiny_model_dir}", *TINY,
+           "--set", f"tracking.uri={head['mlflow']}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=1200)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-4000:]
+    assert text.count("reusing ") >= 3      # MLM head, source-language SFT, task SFT
+    result = json.loads((job_dir / "sweeps" / "job-sweep" / "result.json").read_text())
+    assert result["languages"][0]["trials"] == 2
+    registry = open_registry(head["mlflow"])
+    versions = registry.client.search_model_versions("name='deftx-nusax_senti-jav'")
+    from_sweep = [v for v in versions if v.tags.get("deftx.sweep") == "job-sweep"]
+    assert 1 <= len(from_sweep) <= 2 and len(versions) == 1 + len(from_sweep)   # + the pipeline's
+    for version in from_sweep:
+        meta = json.loads((job_dir / "sweeps" / "job-sweep" / "jav" / version.tags["deftx.trial"] / "sft" /
+                           "sft.json").read_text())
+        assert meta["training"]["world_size"] == 2 and "phase1_reused_from" in meta["training"]
+    best = max(float(v.tags["score"]) for v in versions)
+    assert float(registry.resolve("deftx-nusax_senti-jav@champion").tags["score"]) == best
 
 
 def _task_job(model_dir: Path, out: Path):

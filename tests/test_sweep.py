@@ -146,7 +146,10 @@ def test_sweep_registers_versions_sets_the_champion_and_predicts(tiny_model_dir,
     trial_runs = [r for r in runs if r.info.run_name.startswith("trial-jav-")]
     assert trial_runs and all(r.data.tags["mlflow.parentRunId"] == parents["sweep-out-sweep-jav"] for r in trial_runs)
     artifacts = [a.path for a in registry.client.list_artifacts(parents["sweep-out-sweep-jav"], "plots")]
-    assert artifacts == ["plots/trials-jav.png"]
+    assert sorted(artifacts) == ["plots/spectra-jav.png", "plots/trials-jav.png"]
+    trial_plots = [a.path for a in registry.client.list_artifacts(trial_runs[0].info.run_id, "plots")]
+    assert trial_plots == ["plots/mask-density-per-layer.png"]
+    assert registry.client.get_metric_history(trial_runs[0].info.run_id, "loss.phase2_sparse")
 
 
 def _terminated_trials(experiment: Path) -> int:

@@ -45,6 +45,7 @@ class SFTTrainingResult:
     sft: SparseFineTuning | None
     selection: SelectionReport | None   # None when the run stopped after phase 1
     phases: list[PhaseResult] = field(default_factory=list)
+    masks: dict[str, torch.Tensor] | None = None   # the selected entries (phi may drop |phi| <= 1e-7 of them)
 
 
 def _snapshot(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -224,7 +225,7 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
     metadata.training = {**metadata.training, "phases": list(state.phases),
                          "train_examples": n_examples, "world_size": runtime.world_size}
     sft = SparseFineTuning.extract(start, final, masks, final_head, metadata)
-    return SFTTrainingResult(sft=sft, selection=report, phases=phases)
+    return SFTTrainingResult(sft=sft, selection=report, phases=phases, masks=masks)
 
 
 def _freeze(params: dict[str, nn.Parameter]) -> None:

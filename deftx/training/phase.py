@@ -39,7 +39,8 @@ class PhaseResult:
         return sum(tail) / len(tail) if tail else float("nan")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "steps": self.steps, "seconds": round(self.seconds, 2), "final_loss": self.final_loss}
+        return {"name": self.name, "steps": self.steps, "seconds": round(self.seconds, 2), "final_loss": self.final_loss,
+                "losses": [round(x, 5) for x in self.losses]}
 
 
 def run_phase(engine: StepEngine, batch_at: Callable[[int], dict[str, torch.Tensor]], loss_fn: LossFn, *,
