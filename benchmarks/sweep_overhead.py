@@ -58,7 +58,7 @@ def main() -> None:
                              "default": {"method": {"choice": ["lt_sft", "deft_x"]},
                                          "density": {"loguniform": [0.005, 0.05]}, "rank_rule": "fixed",
                                          "rank": {"choice": [8, 16, 32]}}})
-    log = lambda line: None  # noqa: E731
+    log = lambda line: None
 
     started = time.perf_counter()
     cfg_abs, executor = start_run(cfg, log, LocalExecutor())

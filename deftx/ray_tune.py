@@ -24,9 +24,16 @@ from typing import Any
 
 from deftx.config import ClusterConfig, PipelineConfig
 from deftx.errors import DeftxError
-from deftx.pipeline import Log, LocalExecutor, make_executor, start_run
+from deftx.pipeline import LocalExecutor, Log, make_executor, start_run
 from deftx.registry import PendingRegistration, Registry, composed_model_name
-from deftx.sweep import SharedWork, check_sweep, composed_parts, prepare_shared_work, score_composition, trial_job
+from deftx.sweep import (
+    SharedWork,
+    check_sweep,
+    composed_parts,
+    prepare_shared_work,
+    score_composition,
+    trial_job,
+)
 from deftx.tracking import RunHandle, Tracker
 from deftx.training.probe import read_reports
 from deftx.tune_space import Dimension, SearchSpace
@@ -272,9 +279,9 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
             grid = tuner.fit()
             summary = _summarise(grid, lang, key, time.perf_counter() - lang_started, Path(settings["trial_root"]))
             if cfg.tracking.enabled and cfg.tracking.register and not tracker.offline:
+                model_name = composed_model_name(cfg.task, lang)
                 summary.champion_version = tracker.call(
-                    "checking the champion", lambda: registry.reconcile_champion(composed_model_name(cfg.task, lang),
-                                                                                 key))
+                    "checking the champion", lambda name=model_name: registry.reconcile_champion(name, key))
             tracker.log_metrics(lang_run, {f"best_{key}": summary.best_score, "trials": summary.trials})
             tracker.log_params(lang_run, {"best": summary.best_config})
             _log_sweep_plots(tracker, lang_run, summary, key)

@@ -72,8 +72,7 @@ class ModelRef:
     @classmethod
     def parse(cls, text: str) -> ModelRef:
         text = text.strip()
-        if text.startswith("models:/"):
-            text = text[len("models:/"):]
+        text = text.removeprefix("models:/")
         if "@" in text:
             name, alias = text.split("@", 1)
             if not name or not alias:
@@ -187,7 +186,7 @@ class Registry:
 
     def _existing_version(self, name: str, checksum: str) -> str | None:
         found = self.client.search_model_versions(f"name='{name}' and tags.weights_sha256='{checksum}'")
-        return str(min((int(v.version) for v in found))) if found else None
+        return str(min(int(v.version) for v in found)) if found else None
 
     def register_sft(self, run: RunHandle, sft_dir: str | Path) -> str:
         """Register an SFT directory as a version of ``deftx-lang-<lang>`` / ``deftx-task-<task>``

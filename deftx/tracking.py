@@ -277,7 +277,7 @@ def _retry(fn: Callable[[], Any], attempts: int = 5, delay: float = 0.2) -> Any:
     for attempt in range(attempts):
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if "database is locked" not in str(exc) or attempt == attempts - 1:
                 raise
             time.sleep(delay * (2 ** attempt))

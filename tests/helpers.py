@@ -168,3 +168,13 @@ __all__ = [
     "update_checksum",
     "write_doc",
 ]
+
+
+def assert_same_sft(a: SparseFineTuning, b: SparseFineTuning) -> None:
+    """Bit-for-bit equality of two SFTs: tensors, indices, values and head."""
+    assert set(a.diffs) == set(b.diffs) and set(a.head) == set(b.head)
+    for name in a.diffs:
+        assert torch.equal(a.diffs[name].indices, b.diffs[name].indices), name
+        assert torch.equal(a.diffs[name].values, b.diffs[name].values), name
+    for name in a.head:
+        assert torch.equal(a.head[name], b.head[name]), name

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import join_loopback_group
+from helpers import assert_same_sft, join_loopback_group
 
 
 class Interrupted(RuntimeError):
@@ -103,15 +103,6 @@ def _run(tmp_path, name: str, model_dir, kind: str, stage: int, crash_at=None):
     return SparseFineTuning.load(out / "sft")
 
 
-def _assert_same_sft(a, b) -> None:
-    assert set(a.diffs) == set(b.diffs) and set(a.head) == set(b.head)
-    for name in a.diffs:
-        assert torch.equal(a.diffs[name].indices, b.diffs[name].indices), name
-        assert torch.equal(a.diffs[name].values, b.diffs[name].values), name
-    for name in a.head:
-        assert torch.equal(a.head[name], b.head[name]), name
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resumed_task_sft_equals_uninterrupted_run(tmp_path, tiny_model_dir, stage):
@@ -122,7 +113,7 @@ def test_resumed_task_sft_equals_uninterrupted_run(tmp_path, tiny_model_dir, sta
     assert whole.metadata.training["world_size"] == 2
     assert [p["name"] for p in whole.metadata.training["phases"]] == [
         "test phase 1/2 (full)", "test phase 2/2 (sparse)"]
-    _assert_same_sft(whole, resumed)
+    assert_same_sft(whole, resumed)
 
 
 @pytest.mark.slow
@@ -132,7 +123,7 @@ def test_resumed_language_sft_with_head_warmup_equals_uninterrupted_run(tmp_path
     whole = _run(tmp_path, "whole", tiny_model_dir, "language", 2)
     resumed = _run(tmp_path, "resumed", tiny_model_dir, "language", 2, crash_at=("full", 3))
     assert len(whole.metadata.training["phases"]) == 3
-    _assert_same_sft(whole, resumed)
+    assert_same_sft(whole, resumed)
 
 
 def _phase1_worker(rank: int, world: int, store: str, path: str, stage: int, out: str) -> None:
@@ -164,4 +155,4 @@ def test_phase1_store_reuse_under_zero3_gives_the_sft_of_a_full_run(tmp_path, ti
     reused, scratch = SparseFineTuning.load(tmp_path / "reused"), SparseFineTuning.load(tmp_path / "scratch")
     assert reused.metadata.training["phase1_reused_from"] == str(tmp_path / "phase1")
     assert reused.nnz > 0
-    _assert_same_sft(reused, scratch)
+    assert_same_sft(reused, scratch)

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -115,8 +114,8 @@ def test_pyfunc_predicts_labels_and_get_composes_a_standalone_model(tmp_path, sf
     from transformers import AutoModelForSequenceClassification
 
     from deftx.compose import Composition
-    from deftx.evaluation import predict
     from deftx.data.examples import Example
+    from deftx.evaluation import predict
     from deftx.sft import SparseFineTuning
 
     tracker = _tracker(tmp_path)

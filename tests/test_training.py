@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_same_sft
 
 from deftx.config import PhaseConfig, SelectionConfig, SFTConfig
 from deftx.data import NUSAX_LABELS, load_nusax_mt_text, load_nusax_senti
@@ -153,15 +154,6 @@ def _train_language(path, cfg, store=None, stop_after_phase1=False):
         log=lambda s: None)
 
 
-def _same_sft(a, b):
-    assert set(a.diffs) == set(b.diffs) and set(a.head) == set(b.head)
-    for name in a.diffs:
-        assert torch.equal(a.diffs[name].indices, b.diffs[name].indices), name
-        assert torch.equal(a.diffs[name].values, b.diffs[name].values), name
-    for name in a.head:
-        assert torch.equal(a.head[name], b.head[name]), name
-
-
 def test_phase1_store_reuse_gives_the_sft_of_a_full_run(tiny_xlmr_dir, tmp_path):
     """A sweep trains warm-up + phase 1 once; a trial with another selection read from the store
     ends with exactly the SFT that training everything for that selection gives."""
@@ -174,7 +166,7 @@ def test_phase1_store_reuse_gives_the_sft_of_a_full_run(tiny_xlmr_dir, tmp_path)
     other = _cfg("deft_x", warmup=3)
     reused = _train_language(tiny_xlmr_dir, other, store)
     scratch = _train_language(tiny_xlmr_dir, other)
-    _same_sft(reused.sft, scratch.sft)
+    assert_same_sft(reused.sft, scratch.sft)
     assert [p.name for p in reused.phases] == ["lang phase 2/2 (sparse)"]   # only phase 2 was trained
     recorded = [p["name"] for p in reused.sft.metadata.training["phases"]]
     assert recorded == [p["name"] for p in scratch.sft.metadata.training["phases"]]
@@ -183,4 +175,4 @@ def test_phase1_store_reuse_gives_the_sft_of_a_full_run(tiny_xlmr_dir, tmp_path)
     # another digest (settings that change phase 1) never reads the stored result
     fresh = _train_language(tiny_xlmr_dir, other, (tmp_path / "phase1", "digest-b"))
     assert "phase1_reused_from" not in fresh.sft.metadata.training
-    _same_sft(fresh.sft, scratch.sft)
+    assert_same_sft(fresh.sft, scratch.sft)
