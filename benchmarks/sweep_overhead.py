@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--lang", default="jav")
     parser.add_argument("--quick", action="store_true", help="a tiny random model and short phases (seconds)")
     parser.add_argument("--output-dir", help="keep the run here (default: a temporary directory)")
+    parser.add_argument("--reuse-from", help="copy the shared pipeline SFTs (MLM head, source SFT, task SFT) from "
+                                             "this pipeline output directory of the same preset first")
     args = parser.parse_args()
     print(machine_info())
     os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -47,8 +49,13 @@ def main() -> None:
     from deftx.tune_space import space_from_dict
 
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="deftx-sweep-bench-"))
-    overrides = [f"output_dir={out}", "cluster.backend=local", f"target_languages=[{args.lang}]",
-                 f"tracking.uri=sqlite:///{out / 'mlflow' / 'mlflow.db'}"]
+    if args.reuse_from:
+        import shutil
+
+        for part in ("mlm-head", "sfts/lang-ind", "sfts/task-nusax_senti"):
+            if (Path(args.reuse_from) / part).is_dir() and not (out / part).exists():
+                shutil.copytree(Path(args.reuse_from) / part, out / part)
+    overrides = [f"output_dir={out}", "cluster.backend=local", f"tracking.uri=sqlite:///{out / 'mlflow' / 'mlflow.db'}"]
     if args.quick:
         overrides += [f"model.name_or_path={benchmark_model_path(True)}", "language_sft.head_warmup_steps=2",
                       "language_sft.full.max_steps=6", "language_sft.sparse.max_steps=6",

@@ -250,7 +250,8 @@ class ClusterConfig:
 class TrackingConfig:
     """MLflow tracking and the model registry. ``uri`` null: ``MLFLOW_TRACKING_URI`` if set, else a
     local sqlite store in ``mlflow/`` under the working directory; or a server URL such as
-    ``http://127.0.0.1:5000`` (``infra/local/up.sh``). ``experiment`` null: ``deftx-<task>``.
+    ``http://127.0.0.1:5000`` (``infra/local/up.sh``). ``experiment`` null: one experiment per job,
+    ``deftx-<task>-pipeline-<output dir name>`` or ``deftx-<task>-sweep-<sweep name>``.
     ``register``: register SFTs and composed models (and move the ``champion`` alias)."""
 
     enabled: bool = True
@@ -321,9 +322,10 @@ class PipelineConfig:
                                     "which ZeRO-3 partitions; set it to 0 or use zero_stage 0-2")
         return self
 
-    @property
-    def experiment_name(self) -> str:
-        return self.tracking.experiment or f"deftx-{self.task}"
+    def experiment_name(self, job: str = "pipeline") -> str:
+        """``tracking.experiment``, else one experiment per job: ``deftx-<task>-<job>``, where the
+        job is ``pipeline-<output dir name>`` or ``sweep-<sweep name>``."""
+        return self.tracking.experiment or f"deftx-{self.task}-{job}"
 
     def set_method(self, method: str) -> None:
         self.language_sft.selection.method = method

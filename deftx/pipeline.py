@@ -511,10 +511,12 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | Non
     cfg, executor = start_run(cfg, log, executor)
     out = Path(cfg.output_dir)
     tracker = Tracker(cfg.tracking.uri, enabled=cfg.tracking.enabled, log=log)
-    run = tracker.start_run(cfg.experiment_name, f"pipeline-{out.name}", params=asdict(cfg),
+    experiment = cfg.experiment_name(f"pipeline-{out.name}")
+    run = tracker.start_run(experiment, f"pipeline-{out.name}", params=asdict(cfg),
                             tags={"deftx.output_dir": str(out), "deftx.version": __version__})
+    tracker.log_file(run, out / "config.json")
     try:
-        result = _train_and_evaluate(cfg, executor, log, started, tracker, run)
+        result = _train_and_evaluate(cfg, executor, log, started, tracker, run, experiment)
     except BaseException as exc:
         tracker.end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -522,7 +524,8 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | Non
     return result
 
 
-def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, started: float, tracker, run) -> PipelineResult:
+def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, started: float, tracker, run,
+                        experiment: str) -> PipelineResult:
     from deftx.pipeline_tracking import log_sft
     from deftx.plots import close, language_bars
     from deftx.registry import PendingRegistration, Registry
@@ -533,8 +536,8 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
     assert task_sft is not None and trained.task_dir is not None
     out = Path(cfg.output_dir)
     for lang in languages:
-        log_sft(tracker, cfg.experiment_name, run, trained.language_dir(lang), f"lang-{lang}")
-    log_sft(tracker, cfg.experiment_name, run, trained.task_dir, f"task-{cfg.task}")
+        log_sft(tracker, experiment, run, trained.language_dir(lang), f"lang-{lang}")
+    log_sft(tracker, experiment, run, trained.task_dir, f"task-{cfg.task}")
     model_path = resolve_model_path(cfg.model.name_or_path, log=log)
     tokenizer = load_tokenizer(model_path)
 
@@ -578,7 +581,7 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
         for lang, score in valid_scores.items():
             row = next(r for r in result.rows if r["language"] == lang)
             pending = PendingRegistration(
-                experiment=cfg.experiment_name, run_name=f"register-{out.name}-{lang}", task=cfg.task, language=lang,
+                experiment=experiment, run_name=f"register-{out.name}-{lang}", task=cfg.task, language=lang,
                 task_sft=str(trained.task_dir), language_sft=str(trained.language_dir(lang)), score=score,
                 objective="target_valid_macro_f1",
                 params={"pipeline": out.name, "method": cfg.task_sft.selection.method},

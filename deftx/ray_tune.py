@@ -238,7 +238,7 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
     key = space.objective.key
     tracker = Tracker(cfg.tracking.uri, enabled=cfg.tracking.enabled, log=log)
     registry = Registry(tracker)
-    experiment = cfg.experiment_name
+    experiment = cfg.experiment_name(f"sweep-{name}")
     sweep_run = tracker.start_run(experiment, f"sweep-{name}", params={
         "space": {lang: space.describe(lang) for lang in languages}, "num_samples": num_samples,
         "objective": key, "searcher": space.searcher, "scheduler": space.scheduler.kind,

@@ -131,9 +131,11 @@ def _check_tracked_pipeline(store: str, out) -> None:
     assert {r["name"] for r in registry.listing()} == {"deftx-lang-jav", "deftx-task-nusax_senti",
                                                         "deftx-nusax_senti-jav"}
     client = registry.client
-    runs = {r.info.run_name: r for r in client.search_runs([registry.tracker.experiment_id("deftx-nusax_senti")])}
+    experiment = registry.tracker.experiment_id("deftx-nusax_senti-pipeline-run")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment])}
     if "pipeline-run" not in runs:   # the server was down during the run: only the synced registration
-        assert any(name.startswith("register-run-jav") for name in runs)
+        (name,) = [n for n in runs if n.startswith("register-run-jav")]
+        assert {"sfts", "composed-model"} <= {a.path for a in client.list_artifacts(runs[name].info.run_id)}
         return
     parent = runs["pipeline-run"]
     assert parent.data.params["source_language"] == "ind" and "test.jav.macro_f1" in parent.data.metrics
@@ -145,3 +147,4 @@ def _check_tracked_pipeline(store: str, out) -> None:
     assert [a.path for a in client.list_artifacts(runs["lang-jav"].info.run_id, "plots")] == [
         "plots/mask-density-per-layer.png"]
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/f1-per-language.png"]
+    assert {"config.json", "results.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -38,7 +38,7 @@ def sfts(tmp_path, tiny_model_dir):
     task = make_sft(classifier, "task", seed=1)
     task.metadata.base_model = str(tiny_model_dir)
     out["task"] = task.save(tmp_path / "task-nusax_senti")
-    for i, name in enumerate(("lang-a", "lang-b", "lang-c")):
+    for i, name in enumerate(("lang-a", "lang-b", "lang-c", "lang-d", "lang-e")):
         lang = make_sft(mlm, "language", seed=10 + i)
         lang.metadata.base_model = str(tiny_model_dir)
         out[name] = lang.save(tmp_path / name)
@@ -225,3 +225,30 @@ def test_real_server_registration_lookup_and_server_going_down(tmp_path, sfts, m
         assert registry.submit(_pending(sfts, "lang-b", 0.9), output_dir=tmp_path / "run") is None
     assert tracker.offline and sum("tracking is off" in line for line in lines) == 1
     assert len(list((tmp_path / "run" / "registry-pending").glob("*.json"))) == 1
+
+
+def test_concurrent_registrations_lose_no_version(tmp_path, sfts):
+    """Four trials registering into one sqlite store at once (separate clients, as in separate
+    trial processes): every version is kept and the champion is the best score."""
+    import threading
+
+    results, errors = [], []
+
+    def trial(lang_key: str, score: float) -> None:
+        try:
+            results.append(Registry(_tracker(tmp_path)).submit(_pending(sfts, lang_key, score)))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    Registry(_tracker(tmp_path)).submit(_pending(sfts, "lang-a", 0.1))   # create the store first
+    scores = {"lang-b": 0.3, "lang-c": 0.9, "lang-d": 0.5, "lang-e": 0.7}
+    threads = [threading.Thread(target=trial, args=item) for item in scores.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 4 and all(r is not None for r in results)
+    registry = Registry(_tracker(tmp_path))
+    versions = registry.client.search_model_versions("name='deftx-nusax_senti-jav'")
+    assert sorted(float(v.tags["score"]) for v in versions) == [0.1, 0.3, 0.5, 0.7, 0.9]
+    assert float(registry.resolve("deftx-nusax_senti-jav@champion").tags["score"]) == 0.9

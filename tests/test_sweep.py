@@ -141,7 +141,7 @@ def test_sweep_registers_versions_sets_the_champion_and_predicts(tiny_model_dir,
     labels = load_model("deftx-nusax_senti-jav@champion", uri).predict(["apik tenan", "ala banget"])
     assert len(labels) == 2 and set(labels) <= {"negative", "neutral", "positive"}
     # the trials ran nested under the sweep's runs, and the trial scatter was logged
-    runs = registry.client.search_runs([registry.tracker.experiment_id("deftx-nusax_senti")])
+    runs = registry.client.search_runs([registry.tracker.experiment_id("deftx-nusax_senti-sweep-out-sweep")])
     parents = {r.info.run_name: r.info.run_id for r in runs}
     trial_runs = [r for r in runs if r.info.run_name.startswith("trial-jav-")]
     assert trial_runs and all(r.data.tags["mlflow.parentRunId"] == parents["sweep-out-sweep-jav"] for r in trial_runs)
