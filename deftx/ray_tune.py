@@ -319,11 +319,21 @@ def _summarise(grid, lang: str, key: str, seconds: float, trial_root: Path) -> L
         raise DeftxError(f"sweep {lang}: no trial finished" + (f" (first error: {errors[0].splitlines()[0]})"
                                                                if errors else ""))
     best = max(finished, key=lambda r: r["score"])
-    return LanguageResult(language=lang, best_config=best["config"], best_score=float(best["score"]),
+    return LanguageResult(language=lang, best_config=_active(best["config"]), best_score=float(best["score"]),
                           objective=key, trials=len(rows), finished=len(finished),
                           stopped_early=sum(1 for r in rows if not r["final"] and not r["error"]),
                           champion_version=None, seconds=seconds, rows=rows,
                           best_trial_dir=str(trial_root / best["trial_id"]) if best["trial_id"] else None)
+
+
+def _active(sample: dict[str, Any]) -> dict[str, Any]:
+    """The sampled values the trial's selection used (the DeFT-X ones only for deft_x, and only
+    the active rank rule's value), in the order of ``SelectionConfig.hyperparameters()``."""
+    from deftx.config import SelectionConfig
+    from deftx.tune_space import selection_from_sample
+
+    chosen = selection_from_sample(SelectionConfig(), sample).hyperparameters()
+    return {k: v for k, v in chosen.items() if v is not None and (k in sample or k in ("rank", "energy"))}
 
 
 def _log_sweep_plots(tracker: Tracker, run: RunHandle, summary: LanguageResult, key: str) -> None:
