@@ -133,7 +133,13 @@ def _trial(sample: dict[str, Any], *, shared: dict[str, Any], lang: str, setting
         with open(log_path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
 
-    executor = LocalExecutor() if cfg.cluster.backend == "local" else make_executor(cfg, log)
+    if cfg.cluster.backend == "local":
+        import torch
+
+        torch.set_num_threads(cfg.threads or max(1, int(ctx.get_trial_resources().required_resources.get("CPU", 1))))
+        executor = LocalExecutor()
+    else:
+        executor = make_executor(cfg, log)
     errors: list[BaseException] = []
 
     def train() -> None:
@@ -179,6 +185,13 @@ def _trial(sample: dict[str, Any], *, shared: dict[str, Any], lang: str, setting
 
 
 # -- the driver -----------------------------------------------------------------------------------
+
+
+def _language_seed(seed: int, lang: str) -> int:
+    """A searcher seed per language, so that languages do not all sample the same points."""
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(lang.encode())) % (2**31)
 
 
 def _searcher(space: SearchSpace, seed: int):
@@ -247,7 +260,10 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
     storage = Path(cfg.cluster.storage_path or out / "tune").resolve()
     result = SweepResult(name=name, output_dir=str(out), shared_seconds=shared.seconds)
     max_reports = _reports_per_trial(cfg, space)
-    resources = {"cpu": TRIAL_CPU} if cfg.cluster.backend == "ray" else {"cpu": 1}
+    # ray: the trial only launches workers; local: the trial trains, with every CPU of the node
+    # (Ray sets a task's OMP/torch threads from its CPUs: 1 CPU would halve training speed here)
+    total = ray.cluster_resources().get("CPU", 1.0)
+    resources = {"cpu": TRIAL_CPU} if cfg.cluster.backend == "ray" else {"cpu": max(1.0, float(int(total)))}
     try:
         for lang in languages:
             lang_started = time.perf_counter()
@@ -270,7 +286,7 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
                 tuner = tune.Tuner(
                     trainable, param_space=params,
                     tune_config=tune.TuneConfig(metric=key, mode="max", num_samples=num_samples,
-                                                search_alg=_searcher(space, cfg.seed),
+                                                search_alg=_searcher(space, _language_seed(cfg.seed, lang)),
                                                 scheduler=_scheduler(space, max_reports),
                                                 max_concurrent_trials=max_concurrent),
                     run_config=tune.RunConfig(name=path.name, storage_path=str(storage), verbose=0,
