@@ -235,14 +235,11 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
     started = time.perf_counter()
     languages = check_sweep(cfg, space, languages, num_samples)
     name = name or f"{Path(cfg.output_dir).name}-sweep"
-    if cfg.cluster.backend == "ray":
-        from deftx.ray_train import connect
+    from deftx.ray_train import connect
 
-        connect(cfg.cluster, log)
-    else:
-        from deftx.ray_train import connect
-
-        connect(ClusterConfig(**{**asdict(cfg.cluster), "backend": "ray", "check_resources": False}), log)
+    # Tune needs Ray whatever the backend; with `local` the trials train in their own processes
+    connect(cfg.cluster if cfg.cluster.backend == "ray" else
+            ClusterConfig(**{**asdict(cfg.cluster), "backend": "ray", "check_resources": False}), log)
     cfg.cluster = sweep_cluster(cfg.cluster, ray.cluster_resources().get("CPU", 1.0))
     cfg, executor = start_run(cfg, log, None)
     out = Path(cfg.output_dir)

@@ -35,6 +35,7 @@ from deftx.pipeline import (
     phase1_digest,
     train_pipeline_sfts,
 )
+from deftx.training.phase1_store import Phase1Store
 from deftx.tune_space import SearchSpace, selection_from_sample
 
 
@@ -106,8 +107,6 @@ def prepare_shared_work(cfg: PipelineConfig, space: SearchSpace, languages: list
         digest = phase1_digest(trained, kind, lang, sft_cfg, extra)
         directory = out / "phase1" / f"{kind}-{lang}"
         shared.phase1[key] = (str(directory), digest)
-        from deftx.training.phase1_store import Phase1Store
-
         if Phase1Store(directory, digest).exists():
             log(f"reusing {directory} (phase 1 with the same settings)")
             continue
