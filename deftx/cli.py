@@ -230,6 +230,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    import shlex
+
+    from deftx.experiments.config import load_experiment
+    from deftx.experiments.run import run_and_report
+
+    overrides = list(args.set or [])
+    if args.output_dir:
+        overrides.append(f"pipeline.output_dir={args.output_dir}")
+    cfg = load_experiment(args.dataset, preset=args.preset, config_file=args.config, overrides=overrides)
+    command = "deftx " + " ".join(shlex.quote(a) for a in args.argv)
+    _log(f"deftx {__version__}: {args.dataset} experiment ({cfg.preset}): methods "
+         f"{', '.join((['full_ft'] if cfg.full_ft else []) + list(cfg.methods))}; seeds {cfg.seeds}; "
+         f"{len(cfg.pipeline.target_languages)} targets; output {cfg.pipeline.output_dir}")
+    _, directory = run_and_report(cfg, command=command, results_dir=args.results_dir, log=_log)
+    print((directory / "results.md").read_text(encoding="utf-8"))
+    return 0
+
+
 def _registry(args: argparse.Namespace, create: bool = False):
     from deftx.registry import open_registry
 
@@ -342,6 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where shared SFTs, trials and results go (default from the config)")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("experiment", help="reproduce a results table (full FT vs LT-SFT vs DeFT-X, seeds, ablations)",
+                       description="Train and evaluate every system of a results experiment on the same model, data, "
+                                   "seeds and budget, then write a Markdown table, CSVs, plots and provenance under "
+                                   "benchmarks/results/<dataset>-<preset>/ and log them to MLflow. Finished units "
+                                   "are reused, so an interrupted experiment resumes with the same command.")
+    p.add_argument("dataset", choices=["nusax"], help="the experiment's dataset")
+    p.add_argument("--preset", help="small (minutes) or full (hours on 2 CPUs)")
+    p.add_argument("--config", help="an experiment YAML file instead of a preset")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting, e.g. seeds=[1] or pipeline.cluster.backend=ray (repeatable)")
+    p.add_argument("--output-dir", help="where SFTs and scores go (default from the preset)")
+    p.add_argument("--results-dir", help="where the report goes (default benchmarks/results/<dataset>-<preset>)")
+    p.set_defaults(func=cmd_experiment)
+
     reg = sub.add_parser("registry", help="look up, download and compose registered SFTs").add_subparsers(
         dest="registry_command", metavar="SUBCOMMAND", required=True)
 
@@ -413,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return int(args.func(args) or 0)
     except DeftxError as exc:

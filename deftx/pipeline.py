@@ -196,6 +196,50 @@ def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: Spars
     return result.sft
 
 
+def train_multi_source_task_sft(model_path: str, tokenizer, sources: list[str],
+                                lang_sfts: dict[str, SparseFineTuning | None], sft_cfg: SFTConfig, *,
+                                model_id: str, data_source: str, max_length: int, seed: int, log: Log,
+                                runtime: TrainingRuntime | None = None, phase1: Phase1Store | None = None,
+                                stop_after_phase1: bool = False) -> SparseFineTuning | None:
+    """A NusaX sentiment task SFT trained on the labelled data of several ``sources`` (at most
+    ``max_train_examples`` each), on theta0, with each batch computed at theta + phi_lang of its
+    language (``lang_sfts``; see :mod:`deftx.training.multi_source`). Both phases see the shifted
+    batches; the SFT holds only the task's change."""
+    from deftx.training.multi_source import MultiSourceStream, multi_source_loss
+
+    if not sources:
+        raise ValueError("multi-source training needs at least one source language")
+    train = {lang: _capped(load_nusax_senti(lang, "train", data_source), sft_cfg.max_train_examples)
+             for lang in sources}
+    base = load_classifier(model_path, NUSAX_LABELS, seed=seed)
+    fingerprint = current_base_fingerprint(base)
+    for lang in sources:
+        sft = lang_sfts.get(lang)
+        if sft is not None:
+            sft.check_compatible(base, with_head=False, fingerprint=fingerprint)
+    meta = SFTMetadata(kind="task", task="nusax_senti", language="+".join(sources), method=sft_cfg.selection.method,
+                       selection=sft_cfg.selection.hyperparameters(), base_model=model_id,
+                       base_fingerprint=fingerprint, tokenizer=model_id, label_names=list(NUSAX_LABELS),
+                       trained_on={"multi_source": list(sources),
+                                   "language_sfts": {lang: (s.source if s is not None else None)
+                                                     for lang, s in lang_sfts.items() if lang in sources}},
+                       training={"data": f"NusaX-senti train of {', '.join(sources)} ({data_source})", "seed": seed})
+    loss = multi_source_loss(classification_loss,
+                             [lang_sfts[lang].diffs if lang_sfts.get(lang) is not None else None  # type: ignore[union-attr]
+                              for lang in sources])
+
+    def stream_for(batch_size: int):
+        return MultiSourceStream([classification_stream(tokenizer, train[lang], batch_size=batch_size, seed=seed + i,
+                                                        max_length=max_length) for i, lang in enumerate(sources)],
+                                 seed=seed)
+
+    result = train_sparse_fine_tuning(
+        _first_then(base, lambda: load_classifier(model_path, NUSAX_LABELS, seed=seed)), kind="task",
+        loss_fn=loss, cfg=sft_cfg, metadata=meta, label=f"task {'+'.join(sources)}", log=log, runtime=runtime,
+        phase1=phase1, stop_after_phase1=stop_after_phase1, stream_for=stream_for)  # type: ignore[arg-type]
+    return result.sft
+
+
 # -- jobs: one unit of training each, as plain data, run by an executor -------------------------
 
 
@@ -218,6 +262,8 @@ class SFTJob:
     phase1_digest: str | None = None
     phase1_only: bool = False           # fill the store and stop (no SFT output)
     probe: dict[str, Any] | None = None  # language SFTs: {"every", "task_sft", "language", "split", "report_path"}
+    sources: list[str] | None = None    # multi-source task SFT: the labelled languages it trains on
+    source_sft_paths: dict[str, str] | None = None   # ... and the language SFT applied to each one's batches
 
     def __post_init__(self) -> None:
         if self.kind not in JOB_KINDS:
@@ -227,7 +273,8 @@ class SFTJob:
     def name(self) -> str:
         if self.kind == "mlm_head":
             return "mlm-head"
-        return f"{self.kind}-{self.language}" + ("-phase1" if self.phase1_only else "")
+        who = "multi-" + "-".join(self.sources) if self.sources else self.language
+        return f"{self.kind}-{who}" + ("-phase1" if self.phase1_only else "")
 
     def pipeline_config(self) -> PipelineConfig:
         return from_dict(PipelineConfig, self.config)
@@ -297,6 +344,12 @@ def run_job(job: SFTJob, runtime: TrainingRuntime | None = None, log: Log = prin
         sft = train_language_sft(model_path, tokenizer, job.language, cfg.language_sft,
                                  model_id=cfg.model.name_or_path, data_source=cfg.data.source, head_init=head,
                                  phase1=phase1, stop_after_phase1=job.phase1_only, **common)
+    elif job.sources:
+        paths = job.source_sft_paths or {}
+        lang_sfts = {lang: SparseFineTuning.load(paths[lang]) if paths.get(lang) else None for lang in job.sources}
+        sft = train_multi_source_task_sft(model_path, tokenizer, list(job.sources), lang_sfts, cfg.task_sft,
+                                          model_id=cfg.model.name_or_path, data_source=cfg.data.source,
+                                          phase1=phase1, stop_after_phase1=job.phase1_only, **common)
     else:
         lang_sft = SparseFineTuning.load(job.language_sft_path) if job.language_sft_path else None
         sft = train_task_sft(model_path, tokenizer, job.language, lang_sft, cfg.task_sft,

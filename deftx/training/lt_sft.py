@@ -168,8 +168,9 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
             theta1: Mapping[str, torch.Tensor] = roles.maskable
             if phase1 is not None:
                 values = runtime.read(roles.maskable, everywhere=False)  # collective under ZeRO-3
+                head_end = runtime.read(roles.head, everywhere=False)
                 if values is not None:
-                    phase1.save(Phase1State(values, dict(state.head), list(state.phases)))
+                    phase1.save(Phase1State(values, dict(state.head), list(state.phases), dict(head_end or {})))
                     runtime.log(f"[{label}] phase 1 saved to {phase1.directory}", log)
                 del values
         else:

@@ -1,0 +1,216 @@
+"""Configuration of a results experiment: one pipeline configuration (model, data, phases, cluster,
+tracking), the methods compared, seeds, budget, multi-source folds, DeFT-X ablations.
+
+Presets ship as ``deftx/presets/experiments/<dataset>-<preset>.yaml``; everything is validated
+before any model is loaded (:meth:`ExperimentConfig.validate`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deftx.config import (
+    ConfigError,
+    PipelineConfig,
+    SelectionConfig,
+    _merge,
+    apply_overrides,
+    from_dict,
+    to_dict,
+)
+
+# composable-sft's XLM-R base budgets (train_sa.sh / train_mlm.sh: 24 and 13 x 768^2 entries) over
+# XLM-R base's maskable parameters as deftx counts them (every encoder tensor except LayerNorm and
+# the pooler, word embeddings included; tests/test_experiments.py recounts it on a meta-device model).
+XLMR_BASE_MASKABLE = 277_414_656
+XLMR_TASK_K = 14_155_776
+XLMR_LANGUAGE_K = 7_667_712
+BUDGETS = ("xlmr-base", "config")
+FULL_FT = "full_ft"
+
+
+def xlmr_densities() -> dict[str, float]:
+    """Densities of composable-sft's XLM-R base budgets: task 5.10%, language 2.76%."""
+    return {"task": XLMR_TASK_K / XLMR_BASE_MASKABLE, "language": XLMR_LANGUAGE_K / XLMR_BASE_MASKABLE}
+
+
+@dataclass
+class MultiSourceConfig:
+    """Multi-source task SFTs trained leave-fold-out: the targets are split into ``folds`` groups
+    (round robin over the target list); the task SFT evaluated on a fold's targets is trained on
+    the labelled data of every ``candidates`` language outside that fold (default: the source and
+    all targets), at most ``max_examples_per_language`` each. ``folds`` 0 turns it off;
+    ``folds`` equal to the number of targets is leave-one-target-out."""
+
+    folds: int = 0
+    methods: list[str] = field(default_factory=lambda: ["lt_sft"])
+    candidates: list[str] | None = None
+    max_examples_per_language: int | None = None
+
+
+@dataclass
+class AblationConfig:
+    """DeFT-X ablations of the task SFT: every variant re-selects from the same task phase 1 (the
+    ``base`` method's, first seed) with the base selection plus its overrides, trains phase 2, and
+    is composed with the ``base`` method's language SFTs. Scored on validation and test."""
+
+    base: str = "deft_x_energy"
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class ExperimentConfig:
+    dataset: str = "nusax"
+    preset: str = "custom"
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])   # task SFT seeds (language SFTs: pipeline.seed)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)   # name -> selection overrides
+    full_ft: bool = True
+    budget: str = "xlmr-base"
+    multi_source: MultiSourceConfig = field(default_factory=MultiSourceConfig)
+    ablations: AblationConfig = field(default_factory=AblationConfig)
+    analysis: bool = True
+    results_dir: str = "benchmarks/results"
+
+    def validate(self) -> ExperimentConfig:
+        if self.dataset != "nusax":
+            raise ConfigError(f"dataset: unknown experiment dataset {self.dataset!r}; valid: nusax, americasnli")
+        try:
+            self.pipeline.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"pipeline.{exc}") from None
+        if not self.seeds:
+            raise ConfigError("seeds: give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("seeds: a seed is listed twice")
+        if not self.methods and not self.full_ft:
+            raise ConfigError("methods: give at least one method (or full_ft: true)")
+        if FULL_FT in self.methods:
+            raise ConfigError(f"methods.{FULL_FT}: reserved; full fine-tuning is switched on by full_ft: true")
+        for name in self.methods:
+            self.selection(name, "task")
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"budget: unknown budget {self.budget!r}; valid: {', '.join(BUDGETS)}")
+        ms = self.multi_source
+        targets = self.pipeline.target_languages
+        if ms.folds < 0 or ms.folds > len(targets):
+            raise ConfigError(f"multi_source.folds: must be in [0, {len(targets)}] (the number of targets), got {ms.folds}")
+        if ms.folds:
+            for name in ms.methods:
+                if name not in self.methods:
+                    raise ConfigError(f"multi_source.methods: {name!r} is not one of the methods "
+                                      f"({', '.join(self.methods)})")
+            for lang in ms.candidates or []:
+                if lang != self.pipeline.source_language and lang not in targets:
+                    raise ConfigError(f"multi_source.candidates: {lang} is neither the source nor a target "
+                                      "(it would have no language SFT)")
+            if ms.max_examples_per_language is not None and ms.max_examples_per_language < 1:
+                raise ConfigError("multi_source.max_examples_per_language: must be >= 1 or null")
+            if self.pipeline.cluster.backend == "ray" and self.pipeline.cluster.zero_stage == 3:
+                raise ConfigError("multi_source: a batch is computed at theta + phi_lang by a functional call, "
+                                  "which needs whole parameters; use cluster.zero_stage 0-2 (ZeRO-3 partitions them)")
+            for i in range(ms.folds):
+                if not self.fold_sources(i):
+                    raise ConfigError(f"multi_source: fold {i} would have no source language")
+        if self.ablations.variants:
+            if self.ablations.base not in self.methods:
+                raise ConfigError(f"ablations.base: {self.ablations.base!r} is not one of the methods "
+                                  f"({', '.join(self.methods)})")
+            for name in self.ablations.variants:
+                self.ablation_selection(name)
+        return self
+
+    def densities(self) -> dict[str, float | None]:
+        if self.budget == "xlmr-base":
+            return dict(xlmr_densities())
+        return {"task": self.pipeline.task_sft.selection.density, "language": self.pipeline.language_sft.selection.density}
+
+    def selection(self, method: str, kind: str) -> SelectionConfig:
+        """The selection of ``method`` for a ``kind`` SFT: the pipeline's, the method's overrides,
+        the budget's density."""
+        if method not in self.methods:
+            raise ConfigError(f"unknown method {method!r}; valid: {', '.join(self.methods)}")
+        base = self.pipeline.task_sft.selection if kind == "task" else self.pipeline.language_sft.selection
+        return self._selection(asdict(base), self.methods[method], kind, f"methods.{method}")
+
+    def ablation_selection(self, variant: str) -> SelectionConfig:
+        base = self.selection(self.ablations.base, "task")
+        overrides = self.ablations.variants[variant]
+        return self._selection(asdict(base), overrides, "task", f"ablations.variants.{variant}", keep_budget=True)
+
+    def _selection(self, base: dict[str, Any], overrides: dict[str, Any], kind: str, key: str,
+                   keep_budget: bool = False) -> SelectionConfig:
+        data = copy.deepcopy(base)
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{key}: expected a mapping of selection settings, got {overrides!r}")
+        for name, value in overrides.items():
+            data[name] = value
+            for a, b in (("rank", "energy"), ("density", "k")):
+                if name == a and value is not None and b not in overrides:
+                    data[b] = None
+                if name == b and value is not None and a not in overrides:
+                    data[a] = None
+        if not keep_budget:
+            density = self.densities()[kind]
+            if density is not None and "density" not in overrides and "k" not in overrides:
+                data["density"], data["k"] = density, None
+        selection = from_dict(SelectionConfig, data, key)
+        selection.validate(key)
+        return selection
+
+    def fold_targets(self, fold: int) -> list[str]:
+        return self.pipeline.target_languages[fold:: self.multi_source.folds]
+
+    def fold_sources(self, fold: int) -> list[str]:
+        held_out = set(self.fold_targets(fold))
+        pipeline = self.pipeline
+        candidates = self.multi_source.candidates or [pipeline.source_language, *pipeline.target_languages]
+        return [lang for lang in dict.fromkeys(candidates) if lang not in held_out]
+
+    def output_dir(self) -> Path:
+        return Path(self.pipeline.output_dir)
+
+
+def _preset_text(dataset: str, preset: str) -> str:
+    folder = resources.files("deftx.presets").joinpath("experiments")
+    file = folder.joinpath(f"{dataset}-{preset}.yaml")
+    if not file.is_file():
+        available = sorted(p.name.removeprefix(f"{dataset}-").removesuffix(".yaml")
+                           for p in folder.iterdir() if p.name.startswith(f"{dataset}-"))
+        raise ConfigError(f"--preset: no {dataset} experiment preset {preset!r}; available: {', '.join(available) or 'none'}")
+    return file.read_text(encoding="utf-8")
+
+
+def load_experiment(dataset: str, preset: str | None = None, config_file: str | None = None,
+                    overrides: list[str] | None = None) -> ExperimentConfig:
+    """A validated experiment: a preset or a YAML file, then ``key=value`` overrides (``pipeline.``
+    keys reach the pipeline configuration, e.g. ``pipeline.cluster.backend=ray``)."""
+    if (preset is None) == (config_file is None):
+        raise ConfigError("give exactly one of --preset or --config")
+    text = _preset_text(dataset, preset) if preset is not None else Path(config_file).read_text(encoding="utf-8")  # type: ignore[arg-type]
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_file or preset}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_file or preset}: expected a mapping at the top level")
+    data.setdefault("dataset", dataset)
+    if data["dataset"] != dataset:
+        raise ConfigError(f"{config_file}: an experiment on {data['dataset']}, not {dataset}")
+    if preset is not None:
+        data.setdefault("preset", preset)
+    data = apply_overrides(data, overrides or [])
+    pipeline = _merge(to_dict(PipelineConfig()), data.pop("pipeline", {}) or {})
+    if pipeline.get("target_languages") == "all":
+        from deftx.data.languages import NUSAX_LANGUAGES
+
+        pipeline["target_languages"] = [c for c in NUSAX_LANGUAGES if c != pipeline["source_language"]]
+    cfg = from_dict(ExperimentConfig, {**data, "pipeline": {}})
+    cfg.pipeline = from_dict(PipelineConfig, pipeline, "pipeline")
+    return cfg.validate()

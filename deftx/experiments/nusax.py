@@ -1,0 +1,398 @@
+"""The NusaX zero-shot results experiment: full fine-tuning, LT-SFT and DeFT-X (and any other
+configured selection) on the same model, data, seeds and budget; multi-source leave-fold-out task
+SFTs; DeFT-X ablations of the task SFT; mask overlap and analysis figures.
+
+What is trained once and what per seed (every unit is saved with a digest of everything it depends
+on, so an interrupted experiment resumes where it stopped and a re-run with the same settings
+trains nothing):
+
+  once                the MLM head warm-up (base models without one); per language, the language
+                      SFT's phase 1 (``Phase1Store``), then one phase 2 per method: the methods'
+                      language SFTs share phase 1 exactly
+  per seed            full fine-tuning on the source language (theta0, the task SFT's phase-1
+                      budget, evaluated directly); per method, the task SFT on theta0 + the
+                      method's source-language SFT; per method and fold, a multi-source task SFT
+  first seed          the ablation variants, each re-selecting from the base method's task phase 1
+
+Every training unit runs as an ``SFTJob`` through the pipeline's executor: in this process
+(``cluster.backend: local``) or on Ray Train workers under DeepSpeed (``ray``). Evaluation runs in
+this process. Hyperparameters come from the configuration only; test scores never feed back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deftx.compose import Composition
+from deftx.data import NUSAX_LABELS, load_nusax_senti
+from deftx.evaluation import evaluate
+from deftx.experiments.config import FULL_FT, ExperimentConfig
+from deftx.masks import body_parameters
+from deftx.models import load_classifier, load_tokenizer, resolve_model_path
+from deftx.pipeline import (
+    Executor,
+    Log,
+    SFTJob,
+    TrainedSFTs,
+    _reuse,
+    config_digest,
+    phase1_digest,
+    start_run,
+    train_pipeline_sfts,
+)
+from deftx.sft import SparseFineTuning
+from deftx.training.phase1_store import Phase1Store
+
+SPLITS = ("test", "valid")
+
+
+@dataclass
+class Record:
+    """One score: ``part`` main | multi_source | ablation; ``system`` the method (or variant)."""
+
+    part: str
+    system: str
+    seed: int
+    language: str
+    split: str
+    macro_f1: float
+    accuracy: float
+    n: int
+    with_language_sft: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExperimentState:
+    """Everything the experiment produced, for the report."""
+
+    config: ExperimentConfig
+    records: list[Record] = field(default_factory=list)
+    overlaps: list[dict[str, Any]] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    language_sft_dirs: dict[str, dict[str, str]] = field(default_factory=dict)    # method -> lang -> dir
+    task_sft_dirs: dict[str, dict[int, str]] = field(default_factory=dict)        # method -> seed -> dir
+    phase1_dirs: dict[str, str] = field(default_factory=dict)                     # "language-ind", "task" ...
+    trained: int = 0
+    reused: int = 0
+    ledger: dict[str, float] = field(default_factory=dict)   # seconds per stage over all invocations
+
+
+class _Evaluator:
+    """One classifier in this process; compositions applied and reverted exactly around each score.
+    Scores are cached on disk by the digests of the SFTs involved."""
+
+    def __init__(self, cfg: ExperimentConfig, cache_dir: Path, log: Log) -> None:
+        pipe = cfg.pipeline
+        self.cfg, self.cache_dir, self.log = cfg, cache_dir, log
+        self.model_path = resolve_model_path(pipe.model.name_or_path, log=lambda line: None)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.classifier = load_classifier(self.model_path, NUSAX_LABELS, seed=pipe.seed)
+        self.examples: dict[tuple[str, str], list] = {}
+        cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def _data(self, lang: str, split: str) -> list:
+        key = (lang, split)
+        if key not in self.examples:
+            rows = load_nusax_senti(lang, split, self.cfg.pipeline.data.source)
+            self.examples[key] = rows if self.cfg.pipeline.max_eval_examples is None else \
+                rows[: self.cfg.pipeline.max_eval_examples]
+        return self.examples[key]
+
+    def _score(self, lang: str, split: str) -> dict[str, float]:
+        pipe = self.cfg.pipeline
+        return evaluate(self.classifier, self.tokenizer, self._data(lang, split), len(NUSAX_LABELS),
+                        batch_size=pipe.eval_batch_size, max_length=pipe.model.max_length)
+
+    def scores(self, key: str, languages: list[str], apply_for) -> dict[tuple[str, str], dict[str, float]]:
+        """(language, split) -> scores of the model ``apply_for(language)`` sets up (a context
+        manager), cached under ``key``."""
+        path = self.cache_dir / f"{key}.json"
+        want = [f"{lang}/{split}" for lang in languages for split in SPLITS]
+        cached: dict[str, Any] = {}
+        if path.is_file():
+            cached = json.loads(path.read_text(encoding="utf-8"))
+        if all(w in cached for w in want):
+            return {tuple(w.split("/")): cached[w] for w in want}  # type: ignore[misc]
+        started = time.perf_counter()
+        for lang in languages:
+            with apply_for(lang):
+                for split in SPLITS:
+                    cached[f"{lang}/{split}"] = self._score(lang, split)
+        self.log(f"[eval] {key.split('-')[0]}: {len(languages)} language(s) x {len(SPLITS)} splits scored in "
+                 f"{time.perf_counter() - started:.0f} s")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cached, indent=1), encoding="utf-8")
+        tmp.replace(path)
+        return {tuple(w.split("/")): cached[w] for w in want}  # type: ignore[misc]
+
+    @contextmanager
+    def composed(self, task: SparseFineTuning, lang: SparseFineTuning | None) -> Iterator[None]:
+        with Composition(task, lang).applied(self.classifier):
+            yield
+
+    @contextmanager
+    def fully_fine_tuned(self, store: Phase1Store) -> Iterator[None]:
+        """theta1 and the head after phase 1 of ``store`` in place of the classifier's weights."""
+        state = store.load()
+        if state is None or not state.head_end:
+            raise RuntimeError(f"{store.directory}: no full fine-tuning result (phase 1 with its head) stored")
+        body = body_parameters(self.classifier)
+        params = dict(self.classifier.named_parameters())
+        saved = {n: body[n].detach().clone() for n in state.theta1}
+        saved_head = {n: params[n].detach().clone() for n in state.head_end}
+        with torch.no_grad():
+            for n, v in state.theta1.items():
+                body[n].copy_(v)
+            for n, v in state.head_end.items():
+                params[n].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    body[n].copy_(v)
+                for n, v in saved_head.items():
+                    params[n].copy_(v)
+
+
+def _digest_of(sft: SparseFineTuning) -> str:
+    return str(sft.metadata.training.get("config_digest", ""))
+
+
+class NusaxExperiment:
+    def __init__(self, cfg: ExperimentConfig, executor: Executor | None = None, log: Log = print) -> None:
+        self.cfg = cfg
+        self.log = log
+        self._executor = executor
+        self.state = ExperimentState(cfg)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _run_sft(self, job: SFTJob, directory: Path) -> SparseFineTuning:
+        sft = _reuse(directory, job.digest, self.log)
+        if sft is not None:
+            self.state.reused += 1
+            return sft
+        self.executor.run(job, directory, self.log)
+        self.state.trained += 1
+        sft = SparseFineTuning.load(directory)
+        self.log(f"saved {directory} ({sft.nnz:,} entries)")
+        return sft
+
+    def _run_phase1(self, job: SFTJob, store: Phase1Store) -> None:
+        if store.exists():
+            self.log(f"reusing {store.directory} (phase 1 with the same settings)")
+            self.state.reused += 1
+            return
+        self.executor.run(job, store.directory.with_name(f".{store.directory.name}.job"), self.log)
+        self.state.trained += 1
+
+    def _config_with(self, seed: int | None = None, language_selection=None, task_selection=None,
+                     task_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        config = copy.deepcopy(self.pipeline_dict)
+        if seed is not None:
+            config["seed"] = seed
+        if language_selection is not None:
+            config["language_sft"]["selection"] = asdict(language_selection)
+        if task_selection is not None:
+            config["task_sft"]["selection"] = asdict(task_selection)
+        for key, value in (task_overrides or {}).items():
+            config["task_sft"][key] = value
+        return config
+
+    def _timed(self, stage: str):
+        exp = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+                exp.log(f"=== {stage} ===")
+
+            def __exit__(self, *exc):
+                elapsed = time.perf_counter() - self.t
+                exp.state.stage_seconds[stage] = exp.state.stage_seconds.get(stage, 0.0) + elapsed
+                if exc[0] is None or exc[0] is KeyboardInterrupt:   # compute spent, even if interrupted
+                    exp._ledger(stage, elapsed)
+
+        return _T()
+
+    def _ledger(self, stage: str, seconds: float) -> None:
+        """Seconds spent per stage over every invocation (a resumed experiment adds to it), in
+        ``<output>/time-ledger.json``."""
+        path = self.out / "time-ledger.json"
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data[stage] = round(data.get(stage, 0.0) + seconds, 1)
+        path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        self.state.ledger = data
+
+    # -- the experiment ------------------------------------------------------------------------
+
+    def run(self) -> ExperimentState:
+        cfg = self.cfg
+        pipe_cfg, self.executor = start_run(cfg.pipeline, self.log, self._executor)
+        self.cfg.pipeline = pipe_cfg
+        self.pipeline_dict = asdict(pipe_cfg)
+        self.out = Path(pipe_cfg.output_dir)
+        (self.out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+        self.targets = list(pipe_cfg.target_languages)
+        self.languages = [pipe_cfg.source_language] + [t for t in self.targets if t != pipe_cfg.source_language]
+        self.trained = self._language_sfts()
+        self.evaluator = _Evaluator(cfg, self.out / "scores", self.log)
+        for seed in cfg.seeds:
+            with self._timed(f"task SFTs and evaluation (seed {seed})"):
+                self._seed(seed)
+        if cfg.multi_source.folds:
+            for seed in cfg.seeds:
+                with self._timed(f"multi-source (seed {seed})"):
+                    self._multi_source(seed)
+        if cfg.ablations.variants:
+            with self._timed("ablations"):
+                self._ablations(cfg.seeds[0])
+        return self.state
+
+    def _language_sfts(self) -> TrainedSFTs:
+        cfg = self.cfg
+        pipe = cfg.pipeline
+        with self._timed("MLM head"):
+            trained = train_pipeline_sfts(pipe, self.executor, [], self.log, with_task=False)   # the head only
+        head = str(trained.head_dir) if trained.head_dir is not None else None
+        for i, lang in enumerate(self.languages, 1):
+            with self._timed(f"language SFTs ({lang})"):
+                self._language(trained, head, i, lang)
+        return trained
+
+    def _language(self, trained: TrainedSFTs, head: str | None, i: int, lang: str) -> None:
+        cfg, pipe = self.cfg, self.cfg.pipeline
+        digest1 = phase1_digest(trained, "language", lang, pipe.language_sft)
+        store = Phase1Store(self.out / "phase1" / f"language-{lang}", digest1)
+        self.state.phase1_dirs[f"language-{lang}"] = str(store.directory)
+        self.log(f"== language {i}/{len(self.languages)}: {lang} ==")
+        self._run_phase1(SFTJob("language", lang, self.pipeline_dict, digest1, head_path=head,
+                                phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True), store)
+        for method in cfg.methods:
+            selection = cfg.selection(method, "language")
+            config = self._config_with(language_selection=selection)
+            digest = config_digest({"experiment": "language", "lang": lang, "phase1": digest1,
+                                    "sft": config["language_sft"]})
+            directory = self.out / "sfts" / method / f"lang-{lang}"
+            self._run_sft(SFTJob("language", lang, config, digest, head_path=head,
+                                 phase1_dir=str(store.directory), phase1_digest=digest1), directory)
+            self.state.language_sft_dirs.setdefault(method, {})[lang] = str(directory)
+
+    def _language_sft(self, method: str, lang: str) -> SparseFineTuning:
+        return SparseFineTuning.load(self.state.language_sft_dirs[method][lang])
+
+    def _task_phase1(self, method: str | None, seed: int) -> tuple[Phase1Store, dict[str, Any], str | None]:
+        """The task SFT's phase-1 store of ``method`` (None: on theta0, the full fine-tuning
+        baseline) at ``seed``."""
+        pipe = self.cfg.pipeline
+        config = self._config_with(seed=seed)
+        lang_path = None
+        extra: Any = "theta0"
+        if method is not None:
+            lang_path = self.state.language_sft_dirs[method][pipe.source_language]
+            extra = _digest_of(SparseFineTuning.load(lang_path))
+        trained = TrainedSFTs(self.out, {**self.trained.common, "seed": seed}, None, None)
+        digest1 = phase1_digest(trained, "task", pipe.source_language, pipe.task_sft, extra)
+        name = f"task-{method or FULL_FT}-seed{seed}"
+        store = Phase1Store(self.out / "phase1" / name, digest1)
+        self.state.phase1_dirs[name] = str(store.directory)
+        self._run_phase1(SFTJob("task", pipe.source_language, config, digest1, language_sft_path=lang_path,
+                                phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True), store)
+        return store, config, lang_path
+
+    def _task_sft(self, method: str, seed: int, selection, name: str) -> SparseFineTuning:
+        store, config, lang_path = self._task_phase1(method, seed)
+        config = self._config_with(seed=seed, task_selection=selection)
+        digest = config_digest({"experiment": "task", "phase1": store.digest, "sft": config["task_sft"], "seed": seed})
+        directory = self.out / "sfts" / f"seed{seed}" / name
+        sft = self._run_sft(SFTJob("task", self.cfg.pipeline.source_language, config, digest,
+                                   language_sft_path=lang_path, phase1_dir=str(store.directory),
+                                   phase1_digest=store.digest), directory)
+        return sft
+
+    def _record(self, part: str, system: str, seed: int, scores, with_lang: bool, extra=None) -> None:
+        for (lang, split), s in scores.items():
+            self.state.records.append(Record(part, system, seed, lang, split, s["macro_f1"], s["accuracy"],
+                                             int(s["n"]), with_lang, dict(extra or {})))
+
+    def _seed(self, seed: int) -> None:
+        cfg, ev = self.cfg, self.evaluator
+        langs = self.languages
+        if cfg.full_ft:
+            self.log(f"== seed {seed}: full fine-tuning ==")
+            store, _, _ = self._task_phase1(None, seed)
+            scores = ev.scores(f"full_ft-seed{seed}-{store.digest}", langs, lambda lang: ev.fully_fine_tuned(store))
+            self._record("main", FULL_FT, seed, scores, with_lang=False)
+        for method in cfg.methods:
+            self.log(f"== seed {seed}: task SFT, {method} ==")
+            task = self._task_sft(method, seed, cfg.selection(method, "task"), method)
+            self.state.task_sft_dirs.setdefault(method, {})[seed] = str(task.source)
+            lang_sfts = {lang: self._language_sft(method, lang) for lang in langs}
+            key = f"{method}-seed{seed}-{_digest_of(task)}-" + config_digest({lang: _digest_of(s) for lang, s in lang_sfts.items()})
+            scores = ev.scores(key, langs, lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
+            self._record("main", method, seed, scores, with_lang=True)
+            alone = ev.scores(f"{method}-seed{seed}-{_digest_of(task)}-alone", langs, lambda lang, task=task: ev.composed(task, None))
+            self._record("main", method, seed, alone, with_lang=False)
+            self._overlaps("main", method, seed, task, lang_sfts)
+
+    def _overlaps(self, part: str, system: str, seed: int, task: SparseFineTuning,
+                  lang_sfts: dict[str, SparseFineTuning]) -> None:
+        from deftx.analysis import mask_overlap
+
+        for lang in self.targets:
+            o = mask_overlap(task, lang_sfts[lang])
+            self.state.overlaps.append({"part": part, "system": system, "seed": seed, "language": lang, **o})
+
+    def _multi_source(self, seed: int) -> None:
+        cfg, ev = self.cfg, self.evaluator
+        ms = cfg.multi_source
+        for method in ms.methods:
+            selection = cfg.selection(method, "task")
+            for fold in range(ms.folds):
+                sources, held_out = cfg.fold_sources(fold), cfg.fold_targets(fold)
+                self.log(f"== seed {seed}: multi-source task SFT, {method}, fold {fold + 1}/{ms.folds}: "
+                         f"trained on {', '.join(sources)}; evaluated on {', '.join(held_out)} ==")
+                config = self._config_with(seed=seed, task_selection=selection,
+                                           task_overrides={"max_train_examples": ms.max_examples_per_language})
+                paths = {lang: self.state.language_sft_dirs[method][lang] for lang in sources}
+                digest = config_digest({"experiment": "multi_source", "sources": sources, "seed": seed,
+                                        "sft": config["task_sft"], "common": self.trained.common,
+                                        "lang_sfts": {lang: _digest_of(SparseFineTuning.load(p)) for lang, p in paths.items()}})
+                directory = self.out / "sfts" / f"seed{seed}" / f"multi-{method}-fold{fold}"
+                task = self._run_sft(SFTJob("task", "multi", config, digest, sources=sources,
+                                            source_sft_paths=paths), directory)
+                lang_sfts = {lang: self._language_sft(method, lang) for lang in held_out}
+                scores = ev.scores(f"multi-{method}-seed{seed}-{digest}", held_out,
+                                   lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
+                self._record("multi_source", method, seed, scores, with_lang=True, extra={"fold": fold, "sources": sources})
+
+    def _ablations(self, seed: int) -> None:
+        cfg = self.cfg
+        base = cfg.ablations.base
+        lang_sfts = {lang: self._language_sft(base, lang) for lang in self.languages}
+        ev = self.evaluator
+        for variant in cfg.ablations.variants:
+            selection = cfg.ablation_selection(variant)
+            self.log(f"== ablation {variant}: task SFT re-selected from the {base} phase 1 (seed {seed}) ==")
+            task = self._task_sft(base, seed, selection, f"ablation-{variant}")
+            scores = ev.scores(f"ablation-{variant}-{_digest_of(task)}", self.targets,
+                               lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
+            self._record("ablation", variant, seed, scores, with_lang=True,
+                         extra={"selection": selection.hyperparameters(), "nnz": task.nnz,
+                                "ranks": task.metadata.selection.get("ranks", {})})
+            self._overlaps("ablation", variant, seed, task, lang_sfts)
+
+
+def run_experiment(cfg: ExperimentConfig, log: Log = print, executor: Executor | None = None) -> ExperimentState:
+    return NusaxExperiment(cfg, executor, log).run()

@@ -1,0 +1,331 @@
+"""Tables, CSVs, plots and provenance of a results experiment (``benchmarks/results/<name>/``).
+
+Means and spreads are over seeds: a language's cell is the mean of its per-seed scores +- their
+sample standard deviation; an average row first averages the targets within each seed, then gives
+the mean +- standard deviation of those per-seed averages (so the spread is seed variance, not
+language variance).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from deftx.data import NUSAX_LANGUAGE_NAMES
+from deftx.experiments.config import FULL_FT, ExperimentConfig, xlmr_densities
+from deftx.experiments.nusax import ExperimentState, Record
+
+SYSTEM_NAMES = {FULL_FT: "full FT", "lt_sft": "LT-SFT", "deft_x_rank": "DeFT-X (fixed rank)",
+                "deft_x_energy": "DeFT-X (energy)"}
+
+
+def system_name(system: str, cfg: ExperimentConfig | None = None) -> str:
+    name = SYSTEM_NAMES.get(system, system)
+    if cfg is not None and system in cfg.methods:
+        sel = cfg.selection(system, "task")
+        if sel.method == "deft_x":
+            rule = f"rank {sel.rank}" if sel.rank is not None else f"energy {sel.energy}"
+            name = f"{name.split(' (')[0]} ({rule})"
+    return name
+
+
+def mean_spread(values: Sequence[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cell(values: Sequence[float]) -> str:
+    mean, spread = mean_spread(values)
+    if math.isnan(mean):
+        return "-"
+    return f"{100 * mean:.1f} ± {100 * spread:.1f}" if len(values) > 1 else f"{100 * mean:.1f}"
+
+
+def select(records: Iterable[Record], **where: Any) -> list[Record]:
+    return [r for r in records if all(getattr(r, k) == v for k, v in where.items())]
+
+
+def per_seed_average(records: Sequence[Record], languages: Sequence[str], metric: str = "macro_f1") -> list[float]:
+    """The average over ``languages`` within each seed (seeds missing a language are skipped)."""
+    out = []
+    for seed in sorted({r.seed for r in records}):
+        values = {r.language: getattr(r, metric) for r in records if r.seed == seed}
+        if all(lang in values for lang in languages) and languages:
+            out.append(statistics.fmean(values[lang] for lang in languages))
+    return out
+
+
+def _language(lang: str) -> str:
+    return f"{lang} ({NUSAX_LANGUAGE_NAMES.get(lang, lang)})"
+
+
+def main_table(state: ExperimentState, split: str = "test", metric: str = "macro_f1") -> str:
+    cfg = state.config
+    pipe = cfg.pipeline
+    systems = ([FULL_FT] if cfg.full_ft else []) + list(cfg.methods)
+    header = "| language | " + " | ".join(system_name(s, cfg) for s in systems) + " |"
+    lines = [header, "|---" * (len(systems) + 1) + "|"]
+
+    def rows_of(system: str) -> list[Record]:
+        with_lang = system != FULL_FT
+        return select(state.records, part="main", system=system, split=split, with_language_sft=with_lang)
+
+    targets = list(pipe.target_languages)
+    for lang in [pipe.source_language] + targets:
+        label = _language(lang) + (" (source)" if lang == pipe.source_language else "")
+        cells = [cell([getattr(r, metric) for r in rows_of(s) if r.language == lang]) for s in systems]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    avg = [cell(per_seed_average(rows_of(s), targets, metric)) for s in systems]
+    lines.append(f"| **average of the {len(targets)} targets** | " + " | ".join(f"**{c}**" for c in avg) + " |")
+    return "\n".join(lines)
+
+
+def task_only_table(state: ExperimentState, split: str = "test") -> str:
+    cfg = state.config
+    targets = list(cfg.pipeline.target_languages)
+    lines = ["| method | task + language SFT | task SFT only | difference |", "|---|---|---|---|"]
+    for system in cfg.methods:
+        both = per_seed_average(select(state.records, part="main", system=system, split=split, with_language_sft=True), targets)
+        alone = per_seed_average(select(state.records, part="main", system=system, split=split, with_language_sft=False), targets)
+        diff = [a - b for a, b in zip(both, alone)]
+        lines.append(f"| {system_name(system, cfg)} | {cell(both)} | {cell(alone)} | {cell(diff)} |")
+    return "\n".join(lines)
+
+
+def multi_source_table(state: ExperimentState, split: str = "test") -> str:
+    cfg = state.config
+    ms = cfg.multi_source
+    targets = list(cfg.pipeline.target_languages)
+    methods = ms.methods
+    lines = ["| language | fold (trained on) | " + " | ".join(f"{system_name(m, cfg)} multi-source" for m in methods)
+             + " | " + " | ".join(f"{system_name(m, cfg)} single-source" for m in methods) + " |",
+             "|---" * (2 + 2 * len(methods)) + "|"]
+    for fold in range(ms.folds):
+        for lang in cfg.fold_targets(fold):
+            multi = [cell([r.macro_f1 for r in select(state.records, part="multi_source", system=m, split=split,
+                                                      language=lang)]) for m in methods]
+            single = [cell([r.macro_f1 for r in select(state.records, part="main", system=m, split=split, language=lang,
+                                                       with_language_sft=True)]) for m in methods]
+            lines.append(f"| {_language(lang)} | {fold} ({', '.join(cfg.fold_sources(fold))}) | "
+                         + " | ".join(multi + single) + " |")
+    avg_multi = [cell(per_seed_average(select(state.records, part="multi_source", system=m, split=split), targets))
+                 for m in methods]
+    avg_single = [cell(per_seed_average(select(state.records, part="main", system=m, split=split,
+                                               with_language_sft=True), targets)) for m in methods]
+    lines.append("| **average** | | " + " | ".join(f"**{c}**" for c in avg_multi + avg_single) + " |")
+    return "\n".join(lines)
+
+
+def _overlap_summary(state: ExperimentState, part: str, system: str) -> tuple[str, str]:
+    rows = [o for o in state.overlaps if o["part"] == part and o["system"] == system]
+    if not rows:
+        return "-", "-"
+    frac = statistics.fmean(o["frac_of_b"] for o in rows)
+    ratios = [o["ratio_to_random"] for o in rows if o["ratio_to_random"] == o["ratio_to_random"]]
+    return f"{100 * frac:.2f}%", (f"{statistics.fmean(ratios):.2f}x" if ratios else "-")
+
+
+def overlap_table(state: ExperimentState) -> str:
+    cfg = state.config
+    lines = ["| method | language-SFT entries also in the task SFT | vs. independent random placement |",
+             "|---|---|---|"]
+    for system in cfg.methods:
+        frac, ratio = _overlap_summary(state, "main", system)
+        lines.append(f"| {system_name(system, cfg)} | {frac} | {ratio} |")
+    return "\n".join(lines)
+
+
+def ablation_table(state: ExperimentState) -> str:
+    cfg = state.config
+    targets = list(cfg.pipeline.target_languages)
+    lines = [("| variant | task-SFT selection | valid macro-F1 (avg) | test macro-F1 (avg) | overlap with language SFTs "
+             "| vs. random |"), "|---|---|---|---|---|---|"]
+    for variant in cfg.ablations.variants:
+        rows = select(state.records, part="ablation", system=variant)
+        if not rows:
+            continue
+        sel = rows[0].extra.get("selection", {})
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sel.items()
+                          if k not in ("k", "svd_solver", "denoise_embeddings") and v is not None)
+        valid = per_seed_average([r for r in rows if r.split == "valid"], targets)
+        test = per_seed_average([r for r in rows if r.split == "test"], targets)
+        frac, ratio = _overlap_summary(state, "ablation", variant)
+        lines.append(f"| {variant} | {shown} | {cell(valid)} | {cell(test)} | {frac} | {ratio} |")
+    return "\n".join(lines)
+
+
+def git_commit(cwd: Path | None = None) -> dict[str, Any]:
+    def run(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False).stdout.strip()
+
+    commit = run("rev-parse", "HEAD")
+    dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
+    return {"commit": commit or "unknown", "dirty": dirty}
+
+
+def provenance(state: ExperimentState, command: str, seconds: float) -> dict[str, Any]:
+    from deftx import __version__
+
+    cfg = state.config
+    return {"command": command, **git_commit(Path(__file__).resolve().parent), "deftx": __version__,
+            "seeds": cfg.seeds, "language_sft_seed": cfg.pipeline.seed, "wall_seconds": round(seconds, 1),
+            "stage_seconds": {k: round(v, 1) for k, v in state.stage_seconds.items()},
+            "compute_seconds_all_invocations": round(sum(state.ledger.values()), 1),
+            "ledger_seconds": dict(state.ledger),
+            "units_trained": state.trained, "units_reused": state.reused,
+            "model": cfg.pipeline.model.name_or_path, "budget": cfg.budget, "densities": cfg.densities(),
+            "python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}
+
+
+def budget_text(cfg: ExperimentConfig) -> str:
+    d = cfg.densities()
+    if cfg.budget == "xlmr-base":
+        ref = xlmr_densities()
+        return (f"K: task density {100 * ref['task']:.3f}%, language density {100 * ref['language']:.3f}% of the maskable "
+                "entries: composable-sft's XLM-R base budgets (14,155,776 task and 7,667,712 language entries of "
+                "XLM-R base's 277,414,656 maskable parameters) as densities")
+    return f"K: task density {d['task']}, language density {d['language']} (from the configuration)"
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()})
+
+
+def write_report(state: ExperimentState, directory: Path, *, command: str, seconds: float,
+                 figures: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``results.md``, ``scores.csv``, ``overlap.csv``, ``provenance.json`` and the figures."""
+    from deftx.plots import close
+
+    directory.mkdir(parents=True, exist_ok=True)
+    prov = provenance(state, command, seconds)
+    (directory / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n", encoding="utf-8")
+    write_csv(directory / "scores.csv", [asdict(r) for r in state.records])
+    write_csv(directory / "overlap.csv", state.overlaps)
+    written = {"provenance": directory / "provenance.json", "scores": directory / "scores.csv"}
+    for name, fig in (figures or {}).items():
+        if fig is not None:
+            fig.savefig(directory / f"{name}.png", dpi=110)
+            close(fig)
+            written[name] = directory / f"{name}.png"
+    (directory / "results.md").write_text(results_markdown(state, prov, sorted(p.name for p in written.values()
+                                                                               if p.suffix == ".png")),
+                                          encoding="utf-8")
+    written["results"] = directory / "results.md"
+    return written
+
+
+def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequence[str]) -> str:
+    cfg = state.config
+    pipe = cfg.pipeline
+    n_seeds = len(cfg.seeds)
+    spread = f"mean ± sample standard deviation over {n_seeds} seeds ({', '.join(map(str, cfg.seeds))})" \
+        if n_seeds > 1 else f"one seed ({cfg.seeds[0]})"
+    parts = [
+        f"# NusaX-senti zero-shot transfer: `{cfg.preset}` preset",
+        "",
+        f"- command: `{prov['command']}`",
+        f"- commit: `{prov['commit']}`" + (" (with uncommitted changes)" if prov["dirty"] else ""),
+        (f"- wall time: {prov['wall_seconds'] / 60:.1f} min for this invocation on {prov['cpus']} CPUs; "
+        f"{prov['compute_seconds_all_invocations'] / 60:.1f} min of training and evaluation over all invocations "
+        f"(a resumed experiment reuses finished units; per stage in provenance.json)"),
+        (f"- model: `{pipe.model.name_or_path}`; source language `{pipe.source_language}`; "
+        f"backend `{pipe.cluster.backend}`"),
+        (f"- task SFT seeds: {', '.join(map(str, cfg.seeds))}; language SFTs trained once (seed {pipe.seed}) and shared "
+        "by the seeds, so the spread is that of the task training (classifier head initialisation, data order, dropout)"),
+        f"- {budget_text(cfg)}",
+        (f"- phases: language SFT {_phase_text(pipe.language_sft)}; task SFT {_phase_text(pipe.task_sft)}; "
+        "full fine-tuning = the task SFT's phase 1 on theta0 (same steps, learning rate and seed), evaluated directly"),
+        ("- hyperparameters: fixed in the preset before any test score was seen (learning rates chosen on the "
+        "Indonesian validation split, see the preset); no model selection on test data"),
+        "",
+        f"## Test macro-F1 (%): task SFT + target language SFT; {spread}",
+        "",
+        main_table(state, "test"),
+        "",
+        "## Validation macro-F1 (%) (the split any choice should be made on)",
+        "",
+        main_table(state, "valid"),
+        "",
+        "## What the language SFT adds (test macro-F1 average of the targets, %)",
+        "",
+        task_only_table(state, "test"),
+        "",
+        "## Mask overlap between the task SFT and the target language SFTs",
+        "",
+        ("Fraction of a target language SFT's entries that the task SFT also changes, averaged over targets and "
+        "seeds, and its ratio to the overlap expected if each SFT's entries were placed at random within each tensor."),
+        "",
+        overlap_table(state),
+    ]
+    if cfg.multi_source.folds:
+        parts += ["", f"## Multi-source task SFTs, leave-fold-out (test macro-F1, %; {spread})", "",
+                  (f"The targets are split into {cfg.multi_source.folds} folds; each fold's targets are evaluated "
+                  "with a task SFT trained on the labelled data of the languages outside the fold only (at most "
+                  f"{cfg.multi_source.max_examples_per_language or 'all'} examples each), each batch at theta + the "
+                  "language SFT of its language. A target's labelled data never trains the model it is evaluated on."),
+                  "", multi_source_table(state, "test")]
+    if cfg.ablations.variants:
+        parts += ["", f"## DeFT-X ablations of the task SFT (seed {cfg.seeds[0]})", "",
+                  (f"Every variant re-selects the task SFT from the same phase 1 (the `{cfg.ablations.base}` method's, "
+                  f"seed {cfg.seeds[0]}) at the same K unless stated, trains phase 2 and is composed with the "
+                  f"`{cfg.ablations.base}` language SFTs. Averages over the targets."), "", ablation_table(state)]
+    if pngs:
+        parts += ["", "## Figures", ""] + [f"![{p}]({p})" for p in pngs]
+    return "\n".join(parts) + "\n"
+
+
+def _phase_text(sft_cfg) -> str:
+    def phase(p) -> str:
+        steps = f", at most {p.max_steps} steps" if p.max_steps is not None else ""
+        return f"{p.epochs:g} epoch(s){steps}, lr {p.learning_rate:g}, batch {p.batch_size}"
+
+    cap = f", at most {sft_cfg.max_train_examples} examples" if sft_cfg.max_train_examples else ""
+    return f"phase 1 {phase(sft_cfg.full)} / phase 2 {phase(sft_cfg.sparse)}{cap}"
+
+
+def f1_figure(state: ExperimentState, split: str = "test"):
+    """Grouped bars: macro-F1 per target language and system, error bars = standard deviation over seeds."""
+    import matplotlib.pyplot as plt
+
+    cfg = state.config
+    systems = ([FULL_FT] if cfg.full_ft else []) + list(cfg.methods)
+    langs = list(cfg.pipeline.target_languages) + ["avg"]
+    if not state.records:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(langs) * max(1, len(systems)) / 2.5 + 2), 4))
+    width = 0.8 / max(1, len(systems))
+    for i, system in enumerate(systems):
+        rows = select(state.records, part="main", system=system, split=split, with_language_sft=system != FULL_FT)
+        means, errs = [], []
+        for lang in langs:
+            values = per_seed_average(rows, cfg.pipeline.target_languages) if lang == "avg" else \
+                [r.macro_f1 for r in rows if r.language == lang]
+            m, s = mean_spread(values)
+            means.append(100 * m)
+            errs.append(100 * s)
+        xs = [x + (i - (len(systems) - 1) / 2) * width for x in range(len(langs))]
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=system_name(system, cfg))
+    ax.set_xticks(range(len(langs)), langs)
+    ax.set_ylabel(f"{split} macro-F1 (%)")
+    ax.set_title(f"NusaX-senti zero-shot from {cfg.pipeline.source_language} ({len(cfg.seeds)} seed(s))")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,105 @@
+"""``deftx experiment <dataset>``: run an experiment, write its report under ``benchmarks/results/``
+and log everything to MLflow (one run per experiment, the report files as artifacts)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from deftx.experiments.config import ExperimentConfig
+from deftx.experiments.nusax import ExperimentState, run_experiment
+from deftx.experiments.report import f1_figure, per_seed_average, select, write_report
+from deftx.pipeline import Log
+
+
+def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
+    """Singular-value spectra of the phase-1 changes per layer type, and mask density per layer of
+    each method's language and task SFTs."""
+    from safetensors.torch import load_file
+
+    from deftx.analysis import (
+        change_spectra,
+        density_by_layer,
+        density_by_layer_figure,
+        mean_normalised_spectrum,
+        spectra_by_type_figure,
+    )
+    from deftx.data import NUSAX_LABELS
+    from deftx.experiments.report import system_name
+    from deftx.masks import body_parameters
+    from deftx.models import load_classifier, resolve_model_path
+    from deftx.sft import SparseFineTuning
+    from deftx.training.phase1_store import THETA1_FILE
+
+    cfg = state.config
+    pipe = cfg.pipeline
+    model = load_classifier(resolve_model_path(pipe.model.name_or_path, log=lambda line: None), NUSAX_LABELS,
+                            seed=pipe.seed)
+    theta0 = {n: p.detach() for n, p in body_parameters(model).items()}
+    curves: dict[str, dict[str, Any]] = {}
+    first_method = next(iter(cfg.methods), None)
+    wanted = [(f"language SFT phase 1 ({pipe.source_language})", f"language-{pipe.source_language}"),
+              (f"language SFT phase 1 ({pipe.target_languages[0]})", f"language-{pipe.target_languages[0]}")]
+    if first_method is not None:
+        wanted.append((f"task SFT phase 1 (seed {cfg.seeds[0]})", f"task-{first_method}-seed{cfg.seeds[0]}"))
+    for label, key in wanted:
+        directory = state.phase1_dirs.get(key)
+        if directory is None:
+            continue
+        theta1 = load_file(str(Path(directory) / THETA1_FILE))
+        spectra = change_spectra(theta0, theta1)
+        curves[label] = {kind: mean_normalised_spectrum(values) for kind, values in spectra.items() if values}
+        log(f"[analysis] spectra of {label}: {', '.join(curves[label])}")
+    figures: dict[str, Any] = {
+        "spectra": spectra_by_type_figure(curves, "phase-1 change: mean normalised singular values per layer type")}
+    target = pipe.target_languages[0]
+    lang_density = {system_name(m, cfg): density_by_layer(SparseFineTuning.load(state.language_sft_dirs[m][target]))
+                    for m in cfg.methods}
+    figures["density-language"] = density_by_layer_figure(lang_density, f"language SFT ({target}): mask density per layer")
+    task_density = {system_name(m, cfg): density_by_layer(SparseFineTuning.load(dirs[cfg.seeds[0]]))
+                    for m, dirs in state.task_sft_dirs.items()}
+    figures["density-task"] = density_by_layer_figure(task_density, f"task SFT (seed {cfg.seeds[0]}): mask density per layer")
+    return figures
+
+
+def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Path | None = None,
+                   log: Log = print) -> tuple[ExperimentState, Path]:
+    from deftx import __version__
+    from deftx.plots import close
+    from deftx.tracking import Tracker
+
+    started = time.perf_counter()
+    directory = Path(results_dir or Path(cfg.results_dir) / f"{cfg.dataset}-{cfg.preset}")
+    tracker = Tracker(cfg.pipeline.tracking.uri, enabled=cfg.pipeline.tracking.enabled, log=log)
+    experiment = cfg.pipeline.tracking.experiment or f"deftx-experiment-{cfg.dataset}"
+    run = tracker.start_run(experiment, f"{cfg.dataset}-{cfg.preset}", params=asdict(cfg),
+                            tags={"deftx.version": __version__, "deftx.command": command})
+    try:
+        state = run_experiment(cfg, log=log)
+        figures = {"f1": f1_figure(state)}
+        if cfg.analysis:
+            figures.update(analysis_figures(state, log))
+        written = write_report(state, directory, command=command, seconds=time.perf_counter() - started,
+                               figures=figures)
+        for fig in figures.values():
+            if fig is not None:
+                close(fig)
+        targets = list(state.config.pipeline.target_languages)
+        metrics: dict[str, float] = {"wall_seconds": time.perf_counter() - started}
+        for system in {r.system for r in state.records if r.part == "main"}:
+            for split in ("test", "valid"):
+                rows = select(state.records, part="main", system=system, split=split,
+                              with_language_sft=system != "full_ft")
+                values = per_seed_average(rows, targets)
+                if values:
+                    metrics[f"{split}.avg_macro_f1.{system}"] = sum(values) / len(values)
+        tracker.log_metrics(run, metrics)
+        tracker.log_artifacts(run, directory, "results")
+        log(f"results: {written['results']}")
+    except BaseException as exc:
+        tracker.end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.end_run(run)
+    return state, directory

@@ -1,0 +1,265 @@
+"""The results experiment: configuration, budget, leave-fold-out splits, multi-source training,
+the report's statistics, and the small preset end to end (tiny model, real NusaX data)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from deftx.config import ConfigError, PipelineConfig
+from deftx.experiments.config import (
+    XLMR_BASE_MASKABLE,
+    XLMR_LANGUAGE_K,
+    XLMR_TASK_K,
+    ExperimentConfig,
+    load_experiment,
+    xlmr_densities,
+)
+from deftx.experiments.nusax import Record
+from deftx.experiments.report import cell, mean_spread, per_seed_average
+
+
+def test_xlmr_base_maskable_count_recounted_on_a_meta_model():
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    from deftx.masks import parameter_roles
+
+    config = XLMRobertaConfig(vocab_size=250002, max_position_embeddings=514, type_vocab_size=1, num_labels=3)
+    with torch.device("meta"):
+        model = XLMRobertaForSequenceClassification(config)
+    assert parameter_roles(model, "task").num_maskable == XLMR_BASE_MASKABLE
+    d = xlmr_densities()
+    assert d["task"] * XLMR_BASE_MASKABLE == pytest.approx(XLMR_TASK_K)
+    assert d["language"] * XLMR_BASE_MASKABLE == pytest.approx(XLMR_LANGUAGE_K)
+    assert XLMR_TASK_K == 24 * 768 ** 2 and XLMR_LANGUAGE_K == 13 * 768 ** 2
+
+
+@pytest.mark.parametrize("preset", ["small", "full"])
+def test_presets_validate(preset):
+    cfg = load_experiment("nusax", preset=preset)
+    assert cfg.preset == preset
+    assert len(cfg.seeds) >= 2 and cfg.full_ft
+    assert {"lt_sft", "deft_x_rank", "deft_x_energy"} <= set(cfg.methods)
+    if preset == "full":
+        assert len(cfg.seeds) >= 3
+        assert sorted(cfg.pipeline.target_languages) == sorted(
+            ["ace", "ban", "bbc", "bjn", "bug", "eng", "jav", "mad", "min", "nij", "sun"])
+
+
+def test_method_selection_gets_the_budget_and_exclusive_overrides():
+    cfg = load_experiment("nusax", preset="small")
+    d = xlmr_densities()
+    rank = cfg.selection("deft_x_rank", "task")
+    assert rank.method == "deft_x" and rank.rank == 16 and rank.energy is None
+    assert rank.density == pytest.approx(d["task"])
+    assert cfg.selection("lt_sft", "language").density == pytest.approx(d["language"])
+    variant = cfg.ablation_selection("rank_4")
+    assert variant.rank == 4 and variant.energy is None and variant.density == pytest.approx(d["task"])
+    own = load_experiment("nusax", preset="small", overrides=["budget=config"])
+    assert own.selection("lt_sft", "task").density == own.pipeline.task_sft.selection.density
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seeds=[1, 1]", "seeds: a seed is listed twice"),
+    ("seeds=[]", "seeds: give at least one seed"),
+    ("methods.full_ft={method: lt_sft}", "methods.full_ft: reserved"),
+    ("methods.bad={method: nope}", "methods.bad.method: unknown method 'nope'"),
+    ("methods.bad={rank: 0, method: deft_x}", "methods.bad.rank: must be a positive integer"),
+    ("multi_source.folds=5", "multi_source.folds: must be in [0, 2]"),
+    ("multi_source.methods=[nope]", "multi_source.methods: 'nope' is not one of the methods"),
+    ("multi_source.candidates=[ind, min]", "multi_source.candidates: min is neither the source nor a target"),
+    ("ablations.base=nope", "ablations.base: 'nope' is not one of the methods"),
+    ("budget=huge", "budget: unknown budget 'huge'"),
+    ("pipeline.target_languages=[jav, xx]", "pipeline.target_languages[1]"),
+    ("unknown=1", "unknown: unknown key"),
+])
+def test_bad_experiment_settings_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_experiment("nusax", preset="small", overrides=[override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_zero3_with_multi_source_is_refused_up_front():
+    with pytest.raises(ConfigError, match="zero_stage 0-2"):
+        load_experiment("nusax", preset="small", overrides=["pipeline.cluster.backend=ray",
+                                                             "pipeline.cluster.zero_stage=3",
+                                                             "pipeline.language_sft.full.l1_reg=0",
+                                                             "pipeline.language_sft.sparse.l1_reg=0"])
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="available: full, small"):
+        load_experiment("nusax", preset="huge")
+
+
+@pytest.mark.parametrize("folds", [1, 2, 3, 11])
+def test_leave_fold_out_never_trains_on_a_held_out_target(folds):
+    cfg = load_experiment("nusax", preset="full", overrides=[f"multi_source.folds={folds}"])
+    targets = cfg.pipeline.target_languages
+    seen: list[str] = []
+    for fold in range(folds):
+        held_out = cfg.fold_targets(fold)
+        sources = cfg.fold_sources(fold)
+        assert held_out and not set(held_out) & set(sources)
+        assert cfg.pipeline.source_language in sources
+        seen += held_out
+    assert sorted(seen) == sorted(targets)   # every target evaluated exactly once
+
+
+def _records(values: dict[tuple[int, str], float]) -> list[Record]:
+    return [Record("main", "lt_sft", seed, lang, "test", f1, 0.0, 10) for (seed, lang), f1 in values.items()]
+
+
+def test_average_rows_are_seed_means_of_language_averages():
+    rows = _records({(1, "jav"): 0.6, (1, "sun"): 0.8, (2, "jav"): 0.5, (2, "sun"): 0.5, (3, "jav"): 0.9})
+    assert per_seed_average(rows, ["jav", "sun"]) == pytest.approx([0.7, 0.5])   # seed 3 is incomplete
+    mean, spread = mean_spread([0.7, 0.5])
+    assert mean == pytest.approx(0.6) and spread == pytest.approx(math.sqrt(0.02))
+    assert cell([0.7, 0.5]) == "60.0 ± 14.1"
+    assert cell([0.7]) == "70.0" and cell([]) == "-"
+
+
+def test_multi_source_stream_visits_every_batch_of_every_language_once_per_epoch(tiny_model_dir):
+    from deftx.data import load_nusax_senti
+    from deftx.models import load_tokenizer
+    from deftx.training.batches import classification_stream
+    from deftx.training.multi_source import LANGUAGE_KEY, MultiSourceStream
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    streams = [classification_stream(tok, load_nusax_senti(lang, "train")[:n], batch_size=8, seed=i, max_length=32)
+               for i, (lang, n) in enumerate([("ind", 40), ("jav", 24)])]
+    stream = MultiSourceStream(streams, seed=5)
+    assert stream.steps_per_epoch == 5 + 3
+    for epoch in (0, 1):
+        plan = stream.plan(epoch)
+        assert sorted(plan) == sorted([(0, epoch * 5 + j) for j in range(5)] + [(1, epoch * 3 + j) for j in range(3)])
+        for step in range(8):
+            batch = stream.batch_at(epoch * 8 + step)
+            lang, inner = plan[step]
+            assert torch.equal(batch[LANGUAGE_KEY], torch.full_like(batch["labels"], lang))
+            assert torch.equal(batch["input_ids"], streams[lang].batch_at(inner)["input_ids"])
+    again = MultiSourceStream(streams, seed=5)
+    assert torch.equal(again.batch_at(11)["input_ids"], stream.batch_at(11)["input_ids"])
+
+
+def test_multi_source_loss_equals_the_loss_and_gradient_at_the_applied_language_sft(tiny_model_dir):
+    """A batch of language l is computed at theta + phi_l and its gradient reaches theta: equal,
+    bit for bit, to applying phi_l in place, taking the gradient, and reverting."""
+    from deftx.data import NUSAX_LABELS, load_nusax_senti
+    from deftx.masks import body_parameters
+    from deftx.models import load_classifier, load_tokenizer
+    from deftx.sft import SFTMetadata, SparseDelta, SparseFineTuning
+    from deftx.training.batches import classification_stream
+    from deftx.training.multi_source import LANGUAGE_KEY, multi_source_loss
+    from deftx.training.objectives import classification_loss
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_classifier(str(tiny_model_dir), NUSAX_LABELS, seed=0)
+    model.eval()   # no dropout: both computations see the same network
+    body = body_parameters(model)
+    g = torch.Generator().manual_seed(0)
+    diffs = {}
+    for name in list(body)[:6]:
+        n = body[name].numel()
+        idx = torch.randperm(n, generator=g)[: max(1, n // 10)].sort().values
+        diffs[name] = SparseDelta(tuple(body[name].shape), idx, torch.randn(idx.numel(), generator=g) * 0.05)
+    sft = SparseFineTuning(diffs, {}, SFTMetadata(kind="language", language="jav"))
+    batch = classification_stream(tok, load_nusax_senti("jav", "train")[:8], batch_size=8, seed=0,
+                                  max_length=32).batch_at(0)
+    loss_fn = multi_source_loss(classification_loss, [None, sft.diffs])
+
+    model.zero_grad()
+    shifted = loss_fn(model, {**batch, LANGUAGE_KEY: torch.ones(8, dtype=torch.long)})
+    shifted.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    with sft.applied(model, with_head=False, check_base=False):
+        reference = classification_loss(model, batch)
+        reference.backward()
+    assert torch.equal(shifted.detach(), reference.detach())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name])           # nothing stays applied
+        if name in grads:
+            assert torch.equal(p.grad, grads[name]), name
+
+    model.zero_grad()
+    plain = loss_fn(model, {**batch, LANGUAGE_KEY: torch.zeros(8, dtype=torch.long)})
+    assert torch.equal(plain.detach(), classification_loss(model, batch).detach())
+    with pytest.raises(ValueError, match="mixes languages"):
+        loss_fn(model, {**batch, LANGUAGE_KEY: torch.tensor([0, 1] * 4)})
+
+
+@pytest.mark.slow
+def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
+    """`deftx experiment nusax --preset small` (tiny model): every system trained and scored, the
+    report written and logged to MLflow; the same command again trains nothing and reproduces
+    every score."""
+    from deftx.cli import main
+
+    out, results, db = tmp_path / "run", tmp_path / "results", tmp_path / "mlflow.db"
+    argv = ["experiment", "nusax", "--preset", "small", "--output-dir", str(out), "--results-dir", str(results),
+            "--set", f"pipeline.model.name_or_path={tiny_model_dir}",
+            "--set", f"pipeline.tracking.uri=sqlite:///{db}", "--set", "pipeline.max_eval_examples=40"]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    for expected in ("full FT", "LT-SFT", "DeFT-X (rank 16)", "DeFT-X (energy 0.9)", "Multi-source", "ablations",
+                     "average of the 2 targets"):
+        assert expected in shown
+    for name in ("results.md", "scores.csv", "overlap.csv", "provenance.json", "f1.png", "spectra.png",
+                 "density-language.png", "density-task.png"):
+        assert (results / name).is_file(), name
+    with (results / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    cfg = load_experiment("nusax", preset="small")
+    langs = ["ind", "jav", "sun"]
+    main_rows = [r for r in rows if r["part"] == "main"]
+    # (full FT + 3 methods x {with, without language SFT}) x 2 seeds x 3 languages x 2 splits
+    assert len(main_rows) == (1 + 2 * len(cfg.methods)) * len(cfg.seeds) * len(langs) * 2
+    assert {r["system"] for r in main_rows} == {"full_ft", *cfg.methods}
+    assert all(0.0 <= float(r["macro_f1"]) <= 1.0 for r in rows)
+    assert {int(r["n"]) for r in rows} == {40}
+    multi = [r for r in rows if r["part"] == "multi_source"]
+    assert len(multi) == len(cfg.multi_source.methods) * len(cfg.seeds) * 2 * 2
+    for r in multi:   # a held-out target never among its task SFT's sources
+        assert r["language"] not in json.loads(r["extra"])["sources"]
+    assert {r["system"] for r in rows if r["part"] == "ablation"} == set(cfg.ablations.variants)
+    prov = json.loads((results / "provenance.json").read_text())
+    assert prov["seeds"] == cfg.seeds and len(prov["commit"]) in (40, 7) or prov["commit"] == "unknown"
+    assert prov["units_trained"] > 0 and prov["command"].startswith("deftx experiment nusax")
+
+    # each method's language SFTs share one phase 1 per language; the SFTs differ only by selection
+    from deftx.sft import read_metadata
+
+    for lang in langs:
+        reused = {read_metadata(out / "sfts" / m / f"lang-{lang}")["training"]["phase1_reused_from"]
+                  for m in cfg.methods}
+        assert reused == {str(out / "phase1" / f"language-{lang}")}
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("deftx-experiment-nusax")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert "test.avg_macro_f1.lt_sft" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "results")} >= {"results/results.md",
+                                                                                    "results/scores.csv"}
+
+    first = (results / "scores.csv").read_text()
+    assert main(argv) == 0
+    capsys.readouterr()
+    prov = json.loads((results / "provenance.json").read_text())
+    assert prov["units_trained"] == 0 and prov["units_reused"] > 0
+    assert (results / "scores.csv").read_text() == first
+
+
+def test_experiment_config_defaults_validate():
+    cfg = ExperimentConfig(pipeline=PipelineConfig(), methods={"lt_sft": {"method": "lt_sft"}})
+    assert cfg.validate() is cfg
