@@ -23,7 +23,7 @@ from deftx.denoise import SVD_SOLVERS, SVD_TARGETS
 from deftx.errors import ConfigError
 
 METHODS = ("lt_sft", "deft_x")
-DATASETS = ("nusax",)
+DATASETS = ("nusax", "americasnli")
 
 
 def _fail(key: str, problem: str) -> ConfigError:
@@ -193,6 +193,9 @@ class DataConfig:
             raise _fail(f"{key}.dataset", f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
         if self.source not in ("bundled", "hub") and not Path(self.source).is_dir():
             raise _fail(f"{key}.source", f"{self.source!r} is not 'bundled', 'hub' or an existing directory")
+        if self.dataset == "americasnli" and self.source == "bundled":
+            raise _fail(f"{key}.source", "AmericasNLI is not bundled: give the AmericasNLI directory (laid out like "
+                        "/work/shared/data/americasnli) or 'hub'")
 
 
 BACKENDS = ("ray", "local")
@@ -292,12 +295,17 @@ class PipelineConfig:
 
         self.model.validate()
         self.data.validate()
-        if self.task != "nusax_senti":
-            raise _fail("task", f"unknown task {self.task!r}; valid: nusax_senti")
+        from deftx.tasks import DATASET_TASK
+
+        if self.task != DATASET_TASK[self.data.dataset]:
+            raise _fail("task", f"the {self.data.dataset} dataset's task is {DATASET_TASK[self.data.dataset]!r}, "
+                        f"got {self.task!r}")
         if not self.target_languages:
             raise _fail("target_languages", "must list at least one language")
         for key, code in [("source_language", self.source_language)] + [
                 (f"target_languages[{i}]", c) for i, c in enumerate(self.target_languages)]:
+            if key == "source_language" and self.data.dataset == "americasnli" and code == "eng":
+                continue   # English MultiNLI from the hub: the published AmericasNLI source
             try:
                 check_language(code, self.data.dataset)
             except DataError as exc:

@@ -25,12 +25,12 @@ import torch
 from deftx import __version__
 from deftx.compose import Composition
 from deftx.config import PipelineConfig, SFTConfig, from_dict
-from deftx.data import NUSAX_LABELS, NUSAX_LANGUAGE_NAMES, load_nusax_mt_text, load_nusax_senti
 from deftx.errors import DeftxError
 from deftx.evaluation import evaluate
 from deftx.masks import parameter_roles
 from deftx.models import load_classifier, load_masked_lm, load_tokenizer, resolve_model_path
 from deftx.sft import SFTMetadata, SparseFineTuning, current_base_fingerprint, read_metadata
+from deftx.tasks import task_spec
 from deftx.training.batches import classification_stream, masked_lm_stream
 from deftx.training.lt_sft import train_head_only, train_sparse_fine_tuning
 from deftx.training.objectives import classification_loss, masked_lm_loss
@@ -80,14 +80,15 @@ def train_language_sft(model_path: str, tokenizer, lang: str, sft_cfg: SFTConfig
                        texts: list[str] | None = None,
                        head_init: dict[str, torch.Tensor] | None = None,
                        runtime: TrainingRuntime | None = None, phase1: Phase1Store | None = None,
-                       stop_after_phase1: bool = False) -> SparseFineTuning | None:
+                       stop_after_phase1: bool = False, task: str = "nusax_senti") -> SparseFineTuning | None:
     """A language SFT by masked LM on ``lang``'s NusaX-MT train text (or the given ``texts``).
 
     A base model without a pretrained MLM head gets its head from ``head_init`` (a shared warm-up,
     see :func:`warm_up_mlm_head`) or, failing that, a warm-up on ``lang``'s text alone.
     Returns None on the ranks of a distributed runtime other than 0, and with ``stop_after_phase1``
     (which only fills ``phase1``)."""
-    texts = _capped(texts if texts is not None else load_nusax_mt_text(lang, data_source), sft_cfg.max_train_examples)
+    spec = task_spec(task)
+    texts = _capped(texts if texts is not None else spec.text(lang, data_source), sft_cfg.max_train_examples)
     model, has_head = load_masked_lm(model_path, seed=seed)
     if head_init is not None:
         _load_head(model, head_init)
@@ -103,7 +104,7 @@ def train_language_sft(model_path: str, tokenizer, lang: str, sft_cfg: SFTConfig
     meta = SFTMetadata(kind="language", language=lang, method=sft_cfg.selection.method,
                        selection=sft_cfg.selection.hyperparameters(), base_model=model_id,
                        base_fingerprint=fingerprint, tokenizer=model_id,
-                       training={"data": f"NusaX-MT train ({data_source})", "seed": seed,
+                       training={"data": f"{spec.dataset} unlabelled text ({data_source})", "seed": seed,
                                  "mlm_probability": sft_cfg.mlm_probability,
                                  "mlm_head": head_source})
     result = train_sparse_fine_tuning(
@@ -156,16 +157,17 @@ def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: Spars
                    sft_cfg: SFTConfig, *, model_id: str, data_source: str, max_length: int, seed: int,
                    log: Log, eval_batch_size: int = 64,
                    runtime: TrainingRuntime | None = None, phase1: Phase1Store | None = None,
-                   stop_after_phase1: bool = False) -> SparseFineTuning | None:
+                   stop_after_phase1: bool = False, task: str = "nusax_senti") -> SparseFineTuning | None:
     """A NusaX sentiment task SFT on ``source_lang``, trained on theta0 + ``lang_sft``, with its
     macro-F1 on the source validation split (theta0 + lang_sft + task SFT) in its metrics.
     Returns None on the ranks of a distributed runtime other than 0."""
-    train = _capped(load_nusax_senti(source_lang, "train", data_source), sft_cfg.max_train_examples)
-    base = load_classifier(model_path, NUSAX_LABELS, seed=seed)
+    spec = task_spec(task)
+    train = _capped(spec.train(source_lang, data_source), sft_cfg.max_train_examples)
+    base = load_classifier(model_path, spec.labels, seed=seed)
     fingerprint = current_base_fingerprint(base)
 
     def build() -> torch.nn.Module:
-        model = load_classifier(model_path, NUSAX_LABELS, seed=seed)
+        model = load_classifier(model_path, spec.labels, seed=seed)
         if lang_sft is not None:
             lang_sft.apply(model, with_head=False)
         return model
@@ -176,11 +178,11 @@ def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: Spars
     if lang_sft is not None:
         trained_on = {"language_sft": lang_sft.metadata.language, "language_sft_nnz": lang_sft.nnz,
                       "language_sft_source": lang_sft.source}
-    meta = SFTMetadata(kind="task", task="nusax_senti", language=source_lang, method=sft_cfg.selection.method,
+    meta = SFTMetadata(kind="task", task=spec.name, language=source_lang, method=sft_cfg.selection.method,
                        selection=sft_cfg.selection.hyperparameters(), base_model=model_id,
-                       base_fingerprint=fingerprint, tokenizer=model_id, label_names=list(NUSAX_LABELS),
+                       base_fingerprint=fingerprint, tokenizer=model_id, label_names=list(spec.labels),
                        trained_on=trained_on,
-                       training={"data": f"NusaX-senti {source_lang} train ({data_source})", "seed": seed})
+                       training={"data": f"{spec.name} {source_lang} training data ({data_source})", "seed": seed})
     result = train_sparse_fine_tuning(
         _first_then(base, build), kind="task", loss_fn=classification_loss, cfg=sft_cfg, metadata=meta,
         label=f"task {source_lang}", log=log, runtime=runtime, phase1=phase1, stop_after_phase1=stop_after_phase1,
@@ -188,10 +190,10 @@ def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: Spars
                                                     max_length=max_length))
     if result.sft is None:
         return None
-    valid = load_nusax_senti(source_lang, "valid", data_source)
-    classifier = load_classifier(model_path, NUSAX_LABELS, seed=seed)
+    valid = spec.evaluation(source_lang, "valid", data_source)
+    classifier = load_classifier(model_path, spec.labels, seed=seed)
     with Composition(result.sft, lang_sft).applied(classifier):
-        result.sft.metadata.metrics["source_valid"] = evaluate(classifier, tokenizer, valid, len(NUSAX_LABELS),
+        result.sft.metadata.metrics["source_valid"] = evaluate(classifier, tokenizer, valid, spec.num_labels,
                                                                batch_size=eval_batch_size, max_length=max_length)
     return result.sft
 
@@ -200,8 +202,8 @@ def train_multi_source_task_sft(model_path: str, tokenizer, sources: list[str],
                                 lang_sfts: dict[str, SparseFineTuning | None], sft_cfg: SFTConfig, *,
                                 model_id: str, data_source: str, max_length: int, seed: int, log: Log,
                                 runtime: TrainingRuntime | None = None, phase1: Phase1Store | None = None,
-                                stop_after_phase1: bool = False) -> SparseFineTuning | None:
-    """A NusaX sentiment task SFT trained on the labelled data of several ``sources`` (at most
+                                stop_after_phase1: bool = False, task: str = "nusax_senti") -> SparseFineTuning | None:
+    """A task SFT trained on the labelled data of several ``sources`` (at most
     ``max_train_examples`` each), on theta0, with each batch computed at theta + phi_lang of its
     language (``lang_sfts``; see :mod:`deftx.training.multi_source`). Both phases see the shifted
     batches; the SFT holds only the task's change."""
@@ -209,21 +211,22 @@ def train_multi_source_task_sft(model_path: str, tokenizer, sources: list[str],
 
     if not sources:
         raise ValueError("multi-source training needs at least one source language")
-    train = {lang: _capped(load_nusax_senti(lang, "train", data_source), sft_cfg.max_train_examples)
-             for lang in sources}
-    base = load_classifier(model_path, NUSAX_LABELS, seed=seed)
+    spec = task_spec(task)
+    train = {lang: _capped(spec.train(lang, data_source), sft_cfg.max_train_examples) for lang in sources}
+    base = load_classifier(model_path, spec.labels, seed=seed)
     fingerprint = current_base_fingerprint(base)
     for lang in sources:
         sft = lang_sfts.get(lang)
         if sft is not None:
             sft.check_compatible(base, with_head=False, fingerprint=fingerprint)
-    meta = SFTMetadata(kind="task", task="nusax_senti", language="+".join(sources), method=sft_cfg.selection.method,
+    meta = SFTMetadata(kind="task", task=spec.name, language="+".join(sources), method=sft_cfg.selection.method,
                        selection=sft_cfg.selection.hyperparameters(), base_model=model_id,
-                       base_fingerprint=fingerprint, tokenizer=model_id, label_names=list(NUSAX_LABELS),
+                       base_fingerprint=fingerprint, tokenizer=model_id, label_names=list(spec.labels),
                        trained_on={"multi_source": list(sources),
                                    "language_sfts": {lang: (s.source if s is not None else None)
                                                      for lang, s in lang_sfts.items() if lang in sources}},
-                       training={"data": f"NusaX-senti train of {', '.join(sources)} ({data_source})", "seed": seed})
+                       training={"data": f"{spec.name} training data of {', '.join(sources)} ({data_source})",
+                                 "seed": seed})
     loss = multi_source_loss(classification_loss,
                              [lang_sfts[lang].diffs if lang_sfts.get(lang) is not None else None  # type: ignore[union-attr]
                               for lang in sources])
@@ -234,7 +237,7 @@ def train_multi_source_task_sft(model_path: str, tokenizer, sources: list[str],
                                  seed=seed)
 
     result = train_sparse_fine_tuning(
-        _first_then(base, lambda: load_classifier(model_path, NUSAX_LABELS, seed=seed)), kind="task",
+        _first_then(base, lambda: load_classifier(model_path, spec.labels, seed=seed)), kind="task",
         loss_fn=loss, cfg=sft_cfg, metadata=meta, label=f"task {'+'.join(sources)}", log=log, runtime=runtime,
         phase1=phase1, stop_after_phase1=stop_after_phase1, stream_for=stream_for)  # type: ignore[arg-type]
     return result.sft
@@ -315,6 +318,15 @@ def pipeline_languages(cfg: PipelineConfig) -> list[str]:
     return [cfg.source_language] + [t for t in cfg.target_languages if t != cfg.source_language]
 
 
+def head_languages(cfg: PipelineConfig) -> list[str]:
+    """The languages whose text trains the shared MLM head: the pipeline's, or for AmericasNLI with
+    its offline (multi-source) training the targets only (English text is only on the hub)."""
+    langs = pipeline_languages(cfg)
+    if cfg.data.dataset == "americasnli" and cfg.data.source != "hub":
+        langs = [lang for lang in langs if lang != "eng"]
+    return langs
+
+
 def run_job(job: SFTJob, runtime: TrainingRuntime | None = None, log: Log = print) -> JobOutput | None:
     """Run ``job`` (on every rank of a distributed runtime); the output on rank 0, None elsewhere."""
     runtime = runtime or LocalRuntime()
@@ -323,12 +335,14 @@ def run_job(job: SFTJob, runtime: TrainingRuntime | None = None, log: Log = prin
         torch.set_num_threads(cfg.threads)
     model_path = resolve_model_path(cfg.model.name_or_path, log=log)
     tokenizer = load_tokenizer(model_path)
-    common = dict(max_length=cfg.model.max_length, seed=cfg.seed, log=log, runtime=runtime)
+    common = dict(max_length=cfg.model.max_length, seed=cfg.seed, log=log, runtime=runtime, task=cfg.task)
+    spec = task_spec(cfg.task)
     if job.kind == "mlm_head":
-        texts = [t for lang in pipeline_languages(cfg)
-                 for t in _capped(load_nusax_mt_text(lang, cfg.data.source), cfg.language_sft.max_train_examples)]
+        texts = [t for lang in head_languages(cfg)
+                 for t in _capped(spec.text(lang, cfg.data.source), cfg.language_sft.max_train_examples)]
         model, _ = load_masked_lm(model_path, seed=cfg.seed)
-        values, phase = warm_up_mlm_head(model, tokenizer, texts, cfg.language_sft, **common)
+        values, phase = warm_up_mlm_head(model, tokenizer, texts, cfg.language_sft, max_length=cfg.model.max_length,
+                                         seed=cfg.seed, log=log, runtime=runtime)
         if runtime.rank != 0:
             return None
         return JobOutput(head=values, info={"digest": job.digest, "steps": phase.steps,
@@ -371,9 +385,10 @@ def _probed(runtime: TrainingRuntime, job: SFTJob, cfg: PipelineConfig, model_pa
     spec = job.probe or {}
     split = spec["split"]
     lang = spec["language"] if split == "target_valid" else cfg.source_language
-    examples = load_nusax_senti(lang, "valid", cfg.data.source) if runtime.rank == 0 else []
+    task = task_spec(cfg.task)
+    examples = task.evaluation(lang, "valid", cfg.data.source) if runtime.rank == 0 else []
     probe = language_probe(model_path, tokenizer, SparseFineTuning.load(spec["task_sft"]), examples,
-                           len(NUSAX_LABELS), split, seed=cfg.seed, batch_size=cfg.eval_batch_size,
+                           task.num_labels, split, seed=cfg.seed, batch_size=cfg.eval_batch_size,
                            max_length=cfg.model.max_length) if runtime.rank == 0 else (lambda values, step: {})
     return ProbedRuntime(runtime, kind="language", every=int(spec["every"]), probe=probe,
                          report_path=spec["report_path"])
@@ -496,7 +511,7 @@ def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list
     model_path = resolve_model_path(cfg.model.name_or_path, log=log)
     common, has_head = _common_digest_parts(cfg, model_path)
     config = asdict(cfg)
-    all_langs = pipeline_languages(cfg)
+    all_langs = head_languages(cfg)
     head_digest = config_digest({**common, "kind": "mlm-head", "languages": all_langs,
                                  "steps": cfg.language_sft.head_warmup_steps,
                                  "lr": cfg.language_sft.head_warmup_learning_rate,
@@ -516,7 +531,7 @@ def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list
         digest = language_sft_digest(trained, lang, cfg.language_sft)
         sft = _reuse(directory, digest, log)
         if sft is None:
-            log(f"== language SFT {i}/{len(languages)}: {lang} ({NUSAX_LANGUAGE_NAMES[lang]}) ==")
+            log(f"== language SFT {i}/{len(languages)}: {lang} ({task_spec(cfg.task).language_name(lang)}) ==")
             executor.run(SFTJob("language", lang, config, digest,
                                 head_path=str(head_dir) if head_dir is not None else None), directory, log)
             sft = SparseFineTuning.load(directory)
@@ -595,21 +610,22 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
     tokenizer = load_tokenizer(model_path)
 
     log("== zero-shot evaluation ==")
-    classifier = load_classifier(model_path, NUSAX_LABELS, seed=cfg.seed)
+    spec = task_spec(cfg.task)
+    classifier = load_classifier(model_path, spec.labels, seed=cfg.seed)
     result = PipelineResult(method=cfg.task_sft.selection.method, output_dir=str(out))
     kwargs = dict(batch_size=cfg.eval_batch_size, max_length=cfg.model.max_length)
     valid_scores: dict[str, float] = {}
     for lang in languages:
-        test = _capped(load_nusax_senti(lang, "test", cfg.data.source), cfg.max_eval_examples)
+        test = _capped(spec.evaluation(lang, "test", cfg.data.source), cfg.max_eval_examples)
         with Composition(task_sft, lang_sfts[lang]).applied(classifier):
-            composed = evaluate(classifier, tokenizer, test, len(NUSAX_LABELS), **kwargs)
+            composed = evaluate(classifier, tokenizer, test, spec.num_labels, **kwargs)
             if lang != cfg.source_language and cfg.tracking.enabled:
-                valid = load_nusax_senti(lang, "valid", cfg.data.source)
-                valid_scores[lang] = evaluate(classifier, tokenizer, valid, len(NUSAX_LABELS), **kwargs)["macro_f1"]
+                valid = spec.evaluation(lang, "valid", cfg.data.source)
+                valid_scores[lang] = evaluate(classifier, tokenizer, valid, spec.num_labels, **kwargs)["macro_f1"]
         with Composition(task_sft).applied(classifier):
-            alone = evaluate(classifier, tokenizer, test, len(NUSAX_LABELS), **kwargs)
+            alone = evaluate(classifier, tokenizer, test, spec.num_labels, **kwargs)
         role = "source" if lang == cfg.source_language else "target"
-        result.rows.append({"language": lang, "name": NUSAX_LANGUAGE_NAMES[lang], "role": role,
+        result.rows.append({"language": lang, "name": spec.language_name(lang), "role": role,
                             "macro_f1": composed["macro_f1"], "accuracy": composed["accuracy"],
                             "task_only_macro_f1": alone["macro_f1"], "n": composed["n"]})
         log(f"[eval {lang}] macro-F1 {100 * composed['macro_f1']:.1f} with language SFT, "

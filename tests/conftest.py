@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,12 @@ def other_base_dir(tmp_path_factory):
     from helpers import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-other"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def americasnli_dir():
+    """The AmericasNLI data directory (not bundled: the tests use ../shared/data when present)."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "americasnli"
+    if not path.is_dir():
+        pytest.skip(f"{path} not present (AmericasNLI is not bundled)")
+    return path

@@ -19,8 +19,8 @@ from deftx.experiments.config import (
     load_experiment,
     xlmr_densities,
 )
-from deftx.experiments.nusax import Record
 from deftx.experiments.report import cell, mean_spread, per_seed_average
+from deftx.experiments.runner import Record
 
 
 def test_xlmr_base_maskable_count_recounted_on_a_meta_model():
@@ -39,7 +39,7 @@ def test_xlmr_base_maskable_count_recounted_on_a_meta_model():
 
 
 @pytest.mark.parametrize("preset", ["small", "full"])
-def test_presets_validate(preset):
+def test_nusax_presets_validate(preset):
     cfg = load_experiment("nusax", preset=preset)
     assert cfg.preset == preset
     assert len(cfg.seeds) >= 2 and cfg.full_ft
@@ -48,6 +48,31 @@ def test_presets_validate(preset):
         assert len(cfg.seeds) >= 3
         assert sorted(cfg.pipeline.target_languages) == sorted(
             ["ace", "ban", "bbc", "bjn", "bug", "eng", "jav", "mad", "min", "nij", "sun"])
+
+
+@pytest.mark.parametrize("preset", ["small", "full"])
+def test_americasnli_presets_validate_leave_fold_out(preset, americasnli_dir):
+    cfg = load_experiment("americasnli", preset=preset, overrides=[f"pipeline.data.source={americasnli_dir}"])
+    assert cfg.main == "leave_fold_out" and cfg.pipeline.task == "americasnli"
+    assert "eng" not in cfg.sft_languages()          # offline: no English text or MultiNLI
+    assert sorted(cfg.sft_languages()) == sorted(cfg.pipeline.target_languages)
+    for fold in range(cfg.multi_source.folds):
+        assert not set(cfg.fold_targets(fold)) & set(cfg.fold_sources(fold))
+    if preset == "full":
+        assert len(cfg.pipeline.target_languages) == 10 and len(cfg.seeds) == 3
+
+
+def test_americasnli_settings_that_cannot_work_offline_are_refused(americasnli_dir):
+    src = f"pipeline.data.source={americasnli_dir}"
+    with pytest.raises(ConfigError, match="MultiNLI, which is only on the hub"):
+        load_experiment("americasnli", preset="small", overrides=[src, "main=single_source", "multi_source.folds=0"])
+    with pytest.raises(ConfigError, match="AmericasNLI is not bundled"):
+        load_experiment("americasnli", preset="small", overrides=["pipeline.data.source=bundled"])
+    with pytest.raises(ConfigError, match="pipeline.data.source"):
+        load_experiment("americasnli", preset="small", overrides=["pipeline.data.source=/no/such/dir"])
+    with pytest.raises(ConfigError, match="ablations: implemented for main: single_source"):
+        load_experiment("americasnli", preset="small", overrides=[src, "ablations.variants={a: {rank: 4}}",
+                                                                  "ablations.base=deft_x_rank"])
 
 
 def test_method_selection_gets_the_budget_and_exclusive_overrides():
@@ -212,7 +237,7 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
     for expected in ("full FT", "LT-SFT", "DeFT-X (rank 16)", "DeFT-X (energy 0.9)", "Multi-source", "ablations",
                      "average of the 2 targets"):
         assert expected in shown
-    for name in ("results.md", "scores.csv", "overlap.csv", "provenance.json", "f1.png", "spectra.png",
+    for name in ("results.md", "scores.csv", "overlap.csv", "provenance.json", "main.png", "spectra.png",
                  "density-language.png", "density-task.png"):
         assert (results / name).is_file(), name
     with (results / "scores.csv").open() as f:
@@ -263,3 +288,32 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
 def test_experiment_config_defaults_validate():
     cfg = ExperimentConfig(pipeline=PipelineConfig(), methods={"lt_sft": {"method": "lt_sft"}})
     assert cfg.validate() is cfg
+
+
+@pytest.mark.slow
+def test_americasnli_small_experiment_leave_fold_out_end_to_end(tiny_model_dir, americasnli_dir, tmp_path, capsys):
+    """`deftx experiment americasnli --preset small` (tiny model, real AmericasNLI files, one seed):
+    every system trained per fold on the other languages' dev sets and scored by accuracy on the
+    held-out language's test set only."""
+    from deftx.cli import main
+
+    out, results = tmp_path / "run", tmp_path / "results"
+    argv = ["experiment", "americasnli", "--preset", "small", "--output-dir", str(out), "--results-dir", str(results),
+            "--set", f"pipeline.model.name_or_path={tiny_model_dir}", "--set", f"pipeline.data.source={americasnli_dir}",
+            "--set", "pipeline.tracking.enabled=false", "--set", "seeds=[1]", "--set", "pipeline.max_eval_examples=30"]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    assert "AmericasNLI zero-shot transfer" in shown and "Test accuracy (%)" in shown
+    with (results / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    cfg = load_experiment("americasnli", preset="small", overrides=[f"pipeline.data.source={americasnli_dir}"])
+    assert {r["language"] for r in rows} == set(cfg.pipeline.target_languages)
+    # per fold: full FT (once) + 3 methods x {with, without language SFT}; one held-out language per fold
+    assert len(rows) == (1 + 2 * len(cfg.methods)) * 3 * 2
+    from deftx.sft import read_metadata
+
+    for fold, lang in enumerate(cfg.pipeline.target_languages):
+        meta = read_metadata(out / "sfts" / "seed1" / f"multi-lt_sft-fold{fold}")
+        assert lang not in meta["trained_on"]["multi_source"]
+        assert sorted(meta["trained_on"]["multi_source"]) == sorted(set(cfg.pipeline.target_languages) - {lang})
+        assert meta["task"] == "americasnli" and meta["label_names"] == ["entailment", "neutral", "contradiction"]

@@ -33,6 +33,8 @@ XLMR_TASK_K = 14_155_776
 XLMR_LANGUAGE_K = 7_667_712
 BUDGETS = ("xlmr-base", "config")
 FULL_FT = "full_ft"
+EXPERIMENT_DATASETS = ("nusax", "americasnli")
+MAIN_LAYOUTS = ("single_source", "leave_fold_out")
 
 
 def xlmr_densities() -> dict[str, float]:
@@ -66,8 +68,13 @@ class AblationConfig:
 
 @dataclass
 class ExperimentConfig:
+    """``main``: ``single_source`` (task SFT on the source language, the NusaX setting) or
+    ``leave_fold_out`` (multi-source task SFTs per fold of ``multi_source``, the offline AmericasNLI
+    setting); see :mod:`deftx.experiments.runner`."""
+
     dataset: str = "nusax"
     preset: str = "custom"
+    main: str = "single_source"
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])   # task SFT seeds (language SFTs: pipeline.seed)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)   # name -> selection overrides
@@ -76,11 +83,19 @@ class ExperimentConfig:
     multi_source: MultiSourceConfig = field(default_factory=MultiSourceConfig)
     ablations: AblationConfig = field(default_factory=AblationConfig)
     analysis: bool = True
+    eval_splits: list[str] = field(default_factory=lambda: ["test", "valid"])
     results_dir: str = "benchmarks/results"
 
     def validate(self) -> ExperimentConfig:
-        if self.dataset != "nusax":
-            raise ConfigError(f"dataset: unknown experiment dataset {self.dataset!r}; valid: nusax, americasnli")
+        if self.dataset not in EXPERIMENT_DATASETS:
+            raise ConfigError(f"dataset: unknown experiment dataset {self.dataset!r}; "
+                              f"valid: {', '.join(EXPERIMENT_DATASETS)}")
+        if not self.eval_splits or "test" not in self.eval_splits or not set(self.eval_splits) <= {"test", "valid"}:
+            raise ConfigError(f"eval_splits: must list test, optionally valid; got {self.eval_splits}")
+        if self.main not in MAIN_LAYOUTS:
+            raise ConfigError(f"main: unknown layout {self.main!r}; valid: {', '.join(MAIN_LAYOUTS)}")
+        if self.pipeline.data.dataset != self.dataset:
+            raise ConfigError(f"pipeline.data.dataset: {self.pipeline.data.dataset!r} in a {self.dataset} experiment")
         try:
             self.pipeline.validate()
         except ConfigError as exc:
@@ -118,7 +133,19 @@ class ExperimentConfig:
             for i in range(ms.folds):
                 if not self.fold_sources(i):
                     raise ConfigError(f"multi_source: fold {i} would have no source language")
+        pipe = self.pipeline
+        if self.main == "leave_fold_out" and not ms.folds:
+            raise ConfigError("multi_source.folds: main: leave_fold_out needs at least 1 fold")
+        if (self.main == "single_source" and self.dataset == "americasnli" and pipe.source_language == "eng"
+                and pipe.data.source != "hub"):
+            raise ConfigError("main: single_source from English needs MultiNLI, which is only on the hub "
+                              "(pipeline.data.source: hub); offline use main: leave_fold_out")
+        if "eng" in self.sft_languages() and self.dataset == "americasnli" and pipe.data.source != "hub":
+            raise ConfigError("multi_source.candidates: eng (MultiNLI) is only on the hub")
         if self.ablations.variants:
+            if self.main != "single_source":
+                raise ConfigError("ablations: implemented for main: single_source (they re-select the source "
+                                  "task SFT); remove them or use single_source")
             if self.ablations.base not in self.methods:
                 raise ConfigError(f"ablations.base: {self.ablations.base!r} is not one of the methods "
                                   f"({', '.join(self.methods)})")
@@ -167,11 +194,30 @@ class ExperimentConfig:
     def fold_targets(self, fold: int) -> list[str]:
         return self.pipeline.target_languages[fold:: self.multi_source.folds]
 
+    def candidates(self) -> list[str]:
+        """The languages multi-source task SFTs may train on: ``multi_source.candidates``, else the
+        source and the targets (AmericasNLI offline: the targets; English MultiNLI is on the hub)."""
+        pipe = self.pipeline
+        if self.multi_source.candidates:
+            return list(dict.fromkeys(self.multi_source.candidates))
+        if self.dataset == "americasnli" and pipe.data.source != "hub":
+            return list(pipe.target_languages)
+        return list(dict.fromkeys([pipe.source_language, *pipe.target_languages]))
+
     def fold_sources(self, fold: int) -> list[str]:
         held_out = set(self.fold_targets(fold))
-        pipeline = self.pipeline
-        candidates = self.multi_source.candidates or [pipeline.source_language, *pipeline.target_languages]
-        return [lang for lang in dict.fromkeys(candidates) if lang not in held_out]
+        return [lang for lang in self.candidates() if lang not in held_out]
+
+    def sft_languages(self) -> list[str]:
+        """The languages that get language SFTs: the source (single-source layout) and targets, plus
+        any multi-source candidate."""
+        pipe = self.pipeline
+        langs = list(pipe.target_languages)
+        if self.main == "single_source":
+            langs = [pipe.source_language, *langs]
+        if self.multi_source.folds:
+            langs += self.candidates()
+        return list(dict.fromkeys(langs))
 
     def output_dir(self) -> Path:
         return Path(self.pipeline.output_dir)
@@ -203,14 +249,20 @@ def load_experiment(dataset: str, preset: str | None = None, config_file: str | 
     data.setdefault("dataset", dataset)
     if data["dataset"] != dataset:
         raise ConfigError(f"{config_file}: an experiment on {data['dataset']}, not {dataset}")
+    if dataset not in EXPERIMENT_DATASETS:
+        raise ConfigError(f"unknown experiment dataset {dataset!r}; valid: {', '.join(EXPERIMENT_DATASETS)}")
     if preset is not None:
         data.setdefault("preset", preset)
     data = apply_overrides(data, overrides or [])
-    pipeline = _merge(to_dict(PipelineConfig()), data.pop("pipeline", {}) or {})
-    if pipeline.get("target_languages") == "all":
-        from deftx.data.languages import NUSAX_LANGUAGES
+    from deftx.data.languages import AMERICASNLI_LANGUAGES, NUSAX_LANGUAGES
+    from deftx.tasks import DATASET_TASK
 
-        pipeline["target_languages"] = [c for c in NUSAX_LANGUAGES if c != pipeline["source_language"]]
+    defaults = to_dict(PipelineConfig())
+    defaults["data"]["dataset"], defaults["task"] = dataset, DATASET_TASK[dataset]
+    pipeline = _merge(defaults, data.pop("pipeline", {}) or {})
+    if pipeline.get("target_languages") == "all":
+        codes = NUSAX_LANGUAGES if dataset == "nusax" else AMERICASNLI_LANGUAGES
+        pipeline["target_languages"] = [c for c in codes if c != pipeline["source_language"]]
     cfg = from_dict(ExperimentConfig, {**data, "pipeline": {}})
     cfg.pipeline = from_dict(PipelineConfig, pipeline, "pipeline")
     return cfg.validate()

@@ -21,9 +21,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from deftx.data import NUSAX_LANGUAGE_NAMES
 from deftx.experiments.config import FULL_FT, ExperimentConfig, xlmr_densities
-from deftx.experiments.nusax import ExperimentState, Record
+from deftx.experiments.runner import ExperimentState, Record
+from deftx.tasks import task_spec
 
 SYSTEM_NAMES = {FULL_FT: "full FT", "lt_sft": "LT-SFT", "deft_x_rank": "DeFT-X (fixed rank)",
                 "deft_x_energy": "DeFT-X (energy)"}
@@ -66,12 +66,23 @@ def per_seed_average(records: Sequence[Record], languages: Sequence[str], metric
     return out
 
 
-def _language(lang: str) -> str:
-    return f"{lang} ({NUSAX_LANGUAGE_NAMES.get(lang, lang)})"
+def metric_of(cfg: ExperimentConfig) -> tuple[str, str]:
+    """The headline metric of the experiment's task: (record field, label)."""
+    metric = task_spec(cfg.pipeline.task).metric
+    return metric, {"macro_f1": "macro-F1", "accuracy": "accuracy"}[metric]
 
 
-def main_table(state: ExperimentState, split: str = "test", metric: str = "macro_f1") -> str:
+def dataset_title(cfg: ExperimentConfig) -> str:
+    return {"nusax": "NusaX-senti", "americasnli": "AmericasNLI"}[cfg.dataset]
+
+
+def _language(lang: str, cfg: ExperimentConfig) -> str:
+    return f"{lang} ({task_spec(cfg.pipeline.task).language_name(lang)})"
+
+
+def main_table(state: ExperimentState, split: str = "test") -> str:
     cfg = state.config
+    metric, _ = metric_of(cfg)
     pipe = cfg.pipeline
     systems = ([FULL_FT] if cfg.full_ft else []) + list(cfg.methods)
     header = "| language | " + " | ".join(system_name(s, cfg) for s in systems) + " |"
@@ -83,7 +94,9 @@ def main_table(state: ExperimentState, split: str = "test", metric: str = "macro
 
     targets = list(pipe.target_languages)
     for lang in [pipe.source_language] + targets:
-        label = _language(lang) + (" (source)" if lang == pipe.source_language else "")
+        if not any(r.language == lang for s in systems for r in rows_of(s)):
+            continue
+        label = _language(lang, cfg) + (" (source)" if lang == pipe.source_language else "")
         cells = [cell([getattr(r, metric) for r in rows_of(s) if r.language == lang]) for s in systems]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     avg = [cell(per_seed_average(rows_of(s), targets, metric)) for s in systems]
@@ -93,11 +106,14 @@ def main_table(state: ExperimentState, split: str = "test", metric: str = "macro
 
 def task_only_table(state: ExperimentState, split: str = "test") -> str:
     cfg = state.config
+    metric, _ = metric_of(cfg)
     targets = list(cfg.pipeline.target_languages)
     lines = ["| method | task + language SFT | task SFT only | difference |", "|---|---|---|---|"]
     for system in cfg.methods:
-        both = per_seed_average(select(state.records, part="main", system=system, split=split, with_language_sft=True), targets)
-        alone = per_seed_average(select(state.records, part="main", system=system, split=split, with_language_sft=False), targets)
+        both = per_seed_average(select(state.records, part="main", system=system, split=split, with_language_sft=True),
+                                targets, metric)
+        alone = per_seed_average(select(state.records, part="main", system=system, split=split,
+                                        with_language_sft=False), targets, metric)
         diff = [a - b for a, b in zip(both, alone)]
         lines.append(f"| {system_name(system, cfg)} | {cell(both)} | {cell(alone)} | {cell(diff)} |")
     return "\n".join(lines)
@@ -105,6 +121,7 @@ def task_only_table(state: ExperimentState, split: str = "test") -> str:
 
 def multi_source_table(state: ExperimentState, split: str = "test") -> str:
     cfg = state.config
+    metric, _ = metric_of(cfg)
     ms = cfg.multi_source
     targets = list(cfg.pipeline.target_languages)
     methods = ms.methods
@@ -113,16 +130,16 @@ def multi_source_table(state: ExperimentState, split: str = "test") -> str:
              "|---" * (2 + 2 * len(methods)) + "|"]
     for fold in range(ms.folds):
         for lang in cfg.fold_targets(fold):
-            multi = [cell([r.macro_f1 for r in select(state.records, part="multi_source", system=m, split=split,
+            multi = [cell([getattr(r, metric) for r in select(state.records, part="multi_source", system=m, split=split,
                                                       language=lang)]) for m in methods]
-            single = [cell([r.macro_f1 for r in select(state.records, part="main", system=m, split=split, language=lang,
+            single = [cell([getattr(r, metric) for r in select(state.records, part="main", system=m, split=split, language=lang,
                                                        with_language_sft=True)]) for m in methods]
-            lines.append(f"| {_language(lang)} | {fold} ({', '.join(cfg.fold_sources(fold))}) | "
+            lines.append(f"| {_language(lang, cfg)} | {fold} ({', '.join(cfg.fold_sources(fold))}) | "
                          + " | ".join(multi + single) + " |")
-    avg_multi = [cell(per_seed_average(select(state.records, part="multi_source", system=m, split=split), targets))
-                 for m in methods]
+    avg_multi = [cell(per_seed_average(select(state.records, part="multi_source", system=m, split=split), targets,
+                                       metric)) for m in methods]
     avg_single = [cell(per_seed_average(select(state.records, part="main", system=m, split=split,
-                                               with_language_sft=True), targets)) for m in methods]
+                                               with_language_sft=True), targets, metric)) for m in methods]
     lines.append("| **average** | | " + " | ".join(f"**{c}**" for c in avg_multi + avg_single) + " |")
     return "\n".join(lines)
 
@@ -148,8 +165,9 @@ def overlap_table(state: ExperimentState) -> str:
 
 def ablation_table(state: ExperimentState) -> str:
     cfg = state.config
+    metric, label = metric_of(cfg)
     targets = list(cfg.pipeline.target_languages)
-    lines = [("| variant | task-SFT selection | valid macro-F1 (avg) | test macro-F1 (avg) | overlap with language SFTs "
+    lines = [(f"| variant | task-SFT selection | valid {label} (avg) | test {label} (avg) | overlap with language SFTs "
              "| vs. random |"), "|---|---|---|---|---|---|"]
     for variant in cfg.ablations.variants:
         rows = select(state.records, part="ablation", system=variant)
@@ -158,8 +176,8 @@ def ablation_table(state: ExperimentState) -> str:
         sel = rows[0].extra.get("selection", {})
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sel.items()
                           if k not in ("k", "svd_solver", "denoise_embeddings") and v is not None)
-        valid = per_seed_average([r for r in rows if r.split == "valid"], targets)
-        test = per_seed_average([r for r in rows if r.split == "test"], targets)
+        valid = per_seed_average([r for r in rows if r.split == "valid"], targets, metric)
+        test = per_seed_average([r for r in rows if r.split == "test"], targets, metric)
         frac, ratio = _overlap_summary(state, "ablation", variant)
         lines.append(f"| {variant} | {shown} | {cell(valid)} | {cell(test)} | {frac} | {ratio} |")
     return "\n".join(lines)
@@ -238,33 +256,41 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
     n_seeds = len(cfg.seeds)
     spread = f"mean ± sample standard deviation over {n_seeds} seeds ({', '.join(map(str, cfg.seeds))})" \
         if n_seeds > 1 else f"one seed ({cfg.seeds[0]})"
+    _, label = metric_of(cfg)
+    if cfg.main == "single_source":
+        layout = (f"task SFT on the source language `{pipe.source_language}` (on its language SFT) + target "
+                  "language SFT")
+    else:
+        layout = (f"leave-fold-out multi-source: the targets are split into {cfg.multi_source.folds} folds; a fold's "
+                  "targets are scored with task models trained only on the labelled data of the languages outside the "
+                  f"fold ({_train_data_text(cfg)}, at most {cfg.multi_source.max_examples_per_language or 'all'} "
+                  "examples each), each batch at theta + its language's SFT; full fine-tuning trains on the same "
+                  "data on theta0. A target's labelled data never trains a model it is evaluated on")
     parts = [
-        f"# NusaX-senti zero-shot transfer: `{cfg.preset}` preset",
+        f"# {dataset_title(cfg)} zero-shot transfer: `{cfg.preset}` preset",
         "",
         f"- command: `{prov['command']}`",
         f"- commit: `{prov['commit']}`" + (" (with uncommitted changes)" if prov["dirty"] else ""),
         (f"- wall time: {prov['wall_seconds'] / 60:.1f} min for this invocation on {prov['cpus']} CPUs; "
         f"{prov['compute_seconds_all_invocations'] / 60:.1f} min of training and evaluation over all invocations "
         f"(a resumed experiment reuses finished units; per stage in provenance.json)"),
-        (f"- model: `{pipe.model.name_or_path}`; source language `{pipe.source_language}`; "
-        f"backend `{pipe.cluster.backend}`"),
+        f"- model: `{pipe.model.name_or_path}`; backend `{pipe.cluster.backend}`; data `{pipe.data.source}`",
+        f"- layout: {layout}",
         (f"- task SFT seeds: {', '.join(map(str, cfg.seeds))}; language SFTs trained once (seed {pipe.seed}) and shared "
         "by the seeds, so the spread is that of the task training (classifier head initialisation, data order, dropout)"),
         f"- {budget_text(cfg)}",
         (f"- phases: language SFT {_phase_text(pipe.language_sft)}; task SFT {_phase_text(pipe.task_sft)}; "
         "full fine-tuning = the task SFT's phase 1 on theta0 (same steps, learning rate and seed), evaluated directly"),
         ("- hyperparameters: fixed in the preset before any test score was seen (learning rates chosen on the "
-        "Indonesian validation split, see the preset); no model selection on test data"),
+         "Indonesian NusaX validation split for the demo, see the preset); no model selection on test data"),
         "",
-        f"## Test macro-F1 (%): task SFT + target language SFT; {spread}",
+        f"## Test {label} (%): task SFT + target language SFT; {spread}",
         "",
         main_table(state, "test"),
         "",
-        "## Validation macro-F1 (%) (the split any choice should be made on)",
-        "",
-        main_table(state, "valid"),
-        "",
-        "## What the language SFT adds (test macro-F1 average of the targets, %)",
+        *([f"## Validation {label} (%) (the split any choice should be made on)", "", main_table(state, "valid"), ""]
+          if "valid" in cfg.eval_splits else []),
+        f"## What the language SFT adds (test {label}, average of the targets, %)",
         "",
         task_only_table(state, "test"),
         "",
@@ -275,8 +301,8 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
         "",
         overlap_table(state),
     ]
-    if cfg.multi_source.folds:
-        parts += ["", f"## Multi-source task SFTs, leave-fold-out (test macro-F1, %; {spread})", "",
+    if cfg.multi_source.folds and cfg.main == "single_source":
+        parts += ["", f"## Multi-source task SFTs, leave-fold-out (test {label}, %; {spread})", "",
                   (f"The targets are split into {cfg.multi_source.folds} folds; each fold's targets are evaluated "
                   "with a task SFT trained on the labelled data of the languages outside the fold only (at most "
                   f"{cfg.multi_source.max_examples_per_language or 'all'} examples each), each batch at theta + the "
@@ -292,6 +318,12 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
     return "\n".join(parts) + "\n"
 
 
+def _train_data_text(cfg: ExperimentConfig) -> str:
+    if cfg.dataset == "americasnli":
+        return "offline: the other languages' AmericasNLI dev sets, labelled as such; not MultiNLI"
+    return "the NusaX-senti train splits"
+
+
 def _phase_text(sft_cfg) -> str:
     def phase(p) -> str:
         steps = f", at most {p.max_steps} steps" if p.max_steps is not None else ""
@@ -302,10 +334,12 @@ def _phase_text(sft_cfg) -> str:
 
 
 def f1_figure(state: ExperimentState, split: str = "test"):
-    """Grouped bars: macro-F1 per target language and system, error bars = standard deviation over seeds."""
+    """Grouped bars: the headline metric per target language and system, error bars = standard
+    deviation over seeds."""
     import matplotlib.pyplot as plt
 
     cfg = state.config
+    metric, label = metric_of(cfg)
     systems = ([FULL_FT] if cfg.full_ft else []) + list(cfg.methods)
     langs = list(cfg.pipeline.target_languages) + ["avg"]
     if not state.records:
@@ -316,16 +350,17 @@ def f1_figure(state: ExperimentState, split: str = "test"):
         rows = select(state.records, part="main", system=system, split=split, with_language_sft=system != FULL_FT)
         means, errs = [], []
         for lang in langs:
-            values = per_seed_average(rows, cfg.pipeline.target_languages) if lang == "avg" else \
-                [r.macro_f1 for r in rows if r.language == lang]
+            values = per_seed_average(rows, cfg.pipeline.target_languages, metric) if lang == "avg" else \
+                [getattr(r, metric) for r in rows if r.language == lang]
             m, s = mean_spread(values)
             means.append(100 * m)
             errs.append(100 * s)
         xs = [x + (i - (len(systems) - 1) / 2) * width for x in range(len(langs))]
         ax.bar(xs, means, width, yerr=errs, capsize=2, label=system_name(system, cfg))
     ax.set_xticks(range(len(langs)), langs)
-    ax.set_ylabel(f"{split} macro-F1 (%)")
-    ax.set_title(f"NusaX-senti zero-shot from {cfg.pipeline.source_language} ({len(cfg.seeds)} seed(s))")
+    ax.set_ylabel(f"{split} {label} (%)")
+    source = cfg.pipeline.source_language if cfg.main == "single_source" else "other languages (leave-fold-out)"
+    ax.set_title(f"{dataset_title(cfg)} zero-shot from {source} ({len(cfg.seeds)} seed(s))")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig

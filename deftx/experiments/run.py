@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from deftx.experiments.config import ExperimentConfig
-from deftx.experiments.nusax import ExperimentState, run_experiment
-from deftx.experiments.report import f1_figure, per_seed_average, select, write_report
+from deftx.experiments.report import f1_figure, metric_of, per_seed_average, select, write_report
+from deftx.experiments.runner import ExperimentState, run_experiment
 from deftx.pipeline import Log
+from deftx.tasks import task_spec
 
 
 def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
@@ -26,7 +27,6 @@ def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
         mean_normalised_spectrum,
         spectra_by_type_figure,
     )
-    from deftx.data import NUSAX_LABELS
     from deftx.experiments.report import system_name
     from deftx.masks import body_parameters
     from deftx.models import load_classifier, resolve_model_path
@@ -35,7 +35,8 @@ def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
 
     cfg = state.config
     pipe = cfg.pipeline
-    model = load_classifier(resolve_model_path(pipe.model.name_or_path, log=lambda line: None), NUSAX_LABELS,
+    model = load_classifier(resolve_model_path(pipe.model.name_or_path, log=lambda line: None),
+                            task_spec(pipe.task).labels,
                             seed=pipe.seed)
     theta0 = {n: p.detach() for n, p in body_parameters(model).items()}
     curves: dict[str, dict[str, Any]] = {}
@@ -43,7 +44,9 @@ def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
     wanted = [(f"language SFT phase 1 ({pipe.source_language})", f"language-{pipe.source_language}"),
               (f"language SFT phase 1 ({pipe.target_languages[0]})", f"language-{pipe.target_languages[0]}")]
     if first_method is not None:
-        wanted.append((f"task SFT phase 1 (seed {cfg.seeds[0]})", f"task-{first_method}-seed{cfg.seeds[0]}"))
+        key = f"task-{first_method}-seed{cfg.seeds[0]}" if cfg.main == "single_source" else \
+            f"multi-{first_method}-fold0-seed{cfg.seeds[0]}"
+        wanted.append((f"task SFT phase 1 (seed {cfg.seeds[0]})", key))
     for label, key in wanted:
         directory = state.phase1_dirs.get(key)
         if directory is None:
@@ -78,7 +81,7 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
                             tags={"deftx.version": __version__, "deftx.command": command})
     try:
         state = run_experiment(cfg, log=log)
-        figures = {"f1": f1_figure(state)}
+        figures = {"main": f1_figure(state)}
         if cfg.analysis:
             figures.update(analysis_figures(state, log))
         written = write_report(state, directory, command=command, seconds=time.perf_counter() - started,
@@ -87,14 +90,15 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
             if fig is not None:
                 close(fig)
         targets = list(state.config.pipeline.target_languages)
+        metric, _ = metric_of(cfg)
         metrics: dict[str, float] = {"wall_seconds": time.perf_counter() - started}
         for system in {r.system for r in state.records if r.part == "main"}:
             for split in ("test", "valid"):
                 rows = select(state.records, part="main", system=system, split=split,
                               with_language_sft=system != "full_ft")
-                values = per_seed_average(rows, targets)
+                values = per_seed_average(rows, targets, metric)
                 if values:
-                    metrics[f"{split}.avg_macro_f1.{system}"] = sum(values) / len(values)
+                    metrics[f"{split}.avg_{metric}.{system}"] = sum(values) / len(values)
         tracker.log_metrics(run, metrics)
         tracker.log_artifacts(run, directory, "results")
         log(f"results: {written['results']}")

@@ -1,6 +1,16 @@
-"""The NusaX zero-shot results experiment: full fine-tuning, LT-SFT and DeFT-X (and any other
-configured selection) on the same model, data, seeds and budget; multi-source leave-fold-out task
-SFTs; DeFT-X ablations of the task SFT; mask overlap and analysis figures.
+"""The zero-shot results experiments (NusaX, AmericasNLI): full fine-tuning, LT-SFT and DeFT-X (and
+any other configured selection) on the same model, data, seeds and budget; multi-source
+leave-fold-out task SFTs; DeFT-X ablations of the task SFT; mask overlap and analysis figures.
+
+Two layouts of the main table (``main``):
+
+  single_source    the task SFT is trained on the source language (on its language SFT) and
+                   composed with each target's language SFT (NusaX from Indonesian; AmericasNLI
+                   from English MultiNLI when the hub is reachable)
+  leave_fold_out   the targets are split into folds; a fold's targets are scored with task SFTs
+                   trained multi-source on the labelled data of the other folds' languages only
+                   (AmericasNLI offline: the other languages' dev sets), each batch at theta + its
+                   language's SFT; full fine-tuning is the same multi-source data on theta0
 
 What is trained once and what per seed (every unit is saved with a digest of everything it depends
 on, so an interrupted experiment resumes where it stopped and a re-run with the same settings
@@ -33,7 +43,6 @@ from typing import Any
 import torch
 
 from deftx.compose import Composition
-from deftx.data import NUSAX_LABELS, load_nusax_senti
 from deftx.evaluation import evaluate
 from deftx.experiments.config import FULL_FT, ExperimentConfig
 from deftx.masks import body_parameters
@@ -50,9 +59,8 @@ from deftx.pipeline import (
     train_pipeline_sfts,
 )
 from deftx.sft import SparseFineTuning
+from deftx.tasks import task_spec
 from deftx.training.phase1_store import Phase1Store
-
-SPLITS = ("test", "valid")
 
 
 @dataclass
@@ -96,28 +104,29 @@ class _Evaluator:
         self.cfg, self.cache_dir, self.log = cfg, cache_dir, log
         self.model_path = resolve_model_path(pipe.model.name_or_path, log=lambda line: None)
         self.tokenizer = load_tokenizer(self.model_path)
-        self.classifier = load_classifier(self.model_path, NUSAX_LABELS, seed=pipe.seed)
+        self.spec = task_spec(pipe.task)
+        self.classifier = load_classifier(self.model_path, self.spec.labels, seed=pipe.seed)
         self.examples: dict[tuple[str, str], list] = {}
         cache_dir.mkdir(parents=True, exist_ok=True)
 
     def _data(self, lang: str, split: str) -> list:
         key = (lang, split)
         if key not in self.examples:
-            rows = load_nusax_senti(lang, split, self.cfg.pipeline.data.source)
+            rows = self.spec.evaluation(lang, split, self.cfg.pipeline.data.source)
             self.examples[key] = rows if self.cfg.pipeline.max_eval_examples is None else \
                 rows[: self.cfg.pipeline.max_eval_examples]
         return self.examples[key]
 
     def _score(self, lang: str, split: str) -> dict[str, float]:
         pipe = self.cfg.pipeline
-        return evaluate(self.classifier, self.tokenizer, self._data(lang, split), len(NUSAX_LABELS),
+        return evaluate(self.classifier, self.tokenizer, self._data(lang, split), self.spec.num_labels,
                         batch_size=pipe.eval_batch_size, max_length=pipe.model.max_length)
 
     def scores(self, key: str, languages: list[str], apply_for) -> dict[tuple[str, str], dict[str, float]]:
         """(language, split) -> scores of the model ``apply_for(language)`` sets up (a context
         manager), cached under ``key``."""
         path = self.cache_dir / f"{key}.json"
-        want = [f"{lang}/{split}" for lang in languages for split in SPLITS]
+        want = [f"{lang}/{split}" for lang in languages for split in self.cfg.eval_splits]
         cached: dict[str, Any] = {}
         if path.is_file():
             cached = json.loads(path.read_text(encoding="utf-8"))
@@ -126,9 +135,9 @@ class _Evaluator:
         started = time.perf_counter()
         for lang in languages:
             with apply_for(lang):
-                for split in SPLITS:
+                for split in self.cfg.eval_splits:
                     cached[f"{lang}/{split}"] = self._score(lang, split)
-        self.log(f"[eval] {key.split('-')[0]}: {len(languages)} language(s) x {len(SPLITS)} splits scored in "
+        self.log(f"[eval] {key.split('-')[0]}: {len(languages)} language(s) x {len(self.cfg.eval_splits)} split(s) in "
                  f"{time.perf_counter() - started:.0f} s")
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cached, indent=1), encoding="utf-8")
@@ -169,7 +178,7 @@ def _digest_of(sft: SparseFineTuning) -> str:
     return str(sft.metadata.training.get("config_digest", ""))
 
 
-class NusaxExperiment:
+class Experiment:
     def __init__(self, cfg: ExperimentConfig, executor: Executor | None = None, log: Log = print) -> None:
         self.cfg = cfg
         self.log = log
@@ -245,19 +254,22 @@ class NusaxExperiment:
         self.out = Path(pipe_cfg.output_dir)
         (self.out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
         self.targets = list(pipe_cfg.target_languages)
-        self.languages = [pipe_cfg.source_language] + [t for t in self.targets if t != pipe_cfg.source_language]
+        self.languages = cfg.sft_languages()
         self.trained = self._language_sfts()
         self.evaluator = _Evaluator(cfg, self.out / "scores", self.log)
         for seed in cfg.seeds:
             with self._timed(f"task SFTs and evaluation (seed {seed})"):
-                self._seed(seed)
-        if cfg.multi_source.folds:
-            for seed in cfg.seeds:
-                with self._timed(f"multi-source (seed {seed})"):
-                    self._multi_source(seed)
+                if cfg.main == "single_source":
+                    self._seed(seed)
+                else:
+                    self._seed_folds(seed)
         if cfg.ablations.variants:
             with self._timed("ablations"):
                 self._ablations(cfg.seeds[0])
+        if cfg.multi_source.folds and cfg.main == "single_source":
+            for seed in cfg.seeds:
+                with self._timed(f"multi-source (seed {seed})"):
+                    self._multi_source(seed)
         return self.state
 
     def _language_sfts(self) -> TrainedSFTs:
@@ -347,35 +359,85 @@ class NusaxExperiment:
             self._overlaps("main", method, seed, task, lang_sfts)
 
     def _overlaps(self, part: str, system: str, seed: int, task: SparseFineTuning,
-                  lang_sfts: dict[str, SparseFineTuning]) -> None:
+                  lang_sfts: dict[str, SparseFineTuning], languages: list[str] | None = None) -> None:
         from deftx.analysis import mask_overlap
 
-        for lang in self.targets:
+        for lang in languages or self.targets:
             o = mask_overlap(task, lang_sfts[lang])
             self.state.overlaps.append({"part": part, "system": system, "seed": seed, "language": lang, **o})
 
-    def _multi_source(self, seed: int) -> None:
+    def _multi_task(self, method: str | None, seed: int, fold: int,
+                    selection=None) -> tuple[Phase1Store, SparseFineTuning | None]:
+        """The multi-source task SFT of ``method`` for ``fold`` (trained on the languages outside
+        it): its phase-1 store and, for a method, the SFT (phase 2 from the store). ``method``
+        None: full fine-tuning on the same data (theta0, no language SFTs), phase 1 only."""
+        cfg = self.cfg
+        sources = cfg.fold_sources(fold)
+        config = self._config_with(seed=seed, task_selection=selection,
+                                   task_overrides={"max_train_examples": cfg.multi_source.max_examples_per_language})
+        paths = {lang: self.state.language_sft_dirs[method][lang] for lang in sources} if method else None
+        lang_digests = {lang: _digest_of(SparseFineTuning.load(p)) for lang, p in (paths or {}).items()}
+        p1_config = {k: v for k, v in config["task_sft"].items() if k not in ("selection", "sparse")}
+        digest1 = config_digest({"experiment": "multi_source-phase1", "sources": sources, "seed": seed,
+                                 "sft": p1_config, "common": self.trained.common, "lang_sfts": lang_digests})
+        name = f"multi-{method or FULL_FT}-fold{fold}-seed{seed}"
+        store = Phase1Store(self.out / "phase1" / name, digest1)
+        self.state.phase1_dirs[name] = str(store.directory)
+        self._run_phase1(SFTJob("task", "multi", config, digest1, sources=sources, source_sft_paths=paths,
+                                phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True), store)
+        if method is None:
+            return store, None
+        digest = config_digest({"experiment": "multi_source", "phase1": digest1, "sft": config["task_sft"]})
+        directory = self.out / "sfts" / f"seed{seed}" / f"multi-{method}-fold{fold}"
+        task = self._run_sft(SFTJob("task", "multi", config, digest, sources=sources, source_sft_paths=paths,
+                                    phase1_dir=str(store.directory), phase1_digest=digest1), directory)
+        return store, task
+
+    def _fold_banner(self, seed: int, what: str, fold: int) -> list[str]:
+        cfg = self.cfg
+        held_out = cfg.fold_targets(fold)
+        self.log(f"== seed {seed}: {what}, fold {fold + 1}/{cfg.multi_source.folds}: trained on "
+                 f"{', '.join(cfg.fold_sources(fold))}; evaluated on {', '.join(held_out)} ==")
+        return held_out
+
+    def _seed_folds(self, seed: int) -> None:
+        """The main table, leave-fold-out: every system's multi-source task model per fold."""
         cfg, ev = self.cfg, self.evaluator
-        ms = cfg.multi_source
-        for method in ms.methods:
-            selection = cfg.selection(method, "task")
-            for fold in range(ms.folds):
-                sources, held_out = cfg.fold_sources(fold), cfg.fold_targets(fold)
-                self.log(f"== seed {seed}: multi-source task SFT, {method}, fold {fold + 1}/{ms.folds}: "
-                         f"trained on {', '.join(sources)}; evaluated on {', '.join(held_out)} ==")
-                config = self._config_with(seed=seed, task_selection=selection,
-                                           task_overrides={"max_train_examples": ms.max_examples_per_language})
-                paths = {lang: self.state.language_sft_dirs[method][lang] for lang in sources}
-                digest = config_digest({"experiment": "multi_source", "sources": sources, "seed": seed,
-                                        "sft": config["task_sft"], "common": self.trained.common,
-                                        "lang_sfts": {lang: _digest_of(SparseFineTuning.load(p)) for lang, p in paths.items()}})
-                directory = self.out / "sfts" / f"seed{seed}" / f"multi-{method}-fold{fold}"
-                task = self._run_sft(SFTJob("task", "multi", config, digest, sources=sources,
-                                            source_sft_paths=paths), directory)
+        for fold in range(cfg.multi_source.folds):
+            if cfg.full_ft:
+                held_out = self._fold_banner(seed, "full fine-tuning (multi-source)", fold)
+                store, _ = self._multi_task(None, seed, fold)
+                scores = ev.scores(f"full_ft-fold{fold}-seed{seed}-{store.digest}", held_out,
+                                   lambda lang, store=store: ev.fully_fine_tuned(store))
+                self._record("main", FULL_FT, seed, scores, with_lang=False, extra={"fold": fold})
+            for method in cfg.methods:
+                held_out = self._fold_banner(seed, f"multi-source task SFT, {method}", fold)
+                _, task = self._multi_task(method, seed, fold, cfg.selection(method, "task"))
+                assert task is not None
+                if fold == 0:
+                    self.state.task_sft_dirs.setdefault(method, {})[seed] = str(task.source)
                 lang_sfts = {lang: self._language_sft(method, lang) for lang in held_out}
-                scores = ev.scores(f"multi-{method}-seed{seed}-{digest}", held_out,
+                scores = ev.scores(f"{method}-fold{fold}-seed{seed}-{_digest_of(task)}", held_out,
                                    lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
-                self._record("multi_source", method, seed, scores, with_lang=True, extra={"fold": fold, "sources": sources})
+                self._record("main", method, seed, scores, with_lang=True, extra={"fold": fold})
+                alone = ev.scores(f"{method}-fold{fold}-seed{seed}-{_digest_of(task)}-alone", held_out,
+                                  lambda lang, task=task: ev.composed(task, None))
+                self._record("main", method, seed, alone, with_lang=False, extra={"fold": fold})
+                self._overlaps("main", method, seed, task, lang_sfts, held_out)
+
+    def _multi_source(self, seed: int) -> None:
+        """The multi-source section beside a single-source main table."""
+        cfg, ev = self.cfg, self.evaluator
+        for method in cfg.multi_source.methods:
+            for fold in range(cfg.multi_source.folds):
+                held_out = self._fold_banner(seed, f"multi-source task SFT, {method}", fold)
+                _, task = self._multi_task(method, seed, fold, cfg.selection(method, "task"))
+                assert task is not None
+                lang_sfts = {lang: self._language_sft(method, lang) for lang in held_out}
+                scores = ev.scores(f"multi-{method}-fold{fold}-seed{seed}-{_digest_of(task)}", held_out,
+                                   lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
+                self._record("multi_source", method, seed, scores, with_lang=True,
+                             extra={"fold": fold, "sources": cfg.fold_sources(fold)})
 
     def _ablations(self, seed: int) -> None:
         cfg = self.cfg
@@ -395,4 +457,4 @@ class NusaxExperiment:
 
 
 def run_experiment(cfg: ExperimentConfig, log: Log = print, executor: Executor | None = None) -> ExperimentState:
-    return NusaxExperiment(cfg, executor, log).run()
+    return Experiment(cfg, executor, log).run()
