@@ -244,7 +244,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     _log(f"deftx {__version__}: {args.dataset} experiment ({cfg.preset}): methods "
          f"{', '.join((['full_ft'] if cfg.full_ft else []) + list(cfg.methods))}; seeds {cfg.seeds}; "
          f"{len(cfg.pipeline.target_languages)} targets; output {cfg.pipeline.output_dir}")
-    _, directory = run_and_report(cfg, command=command, results_dir=args.results_dir, log=_log)
+    _, directory = run_and_report(cfg, command=command, results_dir=args.results_dir, log=_log,
+                                  report_only=args.report_only)
     print((directory / "results.md").read_text(encoding="utf-8"))
     return 0
 
@@ -373,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a setting, e.g. seeds=[1] or pipeline.cluster.backend=ray (repeatable)")
     p.add_argument("--output-dir", help="where SFTs and scores go (default from the preset)")
     p.add_argument("--results-dir", help="where the report goes (default benchmarks/results/<dataset>-<preset>)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the units finished so far (while the experiment runs, "
+                        "or after it was interrupted)")
     p.set_defaults(func=cmd_experiment)
 
     reg = sub.add_parser("registry", help="look up, download and compose registered SFTs").add_subparsers(

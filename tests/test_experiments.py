@@ -281,8 +281,20 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
     assert main(argv) == 0
     capsys.readouterr()
     prov = json.loads((results / "provenance.json").read_text())
-    assert prov["units_trained"] == 0 and prov["units_reused"] > 0
+    assert prov["units_trained"] == 0 and prov["units_reused"] > 0 and prov["complete"]
     assert (results / "scores.csv").read_text() == first
+
+    # --report-only: the same report from the finished units; on an empty output, nothing trained
+    assert main([*argv, "--report-only"]) == 0
+    assert (results / "scores.csv").read_text() == first
+    empty = tmp_path / "empty-results"
+    argv_empty = [a if a != str(out) else str(tmp_path / "nothing") for a in argv]
+    argv_empty[argv_empty.index(str(results))] = str(empty)
+    assert main([*argv_empty, "--report-only"]) == 0
+    assert "Not computed yet" in capsys.readouterr().out
+    prov = json.loads((empty / "provenance.json").read_text())
+    assert not prov["complete"] and prov["missing_units"] and prov["units_trained"] == 0
+    assert not (tmp_path / "nothing" / "sfts").exists()
 
 
 def test_experiment_config_defaults_validate():

@@ -202,6 +202,7 @@ def provenance(state: ExperimentState, command: str, seconds: float) -> dict[str
             "compute_seconds_all_invocations": round(sum(state.ledger.values()), 1),
             "ledger_seconds": dict(state.ledger),
             "units_trained": state.trained, "units_reused": state.reused,
+            "complete": not state.missing, "missing_units": list(state.missing),
             "model": cfg.pipeline.model.name_or_path, "budget": cfg.budget, "densities": cfg.densities(),
             "python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}
 
@@ -267,7 +268,8 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
                   "examples each), each batch at theta + its language's SFT; full fine-tuning trains on the same "
                   "data on theta0. A target's labelled data never trains a model it is evaluated on")
     parts = [
-        f"# {dataset_title(cfg)} zero-shot transfer: `{cfg.preset}` preset",
+        f"# {dataset_title(cfg)} zero-shot transfer: `{cfg.preset}` preset"
+        + (" (partial: the experiment has not finished)" if state.missing else ""),
         "",
         f"- command: `{prov['command']}`",
         f"- commit: `{prov['commit']}`" + (" (with uncommitted changes)" if prov["dirty"] else ""),
@@ -313,6 +315,12 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
                   (f"Every variant re-selects the task SFT from the same phase 1 (the `{cfg.ablations.base}` method's, "
                   f"seed {cfg.seeds[0]}) at the same K unless stated, trains phase 2 and is composed with the "
                   f"`{cfg.ablations.base}` language SFTs. Averages over the targets."), "", ablation_table(state)]
+    if state.missing:
+        parts += ["", f"## Not computed yet ({len(state.missing)} units)", "",
+                  ("This report was written with `--report-only` from the units finished so far; cells and averages "
+                  "above cover only the seeds and languages present (an average row needs every target of a seed). "
+                  "Re-running the experiment's command continues where it stopped."), ""]
+        parts += [f"- {m.split(':')[0]}" for m in state.missing]
     if pngs:
         parts += ["", "## Figures", ""] + [f"![{p}]({p})" for p in pngs]
     return "\n".join(parts) + "\n"

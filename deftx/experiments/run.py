@@ -49,7 +49,7 @@ def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
         wanted.append((f"task SFT phase 1 (seed {cfg.seeds[0]})", key))
     for label, key in wanted:
         directory = state.phase1_dirs.get(key)
-        if directory is None:
+        if directory is None or not (Path(directory) / THETA1_FILE).is_file():
             continue
         theta1 = load_file(str(Path(directory) / THETA1_FILE))
         spectra = change_spectra(theta0, theta1)
@@ -58,17 +58,19 @@ def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "spectra": spectra_by_type_figure(curves, "phase-1 change: mean normalised singular values per layer type")}
     target = pipe.target_languages[0]
-    lang_density = {system_name(m, cfg): density_by_layer(SparseFineTuning.load(state.language_sft_dirs[m][target]))
-                    for m in cfg.methods}
+    lang_density = {system_name(m, cfg): density_by_layer(SparseFineTuning.load(dirs[target]))
+                    for m, dirs in state.language_sft_dirs.items() if target in dirs}
     figures["density-language"] = density_by_layer_figure(lang_density, f"language SFT ({target}): mask density per layer")
     task_density = {system_name(m, cfg): density_by_layer(SparseFineTuning.load(dirs[cfg.seeds[0]]))
-                    for m, dirs in state.task_sft_dirs.items()}
+                    for m, dirs in state.task_sft_dirs.items() if cfg.seeds[0] in dirs}
     figures["density-task"] = density_by_layer_figure(task_density, f"task SFT (seed {cfg.seeds[0]}): mask density per layer")
     return figures
 
 
 def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Path | None = None,
-                   log: Log = print) -> tuple[ExperimentState, Path]:
+                   log: Log = print, report_only: bool = False) -> tuple[ExperimentState, Path]:
+    """Run the experiment (or, ``report_only``, collect what is finished), write the report and log
+    it to MLflow."""
     from deftx import __version__
     from deftx.plots import close
     from deftx.tracking import Tracker
@@ -80,7 +82,7 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
     run = tracker.start_run(experiment, f"{cfg.dataset}-{cfg.preset}", params=asdict(cfg),
                             tags={"deftx.version": __version__, "deftx.command": command})
     try:
-        state = run_experiment(cfg, log=log)
+        state = run_experiment(cfg, log=log, report_only=report_only)
         figures = {"main": f1_figure(state)}
         if cfg.analysis:
             figures.update(analysis_figures(state, log))

@@ -63,6 +63,20 @@ from deftx.tasks import task_spec
 from deftx.training.phase1_store import Phase1Store
 
 
+class MissingUnit(Exception):
+    """A unit the experiment has not trained or scored yet (raised only in report-only mode)."""
+
+
+class _NoTraining:
+    """The executor of report-only mode: nothing is trained."""
+
+    def prepare(self) -> None:
+        pass
+
+    def run(self, job: SFTJob, directory: Path, log: Log) -> None:
+        raise MissingUnit(f"{job.name} ({directory})")
+
+
 @dataclass
 class Record:
     """One score: ``part`` main | multi_source | ablation; ``system`` the method (or variant)."""
@@ -93,15 +107,16 @@ class ExperimentState:
     trained: int = 0
     reused: int = 0
     ledger: dict[str, float] = field(default_factory=dict)   # seconds per stage over all invocations
+    missing: list[str] = field(default_factory=list)           # report-only: units not computed yet
 
 
 class _Evaluator:
     """One classifier in this process; compositions applied and reverted exactly around each score.
     Scores are cached on disk by the digests of the SFTs involved."""
 
-    def __init__(self, cfg: ExperimentConfig, cache_dir: Path, log: Log) -> None:
+    def __init__(self, cfg: ExperimentConfig, cache_dir: Path, log: Log, report_only: bool = False) -> None:
         pipe = cfg.pipeline
-        self.cfg, self.cache_dir, self.log = cfg, cache_dir, log
+        self.cfg, self.cache_dir, self.log, self.report_only = cfg, cache_dir, log, report_only
         self.model_path = resolve_model_path(pipe.model.name_or_path, log=lambda line: None)
         self.tokenizer = load_tokenizer(self.model_path)
         self.spec = task_spec(pipe.task)
@@ -132,6 +147,8 @@ class _Evaluator:
             cached = json.loads(path.read_text(encoding="utf-8"))
         if all(w in cached for w in want):
             return {tuple(w.split("/")): cached[w] for w in want}  # type: ignore[misc]
+        if self.report_only:
+            raise MissingUnit(f"scores {key}")
         started = time.perf_counter()
         for lang in languages:
             with apply_for(lang):
@@ -179,11 +196,26 @@ def _digest_of(sft: SparseFineTuning) -> str:
 
 
 class Experiment:
-    def __init__(self, cfg: ExperimentConfig, executor: Executor | None = None, log: Log = print) -> None:
+    """``report_only``: train and score nothing; collect what earlier runs finished (a partial
+    report while a long experiment is still running, or after it was interrupted)."""
+
+    def __init__(self, cfg: ExperimentConfig, executor: Executor | None = None, log: Log = print,
+                 report_only: bool = False) -> None:
         self.cfg = cfg
         self.log = log
-        self._executor = executor
+        self.report_only = report_only
+        self._executor = _NoTraining() if report_only else executor
         self.state = ExperimentState(cfg)
+
+    @contextmanager
+    def _unit(self, what: str) -> Iterator[None]:
+        """Skip (and list) ``what`` when a part of it is missing in report-only mode."""
+        try:
+            yield
+        except MissingUnit as exc:
+            if not self.report_only:
+                raise
+            self.state.missing.append(f"{what}: {exc}")
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -238,6 +270,8 @@ class Experiment:
     def _ledger(self, stage: str, seconds: float) -> None:
         """Seconds spent per stage over every invocation (a resumed experiment adds to it), in
         ``<output>/time-ledger.json``."""
+        if self.report_only:
+            return
         path = self.out / "time-ledger.json"
         data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         data[stage] = round(data.get(stage, 0.0) + seconds, 1)
@@ -255,8 +289,13 @@ class Experiment:
         (self.out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
         self.targets = list(pipe_cfg.target_languages)
         self.languages = cfg.sft_languages()
-        self.trained = self._language_sfts()
-        self.evaluator = _Evaluator(cfg, self.out / "scores", self.log)
+        trained = None
+        with self._unit("MLM head"):
+            trained = self._language_sfts()
+        if trained is None:
+            return self.state
+        self.trained = trained
+        self.evaluator = _Evaluator(cfg, self.out / "scores", self.log, self.report_only)
         for seed in cfg.seeds:
             with self._timed(f"task SFTs and evaluation (seed {seed})"):
                 if cfg.main == "single_source":
@@ -289,20 +328,29 @@ class Experiment:
         store = Phase1Store(self.out / "phase1" / f"language-{lang}", digest1)
         self.state.phase1_dirs[f"language-{lang}"] = str(store.directory)
         self.log(f"== language {i}/{len(self.languages)}: {lang} ==")
-        self._run_phase1(SFTJob("language", lang, self.pipeline_dict, digest1, head_path=head,
-                                phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True), store)
+        with self._unit(f"language SFT phase 1 ({lang})"):
+            self._run_phase1(SFTJob("language", lang, self.pipeline_dict, digest1, head_path=head,
+                                    phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True), store)
         for method in cfg.methods:
-            selection = cfg.selection(method, "language")
-            config = self._config_with(language_selection=selection)
-            digest = config_digest({"experiment": "language", "lang": lang, "phase1": digest1,
-                                    "sft": config["language_sft"]})
-            directory = self.out / "sfts" / method / f"lang-{lang}"
-            self._run_sft(SFTJob("language", lang, config, digest, head_path=head,
-                                 phase1_dir=str(store.directory), phase1_digest=digest1), directory)
-            self.state.language_sft_dirs.setdefault(method, {})[lang] = str(directory)
+            with self._unit(f"language SFT {method} ({lang})"):
+                self._language_method(head, lang, method, store, digest1)
+
+    def _language_method(self, head: str | None, lang: str, method: str, store: Phase1Store, digest1: str) -> None:
+        cfg = self.cfg
+        selection = cfg.selection(method, "language")
+        config = self._config_with(language_selection=selection)
+        digest = config_digest({"experiment": "language", "lang": lang, "phase1": digest1,
+                                "sft": config["language_sft"]})
+        directory = self.out / "sfts" / method / f"lang-{lang}"
+        self._run_sft(SFTJob("language", lang, config, digest, head_path=head,
+                             phase1_dir=str(store.directory), phase1_digest=digest1), directory)
+        self.state.language_sft_dirs.setdefault(method, {})[lang] = str(directory)
 
     def _language_sft(self, method: str, lang: str) -> SparseFineTuning:
-        return SparseFineTuning.load(self.state.language_sft_dirs[method][lang])
+        directory = self.state.language_sft_dirs.get(method, {}).get(lang)
+        if directory is None:
+            raise MissingUnit(f"language SFT {method} ({lang})")
+        return SparseFineTuning.load(directory)
 
     def _task_phase1(self, method: str | None, seed: int) -> tuple[Phase1Store, dict[str, Any], str | None]:
         """The task SFT's phase-1 store of ``method`` (None: on theta0, the full fine-tuning
@@ -342,21 +390,28 @@ class Experiment:
         cfg, ev = self.cfg, self.evaluator
         langs = self.languages
         if cfg.full_ft:
-            self.log(f"== seed {seed}: full fine-tuning ==")
-            store, _, _ = self._task_phase1(None, seed)
-            scores = ev.scores(f"full_ft-seed{seed}-{store.digest}", langs, lambda lang: ev.fully_fine_tuned(store))
-            self._record("main", FULL_FT, seed, scores, with_lang=False)
+            with self._unit(f"full fine-tuning (seed {seed})"):
+                self.log(f"== seed {seed}: full fine-tuning ==")
+                store, _, _ = self._task_phase1(None, seed)
+                scores = ev.scores(f"full_ft-seed{seed}-{store.digest}", langs, lambda lang: ev.fully_fine_tuned(store))
+                self._record("main", FULL_FT, seed, scores, with_lang=False)
         for method in cfg.methods:
-            self.log(f"== seed {seed}: task SFT, {method} ==")
-            task = self._task_sft(method, seed, cfg.selection(method, "task"), method)
-            self.state.task_sft_dirs.setdefault(method, {})[seed] = str(task.source)
-            lang_sfts = {lang: self._language_sft(method, lang) for lang in langs}
-            key = f"{method}-seed{seed}-{_digest_of(task)}-" + config_digest({lang: _digest_of(s) for lang, s in lang_sfts.items()})
-            scores = ev.scores(key, langs, lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
-            self._record("main", method, seed, scores, with_lang=True)
-            alone = ev.scores(f"{method}-seed{seed}-{_digest_of(task)}-alone", langs, lambda lang, task=task: ev.composed(task, None))
-            self._record("main", method, seed, alone, with_lang=False)
-            self._overlaps("main", method, seed, task, lang_sfts)
+            with self._unit(f"task SFT {method} (seed {seed})"):
+                self._seed_method(seed, method)
+
+    def _seed_method(self, seed: int, method: str) -> None:
+        cfg, ev = self.cfg, self.evaluator
+        langs = self.languages
+        self.log(f"== seed {seed}: task SFT, {method} ==")
+        task = self._task_sft(method, seed, cfg.selection(method, "task"), method)
+        self.state.task_sft_dirs.setdefault(method, {})[seed] = str(task.source)
+        lang_sfts = {lang: self._language_sft(method, lang) for lang in langs}
+        key = f"{method}-seed{seed}-{_digest_of(task)}-" + config_digest({lang: _digest_of(s) for lang, s in lang_sfts.items()})
+        scores = ev.scores(key, langs, lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
+        self._record("main", method, seed, scores, with_lang=True)
+        alone = ev.scores(f"{method}-seed{seed}-{_digest_of(task)}-alone", langs, lambda lang, task=task: ev.composed(task, None))
+        self._record("main", method, seed, alone, with_lang=False)
+        self._overlaps("main", method, seed, task, lang_sfts)
 
     def _overlaps(self, part: str, system: str, seed: int, task: SparseFineTuning,
                   lang_sfts: dict[str, SparseFineTuning], languages: list[str] | None = None) -> None:
@@ -402,59 +457,78 @@ class Experiment:
 
     def _seed_folds(self, seed: int) -> None:
         """The main table, leave-fold-out: every system's multi-source task model per fold."""
-        cfg, ev = self.cfg, self.evaluator
+        cfg = self.cfg
         for fold in range(cfg.multi_source.folds):
             if cfg.full_ft:
-                held_out = self._fold_banner(seed, "full fine-tuning (multi-source)", fold)
-                store, _ = self._multi_task(None, seed, fold)
-                scores = ev.scores(f"full_ft-fold{fold}-seed{seed}-{store.digest}", held_out,
-                                   lambda lang, store=store: ev.fully_fine_tuned(store))
-                self._record("main", FULL_FT, seed, scores, with_lang=False, extra={"fold": fold})
+                with self._unit(f"full fine-tuning (fold {fold}, seed {seed})"):
+                    self._fold_full_ft(seed, fold)
             for method in cfg.methods:
-                held_out = self._fold_banner(seed, f"multi-source task SFT, {method}", fold)
-                _, task = self._multi_task(method, seed, fold, cfg.selection(method, "task"))
-                assert task is not None
-                if fold == 0:
-                    self.state.task_sft_dirs.setdefault(method, {})[seed] = str(task.source)
-                lang_sfts = {lang: self._language_sft(method, lang) for lang in held_out}
-                scores = ev.scores(f"{method}-fold{fold}-seed{seed}-{_digest_of(task)}", held_out,
-                                   lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
-                self._record("main", method, seed, scores, with_lang=True, extra={"fold": fold})
-                alone = ev.scores(f"{method}-fold{fold}-seed{seed}-{_digest_of(task)}-alone", held_out,
-                                  lambda lang, task=task: ev.composed(task, None))
-                self._record("main", method, seed, alone, with_lang=False, extra={"fold": fold})
-                self._overlaps("main", method, seed, task, lang_sfts, held_out)
+                with self._unit(f"multi-source task SFT {method} (fold {fold}, seed {seed})"):
+                    self._fold_method(seed, fold, method)
+
+    def _fold_full_ft(self, seed: int, fold: int) -> None:
+        ev = self.evaluator
+        held_out = self._fold_banner(seed, "full fine-tuning (multi-source)", fold)
+        store, _ = self._multi_task(None, seed, fold)
+        scores = ev.scores(f"full_ft-fold{fold}-seed{seed}-{store.digest}", held_out,
+                           lambda lang, store=store: ev.fully_fine_tuned(store))
+        self._record("main", FULL_FT, seed, scores, with_lang=False, extra={"fold": fold})
+
+    def _fold_method(self, seed: int, fold: int, method: str) -> None:
+        cfg, ev = self.cfg, self.evaluator
+        held_out = self._fold_banner(seed, f"multi-source task SFT, {method}", fold)
+        _, task = self._multi_task(method, seed, fold, cfg.selection(method, "task"))
+        assert task is not None
+        if fold == 0:
+            self.state.task_sft_dirs.setdefault(method, {})[seed] = str(task.source)
+        lang_sfts = {lang: self._language_sft(method, lang) for lang in held_out}
+        scores = ev.scores(f"{method}-fold{fold}-seed{seed}-{_digest_of(task)}", held_out,
+                           lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
+        self._record("main", method, seed, scores, with_lang=True, extra={"fold": fold})
+        alone = ev.scores(f"{method}-fold{fold}-seed{seed}-{_digest_of(task)}-alone", held_out,
+                          lambda lang, task=task: ev.composed(task, None))
+        self._record("main", method, seed, alone, with_lang=False, extra={"fold": fold})
+        self._overlaps("main", method, seed, task, lang_sfts, held_out)
 
     def _multi_source(self, seed: int) -> None:
         """The multi-source section beside a single-source main table."""
-        cfg, ev = self.cfg, self.evaluator
+        cfg = self.cfg
         for method in cfg.multi_source.methods:
             for fold in range(cfg.multi_source.folds):
-                held_out = self._fold_banner(seed, f"multi-source task SFT, {method}", fold)
-                _, task = self._multi_task(method, seed, fold, cfg.selection(method, "task"))
-                assert task is not None
-                lang_sfts = {lang: self._language_sft(method, lang) for lang in held_out}
-                scores = ev.scores(f"multi-{method}-fold{fold}-seed{seed}-{_digest_of(task)}", held_out,
-                                   lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
-                self._record("multi_source", method, seed, scores, with_lang=True,
-                             extra={"fold": fold, "sources": cfg.fold_sources(fold)})
+                with self._unit(f"multi-source task SFT {method} (fold {fold}, seed {seed})"):
+                    self._multi_source_unit(seed, fold, method)
+
+    def _multi_source_unit(self, seed: int, fold: int, method: str) -> None:
+        cfg, ev = self.cfg, self.evaluator
+        held_out = self._fold_banner(seed, f"multi-source task SFT, {method}", fold)
+        _, task = self._multi_task(method, seed, fold, cfg.selection(method, "task"))
+        assert task is not None
+        lang_sfts = {lang: self._language_sft(method, lang) for lang in held_out}
+        scores = ev.scores(f"multi-{method}-fold{fold}-seed{seed}-{_digest_of(task)}", held_out,
+                           lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
+        self._record("multi_source", method, seed, scores, with_lang=True,
+                     extra={"fold": fold, "sources": cfg.fold_sources(fold)})
 
     def _ablations(self, seed: int) -> None:
-        cfg = self.cfg
+        for variant in self.cfg.ablations.variants:
+            with self._unit(f"ablation {variant} (seed {seed})"):
+                self._ablation(seed, variant)
+
+    def _ablation(self, seed: int, variant: str) -> None:
+        cfg, ev = self.cfg, self.evaluator
         base = cfg.ablations.base
         lang_sfts = {lang: self._language_sft(base, lang) for lang in self.languages}
-        ev = self.evaluator
-        for variant in cfg.ablations.variants:
-            selection = cfg.ablation_selection(variant)
-            self.log(f"== ablation {variant}: task SFT re-selected from the {base} phase 1 (seed {seed}) ==")
-            task = self._task_sft(base, seed, selection, f"ablation-{variant}")
-            scores = ev.scores(f"ablation-{variant}-{_digest_of(task)}", self.targets,
-                               lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
-            self._record("ablation", variant, seed, scores, with_lang=True,
-                         extra={"selection": selection.hyperparameters(), "nnz": task.nnz,
-                                "ranks": task.metadata.selection.get("ranks", {})})
-            self._overlaps("ablation", variant, seed, task, lang_sfts)
+        selection = cfg.ablation_selection(variant)
+        self.log(f"== ablation {variant}: task SFT re-selected from the {base} phase 1 (seed {seed}) ==")
+        task = self._task_sft(base, seed, selection, f"ablation-{variant}")
+        scores = ev.scores(f"ablation-{variant}-{_digest_of(task)}", self.targets,
+                           lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
+        self._record("ablation", variant, seed, scores, with_lang=True,
+                     extra={"selection": selection.hyperparameters(), "nnz": task.nnz,
+                            "ranks": task.metadata.selection.get("ranks", {})})
+        self._overlaps("ablation", variant, seed, task, lang_sfts)
 
 
-def run_experiment(cfg: ExperimentConfig, log: Log = print, executor: Executor | None = None) -> ExperimentState:
-    return Experiment(cfg, executor, log).run()
+def run_experiment(cfg: ExperimentConfig, log: Log = print, executor: Executor | None = None,
+                   report_only: bool = False) -> ExperimentState:
+    return Experiment(cfg, executor, log, report_only=report_only).run()
