@@ -81,7 +81,8 @@ def train_language_sft(model_path: str, tokenizer, lang: str, sft_cfg: SFTConfig
                        head_init: dict[str, torch.Tensor] | None = None,
                        runtime: TrainingRuntime | None = None, phase1: Phase1Store | None = None,
                        stop_after_phase1: bool = False, task: str = "nusax_senti") -> SparseFineTuning | None:
-    """A language SFT by masked LM on ``lang``'s NusaX-MT train text (or the given ``texts``).
+    """A language SFT by masked LM on ``lang``'s unlabelled text of ``task`` (NusaX-MT train
+    sentences, AmericasNLP text; see :mod:`deftx.tasks`) or the given ``texts``.
 
     A base model without a pretrained MLM head gets its head from ``head_init`` (a shared warm-up,
     see :func:`warm_up_mlm_head`) or, failing that, a warm-up on ``lang``'s text alone.
@@ -158,8 +159,9 @@ def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: Spars
                    log: Log, eval_batch_size: int = 64,
                    runtime: TrainingRuntime | None = None, phase1: Phase1Store | None = None,
                    stop_after_phase1: bool = False, task: str = "nusax_senti") -> SparseFineTuning | None:
-    """A NusaX sentiment task SFT on ``source_lang``, trained on theta0 + ``lang_sft``, with its
-    macro-F1 on the source validation split (theta0 + lang_sft + task SFT) in its metrics.
+    """A task SFT (``task``: NusaX sentiment by default) on ``source_lang``'s labelled data, trained
+    on theta0 + ``lang_sft``, with its scores on the source validation split (theta0 + lang_sft +
+    task SFT) in its metrics.
     Returns None on the ranks of a distributed runtime other than 0."""
     spec = task_spec(task)
     train = _capped(spec.train(source_lang, data_source), sft_cfg.max_train_examples)
