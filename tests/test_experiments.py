@@ -271,7 +271,11 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
 
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("deftx-experiment-nusax")
-    (run,) = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([exp.experiment_id])
+    (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+    assert len(nested) == len(list(out.glob("sfts/**/sft.json")))   # one run per SFT, with its loss curves
+    assert all(any(k.startswith("loss.") for k in r.data.metrics) for r in nested)
     assert run.info.status == "FINISHED"
     assert "test.avg_macro_f1.lt_sft" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "results")} >= {"results/results.md",

@@ -103,6 +103,11 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
                     metrics[f"{split}.avg_{metric}.{system}"] = sum(values) / len(values)
         tracker.log_metrics(run, metrics)
         tracker.log_artifacts(run, directory, "results")
+        if tracker.enabled:
+            from deftx.pipeline_tracking import log_sft
+
+            for name, sft_dir in state.sft_dirs.items():   # nested runs: loss curves, density, sft.json
+                log_sft(tracker, experiment, run, sft_dir, name.replace("/", "-"))
         log(f"results: {written['results']}")
     except BaseException as exc:
         tracker.end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

@@ -108,6 +108,7 @@ class ExperimentState:
     reused: int = 0
     ledger: dict[str, float] = field(default_factory=dict)   # seconds per stage over all invocations
     missing: list[str] = field(default_factory=list)           # report-only: units not computed yet
+    sft_dirs: dict[str, str] = field(default_factory=dict)     # every SFT of the experiment, by relative path
 
 
 class _Evaluator:
@@ -223,11 +224,12 @@ class Experiment:
         sft = _reuse(directory, job.digest, self.log)
         if sft is not None:
             self.state.reused += 1
-            return sft
-        self.executor.run(job, directory, self.log)
-        self.state.trained += 1
-        sft = SparseFineTuning.load(directory)
-        self.log(f"saved {directory} ({sft.nnz:,} entries)")
+        else:
+            self.executor.run(job, directory, self.log)
+            self.state.trained += 1
+            sft = SparseFineTuning.load(directory)
+            self.log(f"saved {directory} ({sft.nnz:,} entries)")
+        self.state.sft_dirs[str(directory.relative_to(self.out))] = str(directory)
         return sft
 
     def _run_phase1(self, job: SFTJob, store: Phase1Store) -> None:
