@@ -253,32 +253,33 @@ class Experiment:
             config["task_sft"][key] = value
         return config
 
-    def _timed(self, stage: str):
-        exp = self
-
-        class _T:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                exp.log(f"=== {stage} ===")
-
-            def __exit__(self, *exc):
-                elapsed = time.perf_counter() - self.t
-                exp.state.stage_seconds[stage] = exp.state.stage_seconds.get(stage, 0.0) + elapsed
-                if exc[0] is None or exc[0] is KeyboardInterrupt:   # compute spent, even if interrupted
-                    exp._ledger(stage, elapsed)
-
-        return _T()
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        """Time ``stage``; the seconds go to the ledger even when interrupted (compute was spent)."""
+        self.log(f"=== {stage} ===")
+        started = time.perf_counter()
+        try:
+            yield
+        except KeyboardInterrupt:
+            self._ledger(stage, time.perf_counter() - started)
+            raise
+        elapsed = time.perf_counter() - started
+        self.state.stage_seconds[stage] = self.state.stage_seconds.get(stage, 0.0) + elapsed
+        self._ledger(stage, elapsed)
 
     def _ledger(self, stage: str, seconds: float) -> None:
         """Seconds spent per stage over every invocation (a resumed experiment adds to it), in
         ``<output>/time-ledger.json``."""
         if self.report_only:
             return
-        path = self.out / "time-ledger.json"
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data = self._read_ledger()
         data[stage] = round(data.get(stage, 0.0) + seconds, 1)
-        path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        (self.out / "time-ledger.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         self.state.ledger = data
+
+    def _read_ledger(self) -> dict[str, float]:
+        path = self.out / "time-ledger.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
     # -- the experiment ------------------------------------------------------------------------
 
@@ -291,6 +292,7 @@ class Experiment:
         (self.out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
         self.targets = list(pipe_cfg.target_languages)
         self.languages = cfg.sft_languages()
+        self.state.ledger = self._read_ledger()
         trained = None
         with self._unit("MLM head"):
             trained = self._language_sfts()
