@@ -123,6 +123,7 @@ class _Evaluator:
         self.spec = task_spec(pipe.task)
         self.classifier = load_classifier(self.model_path, self.spec.labels, seed=pipe.seed)
         self.examples: dict[tuple[str, str], list] = {}
+        self._fully_tuned: tuple[tuple[Path, str], Any] | None = None
         cache_dir.mkdir(parents=True, exist_ok=True)
 
     def _data(self, lang: str, split: str) -> list:
@@ -169,8 +170,11 @@ class _Evaluator:
 
     @contextmanager
     def fully_fine_tuned(self, store: Phase1Store) -> Iterator[None]:
-        """theta1 and the head after phase 1 of ``store`` in place of the classifier's weights."""
-        state = store.load()
+        """theta1 and the head after phase 1 of ``store`` in place of the classifier's weights (the
+        store is read once, not once per language)."""
+        if self._fully_tuned is None or self._fully_tuned[0] != (store.directory, store.digest):
+            self._fully_tuned = ((store.directory, store.digest), store.load())
+        state = self._fully_tuned[1]
         if state is None or not state.head_end:
             raise RuntimeError(f"{store.directory}: no full fine-tuning result (phase 1 with its head) stored")
         body = body_parameters(self.classifier)
@@ -356,7 +360,7 @@ class Experiment:
             raise MissingUnit(f"language SFT {method} ({lang})")
         return SparseFineTuning.load(directory)
 
-    def _task_phase1(self, method: str | None, seed: int) -> tuple[Phase1Store, dict[str, Any], str | None]:
+    def _task_phase1(self, method: str | None, seed: int) -> tuple[Phase1Store, str | None]:
         """The task SFT's phase-1 store of ``method`` (None: on theta0, the full fine-tuning
         baseline) at ``seed``."""
         pipe = self.cfg.pipeline
@@ -364,8 +368,8 @@ class Experiment:
         lang_path = None
         extra: Any = "theta0"
         if method is not None:
-            lang_path = self.state.language_sft_dirs[method][pipe.source_language]
-            extra = _digest_of(SparseFineTuning.load(lang_path))
+            lang_sft = self._language_sft(method, pipe.source_language)   # MissingUnit in report-only mode
+            lang_path, extra = str(lang_sft.source), _digest_of(lang_sft)
         trained = TrainedSFTs(self.out, {**self.trained.common, "seed": seed}, None, None)
         digest1 = phase1_digest(trained, "task", pipe.source_language, pipe.task_sft, extra)
         name = f"task-{method or FULL_FT}-seed{seed}"
@@ -373,10 +377,10 @@ class Experiment:
         self.state.phase1_dirs[name] = str(store.directory)
         self._run_phase1(SFTJob("task", pipe.source_language, config, digest1, language_sft_path=lang_path,
                                 phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True), store)
-        return store, config, lang_path
+        return store, lang_path
 
     def _task_sft(self, method: str, seed: int, selection, name: str) -> SparseFineTuning:
-        store, config, lang_path = self._task_phase1(method, seed)
+        store, lang_path = self._task_phase1(method, seed)
         config = self._config_with(seed=seed, task_selection=selection)
         digest = config_digest({"experiment": "task", "phase1": store.digest, "sft": config["task_sft"], "seed": seed})
         directory = self.out / "sfts" / f"seed{seed}" / name
@@ -396,7 +400,7 @@ class Experiment:
         if cfg.full_ft:
             with self._unit(f"full fine-tuning (seed {seed})"):
                 self.log(f"== seed {seed}: full fine-tuning ==")
-                store, _, _ = self._task_phase1(None, seed)
+                store, _ = self._task_phase1(None, seed)
                 scores = ev.scores(f"full_ft-seed{seed}-{store.digest}", langs, lambda lang: ev.fully_fine_tuned(store))
                 self._record("main", FULL_FT, seed, scores, with_lang=False)
         for method in cfg.methods:
