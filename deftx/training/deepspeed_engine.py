@@ -95,3 +95,34 @@ def gather_owned(params: Mapping[str, torch.Tensor], owners: Mapping[str, int], 
         elif owners[name] == rank:
             out[name] = p.data.detach().float().clone()
     return out
+
+
+class DeepSpeedValueAccess:
+    """``deftx.training.masked_values.ValueAccess`` under ZeRO ``zero_stage``: the values read are
+    the fp32 master weights, the write-back goes to the master and the forward weights. Every
+    method is collective under ZeRO 1-3 (all ranks, same tensors, same order)."""
+
+    def __init__(self, zero_stage: int) -> None:
+        self.zero_stage = zero_stage
+
+    @torch.no_grad()
+    def master_values(self, params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out: dict[str, torch.Tensor] = {}
+        for name in sorted(params):
+            p = params[name]
+            master = None if self.zero_stage == 0 else safe_get_full_fp32_param(p)
+            out[name] = (p.data if master is None else master).detach().reshape(p.ds_shape if self.zero_stage == 3
+                                                                               else p.shape).clone()
+        return out
+
+    def write_outside(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor],
+                      reference: Mapping[str, torch.Tensor]) -> None:
+        project_outside_mask(params, masks, reference, self.zero_stage)
+
+    def sum_across_ranks(self, tensors: Sequence[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.all_reduce(t)

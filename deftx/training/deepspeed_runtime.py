@@ -37,7 +37,12 @@ from deftx.config import PhaseConfig
 from deftx.distributed import distributed_select_masks, plan_shards
 from deftx.selection import MaskScorer, SelectionReport
 from deftx.training.batches import IGNORE_INDEX
-from deftx.training.deepspeed_engine import DeepSpeedEngine, gather_owned, project_outside_mask
+from deftx.training.deepspeed_engine import (
+    DeepSpeedEngine,
+    DeepSpeedValueAccess,
+    gather_owned,
+    project_outside_mask,
+)
 from deftx.training.phase import LossFn
 from deftx.training.runtime import PHASE_ORDER, BatchAt, ModelBuilder, ResumeState, load_values
 from deftx.training.sparse import SparseUpdate
@@ -182,6 +187,9 @@ class DeepSpeedRuntime:
         masks = {n: sparse.masks[n] for n in sparse.partial}
         reference = {n: sparse.reference[n] for n in sparse.partial}
         return lambda: project_outside_mask(partial, masks, reference, self.zero_stage)
+
+    def value_access(self) -> DeepSpeedValueAccess:
+        return DeepSpeedValueAccess(self.zero_stage)
 
     @torch.no_grad()
     def read(self, params: Mapping[str, nn.Parameter], everywhere: bool = True) -> dict[str, torch.Tensor] | None:

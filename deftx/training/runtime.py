@@ -21,6 +21,7 @@ from deftx.config import PhaseConfig
 from deftx.masks import parameter_roles
 from deftx.selection import MaskScorer, SelectionReport, select_masks
 from deftx.training.engine import StepEngine, TorchEngine
+from deftx.training.masked_values import LocalValueAccess, ValueAccess
 from deftx.training.phase import LossFn
 from deftx.training.sparse import SparseUpdate
 
@@ -78,6 +79,9 @@ class TrainingRuntime(Protocol):
 
     def projector(self, sparse: SparseUpdate) -> Callable[[], None]: ...
 
+    def value_access(self) -> ValueAccess:
+        """How updates confined to a changing mask read and write back values (subnetworks)."""
+
     def read(self, params: Mapping[str, nn.Parameter], everywhere: bool = True) -> dict[str, torch.Tensor] | None: ...
 
     def batches(self, batch_at: BatchAt) -> BatchAt: ...
@@ -118,6 +122,9 @@ class LocalRuntime:
 
     def projector(self, sparse: SparseUpdate) -> Callable[[], None]:
         return sparse.project
+
+    def value_access(self) -> ValueAccess:
+        return LocalValueAccess()
 
     def read(self, params: Mapping[str, nn.Parameter], everywhere: bool = True) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in params.items()}

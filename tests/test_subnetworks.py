@@ -1,0 +1,369 @@
+"""Language-specific subnetworks (issue 7): mask selection (unstructured and whole heads/neurons),
+the per-language update restriction, dynamic re-selection, meta-learning against a hand
+computation, and short end-to-end runs of every mode on a tiny BERT classifier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deftx.errors import ConfigError
+from deftx.masks import count_selected, global_top_k, parameter_roles
+from deftx.selection import change_magnitude, make_scorer
+from deftx.subnetworks.config import SubnetworkConfig
+from deftx.subnetworks.masks import select_subnetwork, target_mask, union_masks
+from deftx.subnetworks.meta import MetaStream, meta_loss, stack_batches, unstack_batch
+from deftx.subnetworks.structure import StructureError, encoder_structure, group_means
+from deftx.subnetworks.train import train_subnetworks
+from deftx.subnetworks.update import LanguageMaskedUpdate, batch_language
+from deftx.training.batches import ClassificationStream
+from deftx.training.engine import TorchEngine
+from deftx.training.multi_source import LANGUAGE_KEY, MultiSourceStream, multi_source_loss
+from deftx.training.objectives import classification_loss
+from deftx.training.phase import run_phase
+
+HEADS = 2
+
+
+def tiny_classifier(seed: int = 0) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=24,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def tiny_stream(languages: int = 2, examples: int = 12, batch_size: int = 4, seed: int = 0) -> MultiSourceStream:
+    g = torch.Generator().manual_seed(seed)
+    streams = []
+    for lang in range(languages):
+        seqs = [[2] + torch.randint(5, 60, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+                for _ in range(examples)]
+        labels = torch.randint(0, 3, (examples,), generator=g).tolist()
+        streams.append(ClassificationStream(seqs, batch_size, seed + lang, labels=labels, pad_id=0))
+    return MultiSourceStream(streams, seed=seed)
+
+
+def body_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in parameter_roles(model, "task").maskable.items()}
+
+
+def random_scores(shapes, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(s, generator=g) for n, s in shapes.items()}
+
+
+# -- selection --------------------------------------------------------------------------------
+
+
+def test_unstructured_selection_is_the_sft_top_k():
+    shapes = body_shapes(tiny_classifier())
+    start, moved = random_scores(shapes, 0), random_scores(shapes, 1)
+    k = 500
+    masks = select_subnetwork(start, moved, k)
+    expected = global_top_k({n: change_magnitude(n, start[n], moved[n]) for n in start}, k)
+    assert count_selected(masks) == k
+    assert all(torch.equal(masks[n], expected[n]) for n in masks)
+
+
+def test_structure_finds_heads_and_neurons_of_every_layer():
+    structure = encoder_structure(body_shapes(tiny_classifier()), HEADS)
+    assert [g.layer for g in structure.layers] == ["encoder.layer.0", "encoder.layer.1"]
+    assert len(structure.layers[0].head_rows) == 6 and structure.layers[0].head_cols
+    means = group_means({n: torch.ones(s) for n, s in body_shapes(tiny_classifier()).items()
+                         if n in structure.grouped}, structure)
+    assert means["encoder.layer.1.heads"].shape == (HEADS,) and means["encoder.layer.1.neurons"].shape == (24,)
+
+
+def test_structure_errors_are_clear():
+    with pytest.raises(StructureError, match="BERT or XLM-R"):
+        encoder_structure({"fc.weight": (4, 4)}, 2)
+    with pytest.raises(StructureError, match="does not split into 3"):
+        encoder_structure(body_shapes(tiny_classifier()), 3)
+
+
+def test_structured_selection_keeps_whole_groups_and_exact_k():
+    shapes = body_shapes(tiny_classifier())
+    structure = encoder_structure(shapes, HEADS)
+    start = {n: torch.zeros(s) for n, s in shapes.items()}
+    moved = random_scores(shapes, 3)
+    # make head 1 of layer 0 clearly the most important group
+    for part in ("query", "key", "value"):
+        moved[f"encoder.layer.0.attention.self.{part}.weight"][8:] += 10.0
+    for k in (300, 1000, 2500):
+        masks = select_subnetwork(start, moved, k, structure=structure)
+        assert count_selected(masks) == k
+        coverage = group_means({n: masks[n] for n in structure.grouped}, structure)
+        for values in coverage.values():
+            assert bool(((values == 0) | (values == 1)).all())
+        # the head has 536 entries: kept whole once it fits, never cut to fit
+        assert float(coverage["encoder.layer.0.heads"][1]) == (1.0 if k >= 536 else 0.0)
+
+
+def test_structured_selection_with_deft_x_scores():
+    shapes = body_shapes(tiny_classifier())
+    structure = encoder_structure(shapes, HEADS)
+    start, moved = random_scores(shapes, 4), random_scores(shapes, 5)
+    masks = select_subnetwork(start, moved, 800, make_scorer("deft_x", rank=2), structure)
+    assert count_selected(masks) == 800
+
+
+def test_target_policies():
+    a = {"w": torch.tensor([True, False, False])}
+    b = {"w": torch.tensor([False, True, False])}
+    touched = {"w": torch.tensor([True, True, True])}
+    masks = {"ind": a, "jav": b}
+    assert torch.equal(target_mask("union", "ind", masks, touched)["w"], a["w"])   # a source: its own
+    assert torch.equal(target_mask("union", "sun", masks, touched)["w"], union_masks([a, b])["w"])
+    assert torch.equal(target_mask("full", "sun", masks, touched)["w"], touched["w"])
+    assert torch.equal(target_mask("related", "sun", masks, touched, {"sun": "jav"})["w"], b["w"])
+    with pytest.raises(ValueError, match="no related language"):
+        target_mask("related", "sun", masks, touched, {})
+    with pytest.raises(ValueError, match="has no subnetwork"):
+        target_mask("related", "sun", masks, touched, {"sun": "bug"})
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"mode": "sometimes"}, "subnetworks.mode: unknown mode"),
+    ({"mode": "dynamic"}, "subnetworks.reselect_every: dynamic masks need an interval"),
+    ({"reselect_every": 5}, "only dynamic masks"),
+    ({"meta_learning": "maml"}, "subnetworks.meta_learning: unknown algorithm"),
+    ({"meta_learning": "reptile", "inner_steps": 0}, "subnetworks.inner_steps"),
+    ({"unseen_target": "nearest"}, "subnetworks.unseen_target"),
+    ({"probe_steps": 0}, "subnetworks.probe_steps"),
+])
+def test_config_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        SubnetworkConfig(**changes).validate()
+
+
+def test_config_density_and_related_languages():
+    cfg = SubnetworkConfig()
+    cfg.selection.density = 1.5
+    with pytest.raises(ConfigError, match=r"subnetworks.selection.density: must be in \(0, 1\]"):
+        cfg.validate()
+    cfg = SubnetworkConfig(unseen_target="related", related={"bbc": "bug"}).validate()
+    with pytest.raises(ConfigError, match="'bug' is not a source language"):
+        cfg.check_languages(["ind", "jav"], ["bbc"])
+    with pytest.raises(ConfigError, match="no related language is set for sun"):
+        SubnetworkConfig(unseen_target="related").validate().check_languages(["ind"], ["sun"])
+
+
+# -- the update restriction -------------------------------------------------------------------
+
+
+def _masks_for(model: nn.Module, languages: int, density: float, seed: int) -> dict[int, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    body = parameter_roles(model, "task").maskable
+    return {lang: {n: torch.rand(p.shape, generator=g) < density for n, p in body.items()} for lang in range(languages)}
+
+
+def _outside_changes(write_back: bool, weight_decay: float) -> tuple[list[int], list[int], list[int]]:
+    """Train 12 steps of 3 languages with AdamW; per step: the language, the number of entries
+    outside its mask that the step changed, and the number inside it that it changed."""
+    model = tiny_classifier()
+    roles = parameter_roles(model, "task")
+    for p in roles.frozen.values():
+        p.requires_grad_(False)
+    stream = tiny_stream(languages=3)
+    masks = _masks_for(model, 3, 0.3, seed=1)
+    update = LanguageMaskedUpdate(roles.maskable, masks)
+    update.install()
+    engine = TorchEngine(model, list(roles.maskable.values()) + list(roles.head.values()), learning_rate=1e-2,
+                         weight_decay=weight_decay, total_steps=12)
+    before: dict[str, torch.Tensor] = {}
+    langs, outside, inside = [], [], []
+
+    def snapshot_loss(m, batch):
+        before.update({n: p.detach().clone() for n, p in roles.maskable.items()})
+        langs.append(batch_language(batch))
+        return multi_source_loss(classification_loss, [None, None, None])(m, batch)
+
+    def check() -> None:
+        mask = masks[langs[-1]]
+        changed = {n: p.detach() != before[n] for n, p in roles.maskable.items()}
+        outside.append(sum(int(changed[n][~mask[n]].sum()) for n in changed))
+        inside.append(sum(int(changed[n][mask[n]].sum()) for n in changed))
+
+    def skip_write_back() -> None:
+        update.current = []
+
+    hooks = [update.finish, check] if write_back else [skip_write_back, check]
+    run_phase(engine, stream.batch_at, update.loss(snapshot_loss), num_steps=12, name="t", after_step=hooks)
+    return langs, outside, inside
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_a_batch_never_changes_entries_outside_its_language_mask(weight_decay):
+    """Every step checked bit for bit, with and without weight decay."""
+    langs, outside, inside = _outside_changes(True, weight_decay)
+    assert set(langs) == {0, 1, 2}
+    assert outside == [0] * 12
+    assert all(n > 0 for n in inside)
+
+
+def test_without_the_write_back_momentum_leaks_outside_the_mask():
+    """The control: with the gradient hook alone, AdamW's moments from other languages' batches
+    still move entries outside m_l (so the write-back is necessary, even without weight decay)."""
+    _, outside, _ = _outside_changes(False, 0.0)
+    assert outside[0] == 0          # no moments yet at the first step
+    assert max(outside) > 0
+
+
+# -- dynamic masks ----------------------------------------------------------------------------
+
+
+def test_dynamic_masks_change_exactly_every_r_steps_and_keep_the_density():
+    from deftx.subnetworks.train import DynamicMasks
+
+    model = tiny_classifier()
+    roles = parameter_roles(model, "task")
+    for p in roles.frozen.values():
+        p.requires_grad_(False)
+    stream = tiny_stream(languages=2)
+    k = 700
+    masks = {lang: global_top_k(random_scores(body_shapes(model), lang), k) for lang in range(2)}
+    update = LanguageMaskedUpdate(roles.maskable, masks, accumulate=True)
+    update.install()
+    dynamic = DynamicMasks(update, every=3, k=k, scorer=change_magnitude, structure=None, languages=["a", "b"])
+    engine = TorchEngine(model, list(roles.maskable.values()) + list(roles.head.values()), learning_rate=1e-2,
+                         weight_decay=0.0, total_steps=10)
+    history: list[dict[int, dict[str, torch.Tensor]]] = [{i: dict(m) for i, m in update.masks.items()}]
+
+    def record() -> None:
+        history.append({i: {n: t.clone() for n, t in m.items()} for i, m in update.masks.items()})
+
+    run_phase(engine, stream.batch_at, update.loss(multi_source_loss(classification_loss, [None, None])),
+              num_steps=10, name="t", after_step=[update.finish, dynamic, record])
+    changed_at = sorted({step for step in range(1, 11) for lang in range(2)
+                         if any(not torch.equal(history[step][lang][n], history[step - 1][lang][n])
+                                for n in history[step][lang])})
+    assert changed_at == [3, 6, 9]
+    assert all(count_selected(m) == k for h in history for m in h.values())
+    assert sorted({h["step"] for h in dynamic.history}) == [3, 6, 9]
+
+
+# -- meta-learning: one outer step against a hand computation ----------------------------------
+
+
+class _Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+
+
+def _mse(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return 0.5 * ((batch["input_ids"] @ model.w - batch["labels"]) ** 2).mean()
+
+
+def _grad(w: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    x, y = batch["input_ids"].double(), batch["labels"].double()
+    return x.T @ (x @ w - y) / x.shape[0]
+
+
+@pytest.mark.parametrize("algorithm", ["reptile", "fomaml"])
+def test_one_meta_learning_outer_step_equals_the_hand_computation(algorithm):
+    alpha, beta, inner = 0.1, 0.01, 2
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randn(4, 3, generator=g), "labels": torch.randn(4, generator=g)}
+               for _ in range(inner + 1)]
+    used = batches if algorithm == "fomaml" else batches[:inner]
+    stacked = stack_batches(used, lang=0)
+    mask = torch.tensor([True, False, True])
+
+    model = _Linear()
+    w0 = model.w.detach().double().clone()
+    update = LanguageMaskedUpdate({"w": model.w}, {0: {"w": mask}})
+    update.install()
+    loss = meta_loss(multi_source_loss(_mse, [None]), {"w": model.w}, algorithm=algorithm, inner_steps=inner,
+                     inner_learning_rate=alpha, update=update)
+    engine = TorchEngine(model, [model.w], learning_rate=beta, weight_decay=0.0, total_steps=1, max_grad_norm=None)
+    result = run_phase(engine, lambda step: stacked, update.loss(loss), num_steps=1, name="meta",
+                       after_step=[update.finish])
+
+    # by hand, in float64
+    m = mask.double()
+    w, losses = w0.clone(), []
+    for b in batches[:inner]:
+        losses.append(0.5 * float(((b["input_ids"].double() @ w - b["labels"].double()) ** 2).mean()))
+        w = w - alpha * _grad(w, b) * m
+    if algorithm == "reptile":
+        meta = w0 - w
+    else:
+        q = batches[inner]
+        losses.append(0.5 * float(((q["input_ids"].double() @ w - q["labels"].double()) ** 2).mean()))
+        meta = _grad(w, q) * m
+    adam_first_step = meta / (meta.abs() + 1e-8)       # AdamW's bias-corrected first step: g / (|g| + eps)
+    expected = w0 - beta * adam_first_step
+    assert torch.allclose(model.w.detach().double(), expected, atol=1e-6)
+    assert model.w.detach()[1] == 0.0 + w0[1]           # outside the mask: untouched, bit for bit
+    assert float(meta[0]) != 0.0 and float(meta[2]) != 0.0
+    assert result.losses[0] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_meta_batches_stack_and_unstack():
+    a = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+         "labels": torch.tensor([0, 1])}
+    b = {"input_ids": torch.tensor([[7, 8]]), "attention_mask": torch.tensor([[1, 1]]), "labels": torch.tensor([2])}
+    stacked = stack_batches([a, b], lang=1, pad_id=9)
+    assert stacked["input_ids"].shape == (1, 2, 3)                  # rows cut to the fewest, padded to the longest
+    assert stacked["input_ids"][0, 1].tolist() == [7, 8, 9]
+    assert stacked["attention_mask"][0, 1].tolist() == [1, 1, 0]
+    assert stacked[LANGUAGE_KEY].tolist() == [1]
+    parts = unstack_batch(stacked)
+    assert len(parts) == 2 and parts[1]["labels"].tolist() == [2]
+
+
+def test_meta_stream_keeps_one_language_per_outer_step():
+    source = tiny_stream(languages=3, examples=16)
+    meta = MetaStream(source, per_step=2)
+    assert meta.steps_per_epoch == 3 * 2       # 4 batches per language, 2 per outer step
+    langs = [int(meta.batch_at(s)[LANGUAGE_KEY][0]) for s in range(meta.steps_per_epoch)]
+    assert sorted(langs) == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(meta.batch_at(4)["input_ids"], meta.batch_at(4)["input_ids"])
+
+
+# -- end to end on a tiny model ---------------------------------------------------------------
+
+
+MODES = [
+    {"mode": "none"},
+    {"mode": "static"},
+    {"mode": "static", "structured": True},
+    {"mode": "dynamic", "reselect_every": 2},
+    {"mode": "static", "meta_learning": "reptile", "inner_steps": 2},
+    {"mode": "dynamic", "reselect_every": 2, "meta_learning": "fomaml", "inner_steps": 1},
+]
+
+
+@pytest.mark.parametrize("settings", MODES, ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_every_mode_trains_end_to_end(settings):
+    from deftx.config import PhaseConfig, SelectionConfig
+
+    cfg = SubnetworkConfig(**settings, probe_steps=2, selection=SelectionConfig(method="lt_sft", density=0.2),
+                           train=PhaseConfig(epochs=2, learning_rate=1e-3, weight_decay=0.01)).validate()
+    stream = tiny_stream(languages=2, examples=12)
+    result = train_subnetworks(tiny_classifier(), languages=["ind", "jav"], stream=stream,
+                               loss_fn=multi_source_loss(classification_loss, [None, None]), cfg=cfg, seed=1,
+                               log=lambda message: None)
+    assert result.final is not None and result.head is not None
+    assert all(r.final_loss == r.final_loss for r in result.phases)   # finite
+    changed = {n: result.final[n] != result.start[n] for n in result.start}
+    assert sum(int(c.sum()) for c in changed.values()) > 0
+    assert all(not bool((c & ~result.touched[n]).any()) for n, c in changed.items())
+    if settings["mode"] == "none":
+        return
+    for lang in ("ind", "jav"):
+        assert count_selected(result.masks[lang]) == result.k
+        if settings["mode"] == "static":
+            assert all(torch.equal(result.masks[lang][n], result.initial_masks[lang][n]) for n in result.start)
+    if settings["mode"] == "dynamic":
+        assert result.reselections and {h["step"] % 2 for h in result.reselections} == {0}
+    else:
+        union = union_masks(list(result.masks.values()))
+        assert all(torch.equal(result.touched[n], union[n]) for n in union)
