@@ -29,6 +29,17 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         os.fsync(f.fileno())
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; a ``DeftxError`` naming the file if it is missing or malformed."""
+    from deftx.errors import DeftxError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DeftxError(f"{path}: cannot read JSON ({exc})") from None
+
+
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():

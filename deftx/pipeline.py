@@ -200,6 +200,51 @@ def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: Spars
     return result.sft
 
 
+@dataclass
+class _MultiSource:
+    """What every multi-source trainer starts from: the base classifier, the per-language batches
+    and the loss that applies each language's SFT to its own batches."""
+
+    spec: Any
+    base: torch.nn.Module
+    fingerprint: str
+    loss: Any
+    stream_for: Callable[[int], Any]
+    trained_on: dict[str, Any]
+    data: str
+
+
+def _multi_source(model_path: str, tokenizer, sources: list[str], lang_sfts: dict[str, SparseFineTuning | None],
+                  max_train_examples: int | None, *, data_source: str, max_length: int, seed: int,
+                  task: str) -> _MultiSource:
+    from deftx.training.multi_source import MultiSourceStream, multi_source_loss
+
+    if not sources:
+        raise ValueError("multi-source training needs at least one source language")
+    spec = task_spec(task)
+    train = {lang: _capped(spec.train(lang, data_source), max_train_examples) for lang in sources}
+    base = load_classifier(model_path, spec.labels, seed=seed)
+    fingerprint = current_base_fingerprint(base)
+    for lang in sources:
+        sft = lang_sfts.get(lang)
+        if sft is not None:
+            sft.check_compatible(base, with_head=False, fingerprint=fingerprint)
+    loss = multi_source_loss(classification_loss,
+                             [lang_sfts[lang].diffs if lang_sfts.get(lang) is not None else None  # type: ignore[union-attr]
+                              for lang in sources])
+
+    def stream_for(batch_size: int) -> MultiSourceStream:
+        return MultiSourceStream([classification_stream(tokenizer, train[lang], batch_size=batch_size, seed=seed + i,
+                                                        max_length=max_length) for i, lang in enumerate(sources)],
+                                 seed=seed)
+
+    trained_on = {"multi_source": list(sources),
+                  "language_sfts": {lang: (s.source if s is not None else None)
+                                    for lang, s in lang_sfts.items() if lang in sources}}
+    return _MultiSource(spec, base, fingerprint, loss, stream_for, trained_on,
+                        f"{spec.name} training data of {', '.join(sources)} ({data_source})")
+
+
 def train_multi_source_task_sft(model_path: str, tokenizer, sources: list[str],
                                 lang_sfts: dict[str, SparseFineTuning | None], sft_cfg: SFTConfig, *,
                                 model_id: str, data_source: str, max_length: int, seed: int, log: Log,
@@ -209,40 +254,47 @@ def train_multi_source_task_sft(model_path: str, tokenizer, sources: list[str],
     ``max_train_examples`` each), on theta0, with each batch computed at theta + phi_lang of its
     language (``lang_sfts``; see :mod:`deftx.training.multi_source`). Both phases see the shifted
     batches; the SFT holds only the task's change."""
-    from deftx.training.multi_source import MultiSourceStream, multi_source_loss
-
-    if not sources:
-        raise ValueError("multi-source training needs at least one source language")
-    spec = task_spec(task)
-    train = {lang: _capped(spec.train(lang, data_source), sft_cfg.max_train_examples) for lang in sources}
-    base = load_classifier(model_path, spec.labels, seed=seed)
-    fingerprint = current_base_fingerprint(base)
-    for lang in sources:
-        sft = lang_sfts.get(lang)
-        if sft is not None:
-            sft.check_compatible(base, with_head=False, fingerprint=fingerprint)
+    ms = _multi_source(model_path, tokenizer, sources, lang_sfts, sft_cfg.max_train_examples,
+                       data_source=data_source, max_length=max_length, seed=seed, task=task)
+    spec = ms.spec
     meta = SFTMetadata(kind="task", task=spec.name, language="+".join(sources), method=sft_cfg.selection.method,
                        selection=sft_cfg.selection.hyperparameters(), base_model=model_id,
-                       base_fingerprint=fingerprint, tokenizer=model_id, label_names=list(spec.labels),
-                       trained_on={"multi_source": list(sources),
-                                   "language_sfts": {lang: (s.source if s is not None else None)
-                                                     for lang, s in lang_sfts.items() if lang in sources}},
-                       training={"data": f"{spec.name} training data of {', '.join(sources)} ({data_source})",
-                                 "seed": seed})
-    loss = multi_source_loss(classification_loss,
-                             [lang_sfts[lang].diffs if lang_sfts.get(lang) is not None else None  # type: ignore[union-attr]
-                              for lang in sources])
-
-    def stream_for(batch_size: int):
-        return MultiSourceStream([classification_stream(tokenizer, train[lang], batch_size=batch_size, seed=seed + i,
-                                                        max_length=max_length) for i, lang in enumerate(sources)],
-                                 seed=seed)
-
+                       base_fingerprint=ms.fingerprint, tokenizer=model_id, label_names=list(spec.labels),
+                       trained_on=ms.trained_on, training={"data": ms.data, "seed": seed})
     result = train_sparse_fine_tuning(
-        _first_then(base, lambda: load_classifier(model_path, spec.labels, seed=seed)), kind="task",
-        loss_fn=loss, cfg=sft_cfg, metadata=meta, label=f"task {'+'.join(sources)}", log=log, runtime=runtime,
-        phase1=phase1, stop_after_phase1=stop_after_phase1, stream_for=stream_for)  # type: ignore[arg-type]
+        _first_then(ms.base, lambda: load_classifier(model_path, spec.labels, seed=seed)), kind="task",
+        loss_fn=ms.loss, cfg=sft_cfg, metadata=meta, label=f"task {'+'.join(sources)}", log=log, runtime=runtime,
+        phase1=phase1, stop_after_phase1=stop_after_phase1, stream_for=ms.stream_for)
     return result.sft
+
+
+def train_subnetwork_model(model_path: str, tokenizer, sources: list[str],
+                           lang_sfts: dict[str, SparseFineTuning | None], sub_cfg, *,
+                           max_train_examples: int | None, model_id: str, data_source: str, max_length: int,
+                           seed: int, log: Log, runtime: TrainingRuntime | None = None,
+                           task: str = "nusax_senti"):
+    """A multi-source task model trained with language-specific subnetworks (``sub_cfg``: a
+    ``SubnetworkConfig``; see :mod:`deftx.subnetworks`), each batch shifted by its language's SFT
+    as in :func:`train_multi_source_task_sft`. Returns a ``SubnetworkModel`` (None off rank 0)."""
+    from deftx.subnetworks.artifact import subnetwork_model
+    from deftx.subnetworks.train import train_subnetworks
+
+    runtime = runtime or LocalRuntime()
+    ms = _multi_source(model_path, tokenizer, sources, lang_sfts, max_train_examples,
+                       data_source=data_source, max_length=max_length, seed=seed, task=task)
+    spec = ms.spec
+    result = train_subnetworks(_first_then(ms.base, lambda: load_classifier(model_path, spec.labels, seed=seed)),
+                               languages=list(sources), stream=ms.stream_for(sub_cfg.train.batch_size),
+                               loss_fn=ms.loss, cfg=sub_cfg, seed=seed, label=f"subnetworks {'+'.join(sources)}",
+                               log=log, runtime=runtime)
+    if runtime.rank != 0:
+        return None
+    meta = SFTMetadata(kind="task", task=spec.name, language="+".join(sources), method="subnetworks",
+                       selection={"subnetworks": sub_cfg.summary()}, base_model=model_id,
+                       base_fingerprint=ms.fingerprint, tokenizer=model_id, label_names=list(spec.labels),
+                       trained_on=ms.trained_on,
+                       training={"data": ms.data, "seed": seed, "phases": [p.as_dict() for p in result.phases]})
+    return subnetwork_model(result, meta, {**sub_cfg.summary(), "related": dict(sub_cfg.related)})
 
 
 # -- jobs: one unit of training each, as plain data, run by an executor -------------------------
@@ -269,6 +321,7 @@ class SFTJob:
     probe: dict[str, Any] | None = None  # language SFTs: {"every", "task_sft", "language", "split", "report_path"}
     sources: list[str] | None = None    # multi-source task SFT: the labelled languages it trains on
     source_sft_paths: dict[str, str] | None = None   # ... and the language SFT applied to each one's batches
+    subnetworks: dict[str, Any] | None = None        # multi-source with subnetworks: a SubnetworkConfig as a dict
 
     def __post_init__(self) -> None:
         if self.kind not in JOB_KINDS:
@@ -278,25 +331,34 @@ class SFTJob:
     def name(self) -> str:
         if self.kind == "mlm_head":
             return "mlm-head"
-        who = "multi-" + "-".join(self.sources) if self.sources else self.language
+        who = ("subnetworks-" if self.subnetworks is not None else "multi-") + "-".join(self.sources) \
+            if self.sources else self.language
         return f"{self.kind}-{who}" + ("-phase1" if self.phase1_only else "")
 
     def pipeline_config(self) -> PipelineConfig:
         return from_dict(PipelineConfig, self.config)
+
+    def subnetwork_config(self):
+        from deftx.subnetworks.config import SubnetworkConfig
+
+        return from_dict(SubnetworkConfig, self.subnetworks or {}, "subnetworks").validate()
 
 
 class JobOutput:
     """What a job produced on rank 0: an SFT or a head, saved by ``save(directory)``."""
 
     def __init__(self, sft: SparseFineTuning | None = None, head: dict[str, torch.Tensor] | None = None,
-                 info: dict[str, Any] | None = None) -> None:
-        self.sft, self.head, self.info = sft, head, info or {}
+                 info: dict[str, Any] | None = None, model: Any = None) -> None:
+        self.sft, self.head, self.info, self.model = sft, head, info or {}, model   # model: a SubnetworkModel
 
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
         from deftx.io import atomic_directory, write_json
 
+        if self.model is not None:
+            self.model.save(directory, overwrite=True)
+            return
         if self.sft is None and self.head is None:   # a phase-1-only job: a marker with its info
             with atomic_directory(directory, overwrite=True) as tmp:
                 write_json(tmp / "job.json", self.info)
@@ -360,6 +422,16 @@ def run_job(job: SFTJob, runtime: TrainingRuntime | None = None, log: Log = prin
         sft = train_language_sft(model_path, tokenizer, job.language, cfg.language_sft,
                                  model_id=cfg.model.name_or_path, data_source=cfg.data.source, head_init=head,
                                  phase1=phase1, stop_after_phase1=job.phase1_only, **common)
+    elif job.sources and job.subnetworks is not None:
+        paths = job.source_sft_paths or {}
+        lang_sfts = {lang: SparseFineTuning.load(paths[lang]) if paths.get(lang) else None for lang in job.sources}
+        model = train_subnetwork_model(model_path, tokenizer, list(job.sources), lang_sfts, job.subnetwork_config(),
+                                       max_train_examples=cfg.task_sft.max_train_examples,
+                                       model_id=cfg.model.name_or_path, data_source=cfg.data.source, **common)
+        if model is None:
+            return None
+        model.info["config_digest"] = job.digest
+        return JobOutput(model=model)
     elif job.sources:
         paths = job.source_sft_paths or {}
         lang_sfts = {lang: SparseFineTuning.load(paths[lang]) if paths.get(lang) else None for lang in job.sources}

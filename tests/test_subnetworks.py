@@ -367,3 +367,48 @@ def test_every_mode_trains_end_to_end(settings):
     else:
         union = union_masks(list(result.masks.values()))
         assert all(torch.equal(result.touched[n], union[n]) for n in union)
+
+
+# -- the job and the saved model ---------------------------------------------------------------
+
+
+def test_subnetwork_job_saves_a_model_whose_target_sfts_follow_the_policy(tiny_model_dir, tmp_path):
+    from deftx.compose import Composition
+    from deftx.config import ModelConfig, PipelineConfig, SFTConfig, to_dict
+    from deftx.models import load_classifier
+    from deftx.pipeline import SFTJob, run_job
+    from deftx.subnetworks.artifact import SubnetworkModel
+    from deftx.tasks import task_spec
+
+    cfg = PipelineConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)), task_sft=SFTConfig(max_train_examples=24))
+    settings = {"mode": "static", "structured": True, "probe_steps": 2, "selection": {"density": 0.1},
+                "train": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-3},
+                "unseen_target": "related", "related": {"ind": "jav"}}
+    job = SFTJob("task", "multi", to_dict(cfg), "d1", sources=["jav", "sun"], subnetworks=settings)
+    assert job.name == "task-subnetworks-jav-sun"
+    output = run_job(job, log=lambda message: None)
+    assert output is not None and output.model is not None
+    output.save(tmp_path / "model")
+    model = SubnetworkModel.load(tmp_path / "model")
+    assert model.languages == ["jav", "sun"] and model.info["config_digest"] == "d1"
+    for lang in ("jav", "sun"):
+        assert all(torch.equal(model.masks[lang][n], output.model.masks[lang][n]) for n in model.masks[lang])
+
+    def support(sft):
+        return {n: set(d.indices.tolist()) for n, d in sft.diffs.items()}
+
+    def inside(sft, masks) -> bool:
+        return all(bool(masks[n].reshape(-1)[d.indices].all()) for n, d in sft.diffs.items())
+
+    jav, ind = model.sft_for("jav"), model.sft_for("ind")         # ind: unseen, related to jav
+    assert inside(jav, model.masks["jav"]) and support(jav) == support(ind)
+    union = model.sft_for("ind", policy="union")
+    assert inside(union, union_masks([model.masks["jav"], model.masks["sun"]])) and union.nnz >= jav.nnz
+    assert model.sft_for("ind", policy="full").nnz == model.sft.nnz
+    assert 0 < jav.nnz < model.sft.nnz
+    assert ind.metadata.trained_on["subnetwork"] == {"target": "ind", "mask": "related", "related": "jav"}
+    classifier = load_classifier(str(tiny_model_dir), task_spec(cfg.task).labels, seed=0)
+    before = {n: p.detach().clone() for n, p in classifier.named_parameters()}
+    with Composition(ind, None).applied(classifier):
+        moved = sum(int((p.detach() != before[n]).sum()) for n, p in classifier.named_parameters())
+    assert moved > 0

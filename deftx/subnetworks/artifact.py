@@ -1,0 +1,146 @@
+"""A trained subnetwork task model on disk, and the task SFT each evaluation language uses.
+
+Layout of a directory::
+
+    model/                  the change training made, as a task SFT (every entry some step could
+                            change, with the classifier head): ``deftx.sft`` format
+    masks.safetensors       each source language's final mask, bit-packed (uint8) per tensor
+    subnetworks.json        languages, settings, tensor shapes, mask sizes, re-selection history
+
+``sft_for(target)`` restricts the change to the mask the target uses (its own for a source
+language; for an unseen one ``related`` / ``union`` / ``full`` as configured) and returns an
+ordinary task SFT, so it composes with the target's language SFT like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deftx.errors import DeftxError
+from deftx.io import atomic_directory, read_json, write_json
+from deftx.sft import SFTMetadata, SparseDelta, SparseFineTuning
+from deftx.subnetworks.masks import target_mask
+
+Masks = dict[str, torch.Tensor]
+MODEL_DIR, MASKS_FILE, INFO_FILE = "model", "masks.safetensors", "subnetworks.json"
+_SEP = "::"
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy().astype(np.uint8)))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    numel = int(np.prod(shape)) if shape else 1
+    bits = np.unpackbits(packed.numpy(), count=numel)
+    return torch.from_numpy(bits.astype(bool)).view(shape)
+
+
+def restrict(sft: SparseFineTuning, masks: Mapping[str, torch.Tensor], metadata: SFTMetadata) -> SparseFineTuning:
+    """``sft``'s body change on the entries of ``masks`` only (the head unchanged)."""
+    diffs: dict[str, SparseDelta] = {}
+    for name, delta in sft.diffs.items():
+        mask = masks.get(name)
+        if mask is None:
+            raise DeftxError(f"no mask for {name}")
+        keep = mask.reshape(-1)[delta.indices]
+        diffs[name] = SparseDelta(delta.shape, delta.indices[keep].clone(), delta.values[keep].clone())
+    return SparseFineTuning(diffs, {n: t.clone() for n, t in sft.head.items()}, metadata)
+
+
+@dataclass
+class SubnetworkModel:
+    sft: SparseFineTuning
+    masks: dict[str, Masks]                  # source language -> name -> bool mask
+    info: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.masks)
+
+    def sft_for(self, target: str, policy: str | None = None, related: Mapping[str, str] | None = None) -> SparseFineTuning:
+        """The task SFT ``target`` is evaluated with (see the module docstring)."""
+        policy = policy or self.info.get("unseen_target", "union")
+        related = related if related is not None else self.info.get("related", {})
+        touched = {n: _support(d) for n, d in self.sft.diffs.items()}
+        mask = target_mask(policy, target, self.masks, touched, related)
+        used = "own" if target in self.masks else policy
+        meta = SFTMetadata.from_dict({**_metadata_dict(self.sft.metadata),
+                                      "trained_on": {**self.sft.metadata.trained_on,
+                                                     "subnetwork": {"target": target, "mask": used,
+                                                                    "related": (related or {}).get(target)}}})
+        out = restrict(self.sft, mask, meta)
+        out.source = f"{self.source or 'subnetwork model'} [{target}: {used}]"
+        return out
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            self.sft.save(tmp / MODEL_DIR)
+            packed = {f"{lang}{_SEP}{name}": pack_mask(m) for lang, ms in self.masks.items() for name, m in ms.items()}
+            save_file(packed, str(tmp / MASKS_FILE))
+            shapes = {name: list(m.shape) for name, m in next(iter(self.masks.values())).items()} if self.masks else {}
+            sizes = {lang: int(sum(int(m.sum()) for m in ms.values())) for lang, ms in self.masks.items()}
+            write_json(tmp / INFO_FILE, {**self.info, "languages": self.languages, "shapes": shapes,
+                                         "mask_sizes": sizes})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SubnetworkModel:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / INFO_FILE).is_file():
+            raise DeftxError(f"{directory} is not a subnetwork model (no {INFO_FILE})")
+        info = read_json(directory / INFO_FILE)
+        packed = load_file(str(directory / MASKS_FILE))
+        shapes = {n: tuple(s) for n, s in info.get("shapes", {}).items()}
+        masks: dict[str, Masks] = {lang: {} for lang in info.get("languages", [])}
+        for key, bits in packed.items():
+            lang, _, name = key.partition(_SEP)
+            if lang not in masks or name not in shapes:
+                raise DeftxError(f"{directory / MASKS_FILE}: unexpected entry {key!r}")
+            masks[lang][name] = unpack_mask(bits, shapes[name])
+        sft = SparseFineTuning.load(directory / MODEL_DIR)
+        return cls(sft=sft, masks=masks, info=info, source=str(directory))
+
+
+def _support(delta: SparseDelta) -> torch.Tensor:
+    mask = torch.zeros(delta.numel, dtype=torch.bool)
+    mask[delta.indices] = True
+    return mask.view(delta.shape)
+
+
+def _metadata_dict(meta: SFTMetadata) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(meta)
+
+
+def subnetwork_model(result, metadata: SFTMetadata, settings: Mapping[str, Any]) -> SubnetworkModel:
+    """The model of a finished ``train_subnetworks`` run (rank 0: ``result.final`` is set)."""
+    if result.final is None or result.head is None:
+        raise ValueError("only the rank that read the trained weights (rank 0) can build the model")
+    sft = SparseFineTuning.extract(result.start, result.final, result.touched, result.head, metadata)
+    info = {**settings, "k": result.k, "reselections": result.reselections,
+            "initial_vs_final_overlap": _overlaps(result.initial_masks, result.masks)}
+    return SubnetworkModel(sft=sft, masks={lang: dict(m) for lang, m in result.masks.items()}, info=info)
+
+
+def _overlaps(initial: Mapping[str, Masks], final: Mapping[str, Masks]) -> dict[str, float]:
+    """Per language, the fraction of its final mask already in its initial mask (1.0 for static)."""
+    out = {}
+    for lang, masks in final.items():
+        size = sum(int(m.sum()) for m in masks.values())
+        common = sum(int((m & initial[lang][n]).sum()) for n, m in masks.items())
+        out[lang] = common / size if size else 1.0
+    return out
