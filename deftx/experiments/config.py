@@ -67,6 +67,30 @@ class AblationConfig:
 
 
 @dataclass
+class SubnetworkSystemsConfig:
+    """Multi-source task models with language-specific subnetworks (``deftx.subnetworks``), trained
+    leave-fold-out on the ``multi_source`` folds: every system's ``SubnetworkConfig`` is ``base``
+    plus its entry in ``systems``. Batches are shifted by, and targets composed with, the language
+    SFTs of the method ``language_sfts`` (null: none)."""
+
+    language_sfts: str | None = "lt_sft"
+    base: dict[str, Any] = field(default_factory=dict)
+    systems: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def system(self, name: str):
+        from deftx.subnetworks.config import SubnetworkConfig
+
+        if name not in self.systems:
+            raise ConfigError(f"subnetworks.systems: unknown system {name!r}; valid: {', '.join(self.systems)}")
+        overrides = self.systems[name] or {}
+        if not isinstance(overrides, dict) or not isinstance(self.base, dict):
+            raise ConfigError(f"subnetworks.systems.{name}: expected a mapping of subnetwork settings")
+        data = _merge(_merge(to_dict(SubnetworkConfig()), self.base), overrides)
+        key = f"subnetworks.systems.{name}"
+        return from_dict(SubnetworkConfig, data, key).validate(key)
+
+
+@dataclass
 class ExperimentConfig:
     """``main``: ``single_source`` (task SFT on the source language, the NusaX setting) or
     ``leave_fold_out`` (multi-source task SFTs per fold of ``multi_source``, the offline AmericasNLI
@@ -83,8 +107,10 @@ class ExperimentConfig:
     multi_source: MultiSourceConfig = field(default_factory=MultiSourceConfig)
     ablations: AblationConfig = field(default_factory=AblationConfig)
     analysis: bool = True
+    subnetworks: SubnetworkSystemsConfig = field(default_factory=SubnetworkSystemsConfig)
     eval_splits: list[str] = field(default_factory=lambda: ["test", "valid"])
     results_dir: str = "benchmarks/results"
+    reuse_from: str | None = None   # another experiment's output directory: its MLM head and language SFTs
 
     def validate(self) -> ExperimentConfig:
         if self.dataset not in EXPERIMENT_DATASETS:
@@ -142,6 +168,8 @@ class ExperimentConfig:
                               "(pipeline.data.source: hub); offline use main: leave_fold_out")
         if "eng" in self.sft_languages() and self.dataset == "americasnli" and pipe.data.source != "hub":
             raise ConfigError("multi_source.candidates: eng (MultiNLI) is only on the hub")
+        if self.subnetworks.systems:
+            self._validate_subnetworks()
         if self.ablations.variants:
             if self.main != "single_source":
                 raise ConfigError("ablations: implemented for main: single_source (they re-select the source "
@@ -152,6 +180,21 @@ class ExperimentConfig:
             for name in self.ablations.variants:
                 self.ablation_selection(name)
         return self
+
+    def _validate_subnetworks(self) -> None:
+        sub = self.subnetworks
+        if not self.multi_source.folds:
+            raise ConfigError("subnetworks: trained leave-fold-out; set multi_source.folds >= 1")
+        if sub.language_sfts is not None and sub.language_sfts not in self.methods:
+            raise ConfigError(f"subnetworks.language_sfts: {sub.language_sfts!r} is not one of the methods "
+                              f"({', '.join(self.methods)}); or null for no language SFTs")
+        cluster = self.pipeline.cluster
+        for name in sub.systems:
+            system = sub.system(name)
+            for fold in range(self.multi_source.folds):
+                system.check_languages(self.fold_sources(fold), self.fold_targets(fold), f"subnetworks.systems.{name}")
+            if cluster.backend == "ray" and cluster.zero_stage == 3 and system.meta_learning != "none":
+                raise ConfigError(f"subnetworks.systems.{name}: meta-learning needs cluster.zero_stage 0-2")
 
     def densities(self) -> dict[str, float | None]:
         if self.budget == "xlmr-base":

@@ -144,6 +144,44 @@ def multi_source_table(state: ExperimentState, split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def subnetwork_table(state: ExperimentState, split: str = "test") -> str:
+    """Targets x subnetwork systems (leave-fold-out), mean ± spread over seeds, plus the average."""
+    cfg = state.config
+    metric, _ = metric_of(cfg)
+    systems = list(cfg.subnetworks.systems)
+    targets = list(cfg.pipeline.target_languages)
+    lines = ["| language | fold | " + " | ".join(systems) + " |", "|---" * (len(systems) + 2) + "|"]
+    for fold in range(cfg.multi_source.folds):
+        for lang in cfg.fold_targets(fold):
+            cells = [cell([getattr(r, metric) for r in select(state.records, part="subnetworks", system=s, split=split,
+                                                              language=lang)]) for s in systems]
+            lines.append(f"| {_language(lang, cfg)} | {fold} | " + " | ".join(cells) + " |")
+    avg = [cell(per_seed_average(select(state.records, part="subnetworks", system=s, split=split), targets, metric))
+           for s in systems]
+    lines.append(f"| **average of the {len(targets)} targets** | | " + " | ".join(f"**{c}**" for c in avg) + " |")
+    return "\n".join(lines)
+
+
+def subnetwork_settings_table(state: ExperimentState) -> str:
+    """Each system's settings and its masks: density, sharing between sources, what a target uses."""
+    cfg = state.config
+    lines = [("| system | settings | mask density | pairwise Jaccard of source masks | target's share of the change | "
+             "initial-final mask overlap | re-selections |"), "|---" * 7 + "|"]
+    for name in cfg.subnetworks.systems:
+        summary = cfg.subnetworks.system(name).summary()
+        shown = ", ".join(f"{k}={v}" for k, v in summary.items() if k not in ("unseen_target",))
+        rows = [r for r in state.subnetwork_stats if r["system"] == name]
+
+        def mean(key: str, rows=rows) -> str:
+            values = [r[key] for r in rows if r[key] == r[key]]
+            return f"{statistics.fmean(values):.3f}" if values else "-"
+
+        lines.append(f"| {name} | {shown}; unseen targets: {summary['unseen_target']} | {mean('density')} | "
+                     f"{mean('mean_pairwise_jaccard')} | {mean('target_share_of_change')} | "
+                     f"{mean('initial_vs_final_overlap')} | {mean('reselections')} |")
+    return "\n".join(lines)
+
+
 def _overlap_summary(state: ExperimentState, part: str, system: str) -> tuple[str, str]:
     rows = [o for o in state.overlaps if o["part"] == part and o["system"] == system]
     if not rows:
@@ -238,6 +276,8 @@ def write_report(state: ExperimentState, directory: Path, *, command: str, secon
     (directory / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n", encoding="utf-8")
     write_csv(directory / "scores.csv", [asdict(r) for r in state.records])
     write_csv(directory / "overlap.csv", state.overlaps)
+    if state.subnetwork_stats:
+        write_csv(directory / "subnetworks.csv", state.subnetwork_stats)
     written = {"provenance": directory / "provenance.json", "scores": directory / "scores.csv"}
     for name, fig in (figures or {}).items():
         if fig is not None:
@@ -310,6 +350,20 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
                   f"{cfg.multi_source.max_examples_per_language or 'all'} examples each), each batch at theta + the "
                   "language SFT of its language. A target's labelled data never trains the model it is evaluated on."),
                   "", multi_source_table(state, "test")]
+    if cfg.subnetworks.systems:
+        method = cfg.subnetworks.language_sfts
+        parts += ["", f"## Language-specific subnetworks (Choenni-style), leave-fold-out (test {label}, %; {spread})", "",
+                  ("Multi-source task models trained on the same folds and data as above; a batch of language l only "
+                   "updates l's subnetwork (static: chosen before training by a short per-language probe fine-tune; "
+                   "dynamic: re-selected during training from l's accumulated gradient), optionally with first-order "
+                   "meta-learning across the source languages. `none` is the same trainer without subnetworks (plain "
+                   "multi-source fine-tuning). A held-out target uses the part of the change its policy selects"
+                   + (f", composed with its `{method}` language SFT (each training batch shifted by its language's)."
+                      if method else ", without language SFTs.")),
+                  "", subnetwork_table(state, "test"), ""]
+        if "valid" in cfg.eval_splits:
+            parts += [f"Validation {label} (%):", "", subnetwork_table(state, "valid"), ""]
+        parts += ["Settings and masks (means over seeds and folds):", "", subnetwork_settings_table(state)]
     if cfg.ablations.variants:
         parts += ["", f"## DeFT-X ablations of the task SFT (seed {cfg.seeds[0]})", "",
                   (f"Every variant re-selects the task SFT from the same phase 1 (the `{cfg.ablations.base}` method's, "

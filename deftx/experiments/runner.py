@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from deftx.compose import Composition
+from deftx.errors import DeftxError
 from deftx.evaluation import evaluate
 from deftx.experiments.config import FULL_FT, ExperimentConfig
 from deftx.masks import body_parameters
@@ -58,7 +59,7 @@ from deftx.pipeline import (
     start_run,
     train_pipeline_sfts,
 )
-from deftx.sft import SparseFineTuning
+from deftx.sft import SparseFineTuning, read_metadata
 from deftx.tasks import task_spec
 from deftx.training.phase1_store import Phase1Store
 
@@ -109,6 +110,7 @@ class ExperimentState:
     ledger: dict[str, float] = field(default_factory=dict)   # seconds per stage over all invocations
     missing: list[str] = field(default_factory=list)           # report-only: units not computed yet
     sft_dirs: dict[str, str] = field(default_factory=dict)     # every SFT of the experiment, by relative path
+    subnetwork_stats: list[dict[str, Any]] = field(default_factory=list)   # mask sizes and sharing per model
 
 
 class _Evaluator:
@@ -194,6 +196,51 @@ class _Evaluator:
                     body[n].copy_(v)
                 for n, v in saved_head.items():
                     params[n].copy_(v)
+
+
+def subnetwork_statistics(model, targets: list[str]) -> dict[str, Any]:
+    """How much the source languages' subnetworks share, and how much of the model a target uses."""
+    masks = list(model.masks.values())
+    sizes = [sum(int(m.sum()) for m in ms.values()) for ms in masks]
+    total = sum(m.numel() for m in masks[0].values()) if masks else 0
+    jaccard = []
+    for i in range(len(masks)):
+        for j in range(i + 1, len(masks)):
+            inter = sum(int((masks[i][n] & masks[j][n]).sum()) for n in masks[i])
+            union = sum(int((masks[i][n] | masks[j][n]).sum()) for n in masks[i])
+            jaccard.append(inter / union if union else 1.0)
+    used = [model.sft_for(t).nnz / max(model.sft.nnz, 1) for t in targets]
+    overlap = model.info.get("initial_vs_final_overlap", {})
+    return {"density": sum(sizes) / max(len(sizes), 1) / max(total, 1),
+            "mean_pairwise_jaccard": sum(jaccard) / len(jaccard) if jaccard else float("nan"),
+            "changed_entries": model.sft.nnz,
+            "target_share_of_change": sum(used) / len(used) if used else float("nan"),
+            "initial_vs_final_overlap": sum(overlap.values()) / len(overlap) if overlap else float("nan"),
+            "reselections": len(model.info.get("reselections", []))}
+
+
+def _adopt(source: Path, target: Path, log: Log) -> None:
+    """Copy ``source`` (a finished unit of another experiment) to ``target`` if ``target`` does not
+    exist; hard links where the file system allows. The unit's own digest check then decides
+    whether it is used."""
+    import os
+    import shutil
+
+    if target.exists() or not source.is_dir():
+        return
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    tmp = target.with_name(f".{target.name}.adopt")
+    shutil.rmtree(tmp, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, tmp, copy_function=link_or_copy)
+    tmp.replace(target)
+    log(f"adopted {source} as {target}")
 
 
 def _digest_of(sft: SparseFineTuning) -> str:
@@ -317,11 +364,17 @@ class Experiment:
             for seed in cfg.seeds:
                 with self._timed(f"multi-source (seed {seed})"):
                     self._multi_source(seed)
+        if cfg.subnetworks.systems:
+            for seed in cfg.seeds:
+                with self._timed(f"subnetworks (seed {seed})"):
+                    self._subnetworks(seed)
         return self.state
 
     def _language_sfts(self) -> TrainedSFTs:
         cfg = self.cfg
         pipe = cfg.pipeline
+        if cfg.reuse_from:
+            _adopt(Path(cfg.reuse_from) / "mlm-head", self.out / "mlm-head", self.log)
         with self._timed("MLM head"):
             trained = train_pipeline_sfts(pipe, self.executor, [], self.log, with_task=False)   # the head only
         head = str(trained.head_dir) if trained.head_dir is not None else None
@@ -336,19 +389,38 @@ class Experiment:
         store = Phase1Store(self.out / "phase1" / f"language-{lang}", digest1)
         self.state.phase1_dirs[f"language-{lang}"] = str(store.directory)
         self.log(f"== language {i}/{len(self.languages)}: {lang} ==")
-        with self._unit(f"language SFT phase 1 ({lang})"):
-            self._run_phase1(SFTJob("language", lang, self.pipeline_dict, digest1, head_path=head,
-                                    phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True), store)
+        if cfg.reuse_from:
+            for method in cfg.methods:
+                _adopt(Path(cfg.reuse_from) / "sfts" / method / f"lang-{lang}",
+                       self.out / "sfts" / method / f"lang-{lang}", self.log)
+        if not all(self._language_sft_ready(lang, method, digest1) for method in cfg.methods):
+            with self._unit(f"language SFT phase 1 ({lang})"):
+                self._run_phase1(SFTJob("language", lang, self.pipeline_dict, digest1, head_path=head,
+                                        phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True),
+                                 store)
         for method in cfg.methods:
             with self._unit(f"language SFT {method} ({lang})"):
                 self._language_method(head, lang, method, store, digest1)
 
-    def _language_method(self, head: str | None, lang: str, method: str, store: Phase1Store, digest1: str) -> None:
-        cfg = self.cfg
-        selection = cfg.selection(method, "language")
-        config = self._config_with(language_selection=selection)
+    def _language_job_digest(self, method: str, lang: str, digest1: str) -> tuple[dict[str, Any], str]:
+        config = self._config_with(language_selection=self.cfg.selection(method, "language"))
         digest = config_digest({"experiment": "language", "lang": lang, "phase1": digest1,
                                 "sft": config["language_sft"]})
+        return config, digest
+
+    def _language_sft_ready(self, lang: str, method: str, digest1: str) -> bool:
+        """True if ``method``'s SFT of ``lang`` is saved with the current settings (phase 1 is then
+        not needed for it)."""
+        _, digest = self._language_job_digest(method, lang, digest1)
+        directory = self.out / "sfts" / method / f"lang-{lang}"
+        try:
+            return (directory / "sft.json").is_file() and \
+                read_metadata(directory).get("training", {}).get("config_digest") == digest
+        except DeftxError:
+            return False
+
+    def _language_method(self, head: str | None, lang: str, method: str, store: Phase1Store, digest1: str) -> None:
+        config, digest = self._language_job_digest(method, lang, digest1)
         directory = self.out / "sfts" / method / f"lang-{lang}"
         self._run_sft(SFTJob("language", lang, config, digest, head_path=head,
                              phase1_dir=str(store.directory), phase1_digest=digest1), directory)
@@ -516,6 +588,59 @@ class Experiment:
                            lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
         self._record("multi_source", method, seed, scores, with_lang=True,
                      extra={"fold": fold, "sources": cfg.fold_sources(fold)})
+
+    # -- language-specific subnetworks ------------------------------------------------------------
+
+    def _subnetworks(self, seed: int) -> None:
+        cfg = self.cfg
+        for fold in range(cfg.multi_source.folds):
+            for system in cfg.subnetworks.systems:
+                with self._unit(f"subnetworks {system} (fold {fold}, seed {seed})"):
+                    self._subnetwork_unit(seed, fold, system)
+
+    def _subnetwork_unit(self, seed: int, fold: int, system: str) -> None:
+        from deftx.subnetworks.artifact import SubnetworkModel
+
+        cfg, ev = self.cfg, self.evaluator
+        sub = cfg.subnetworks.system(system)
+        held_out = self._fold_banner(seed, f"subnetworks, {system}", fold)
+        sources = cfg.fold_sources(fold)
+        method = cfg.subnetworks.language_sfts
+        paths = {lang: self.state.language_sft_dirs.get(method, {}).get(lang) for lang in sources} if method else None
+        if paths is not None and not all(paths.values()):
+            raise MissingUnit(f"language SFTs {method} of {', '.join(lang for lang, p in paths.items() if not p)}")
+        config = self._config_with(seed=seed,
+                                   task_overrides={"max_train_examples": cfg.multi_source.max_examples_per_language})
+        lang_digests = {lang: _digest_of(SparseFineTuning.load(p)) for lang, p in (paths or {}).items()}
+        settings = asdict(sub)
+        digest = config_digest({"experiment": "subnetworks", "sources": sources, "seed": seed, "subnetworks": settings,
+                                "max_examples": cfg.multi_source.max_examples_per_language,
+                                "common": self.trained.common, "lang_sfts": lang_digests})
+        directory = self.out / "subnetworks" / f"seed{seed}" / f"{system}-fold{fold}"
+        model = None
+        if (directory / "subnetworks.json").is_file():
+            try:
+                candidate = SubnetworkModel.load(directory)
+                if candidate.info.get("config_digest") == digest:
+                    model = candidate
+                    self.log(f"reusing {directory} (same settings)")
+                    self.state.reused += 1
+            except DeftxError as exc:
+                self.log(f"{directory}: unusable ({exc}); retraining")
+        if model is None:
+            self.executor.run(SFTJob("task", "multi", config, digest, sources=sources, source_sft_paths=paths,
+                                     subnetworks=settings), directory, self.log)
+            self.state.trained += 1
+            model = SubnetworkModel.load(directory)
+            self.log(f"saved {directory} ({model.sft.nnz:,} changed entries)")
+        lang_sfts = {lang: self._language_sft(method, lang) for lang in held_out} if method else {}
+        scores = ev.scores(f"subnet-{system}-fold{fold}-seed{seed}-{digest}", held_out,
+                           lambda lang, model=model, lang_sfts=lang_sfts: ev.composed(model.sft_for(lang),
+                                                                                      lang_sfts.get(lang)))
+        self._record("subnetworks", system, seed, scores, with_lang=method is not None,
+                     extra={"fold": fold, "sources": sources})
+        self.state.subnetwork_stats.append({"system": system, "seed": seed, "fold": fold,
+                                            **subnetwork_statistics(model, held_out)})
 
     def _ablations(self, seed: int) -> None:
         for variant in self.cfg.ablations.variants:

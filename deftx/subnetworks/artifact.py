@@ -43,12 +43,14 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def restrict(sft: SparseFineTuning, masks: Mapping[str, torch.Tensor], metadata: SFTMetadata) -> SparseFineTuning:
-    """``sft``'s body change on the entries of ``masks`` only (the head unchanged)."""
+    """``sft``'s body change on the entries of ``masks`` only; tensors ``masks`` does not cover
+    (shared by every language, e.g. the embeddings) and the head are kept whole."""
     diffs: dict[str, SparseDelta] = {}
     for name, delta in sft.diffs.items():
         mask = masks.get(name)
         if mask is None:
-            raise DeftxError(f"no mask for {name}")
+            diffs[name] = SparseDelta(delta.shape, delta.indices.clone(), delta.values.clone())
+            continue
         keep = mask.reshape(-1)[delta.indices]
         diffs[name] = SparseDelta(delta.shape, delta.indices[keep].clone(), delta.values[keep].clone())
     return SparseFineTuning(diffs, {n: t.clone() for n, t in sft.head.items()}, metadata)
@@ -69,7 +71,8 @@ class SubnetworkModel:
         """The task SFT ``target`` is evaluated with (see the module docstring)."""
         policy = policy or self.info.get("unseen_target", "union")
         related = related if related is not None else self.info.get("related", {})
-        touched = {n: _support(d) for n, d in self.sft.diffs.items()}
+        covered = set(next(iter(self.masks.values()))) if self.masks else set()
+        touched = {n: _support(d) for n, d in self.sft.diffs.items() if n in covered}
         mask = target_mask(policy, target, self.masks, touched, related)
         used = "own" if target in self.masks else policy
         meta = SFTMetadata.from_dict({**_metadata_dict(self.sft.metadata),

@@ -10,6 +10,7 @@ from deftx.errors import ConfigError
 from deftx.subnetworks.masks import TARGET_POLICIES
 
 MODES = ("none", "static", "dynamic")
+COVERS = ("encoder", "all")
 META_LEARNING = ("none", "reptile", "fomaml")
 
 
@@ -35,11 +36,14 @@ class SubnetworkConfig:
     language's batches (FOMAML: one more batch as the query), then the meta-gradient goes through the
     phase's optimizer. ``unseen_target``: which part of the trained change a language without a
     subnetwork uses at test time (``related`` needs ``related[target]``, a source language).
+    ``cover``: the tensors subnetworks restrict: ``encoder`` (every maskable tensor but the
+    embeddings, which every language trains, like the classifier head) or ``all``.
     """
 
     mode: str = "static"
     selection: SelectionConfig = field(default_factory=_default_selection)
     structured: bool = False
+    cover: str = "encoder"
     probe_steps: int = 30
     probe_learning_rate: float = 1e-4
     reselect_every: int = 0
@@ -59,6 +63,8 @@ class SubnetworkConfig:
         if self.unseen_target not in TARGET_POLICIES:
             raise _fail(f"{key}.unseen_target",
                         f"unknown policy {self.unseen_target!r}; valid: {', '.join(TARGET_POLICIES)}")
+        if self.cover not in COVERS:
+            raise _fail(f"{key}.cover", f"unknown cover {self.cover!r}; valid: {', '.join(COVERS)}")
         self.selection.validate(f"{key}.selection")
         self.train.validate(f"{key}.train")
         if self.selection.density is None:
@@ -107,6 +113,7 @@ class SubnetworkConfig:
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode, "density": self.selection.density,
                                "selection": self.selection.method, "structured": self.structured,
+                               "cover": self.cover,
                                "meta_learning": self.meta_learning, "unseen_target": self.unseen_target}
         if self.mode == "dynamic":
             out["reselect_every"] = self.reselect_every

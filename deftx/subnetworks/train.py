@@ -48,7 +48,7 @@ class SubnetworkResult:
     start: dict[str, torch.Tensor]
     final: dict[str, torch.Tensor] | None
     head: dict[str, torch.Tensor] | None
-    masks: dict[str, Masks]                 # per language, at the end of training
+    masks: dict[str, Masks]                 # per language, at the end of training (covered tensors only)
     initial_masks: dict[str, Masks]
     touched: Masks                          # every entry some step was allowed to change
     reselections: list[dict[str, Any]] = field(default_factory=list)
@@ -141,7 +141,11 @@ def train_subnetworks(model: nn.Module | ModelBuilder, *, languages: list[str], 
     _freeze(roles.frozen)
     start = {n: p.detach().clone() for n, p in roles.maskable.items()}
     head_start = {n: p.detach().clone() for n, p in roles.head.items()}
-    k = resolve_budget(roles.num_maskable, density=cfg.selection.density)
+    covered = sorted(n for n in start if cfg.cover == "all" or n not in embedding_names)
+    if not covered:
+        raise ValueError("subnetworks cover no tensor (the model has only embeddings?); use cover: all")
+    num_covered = sum(start[n].numel() for n in covered)
+    k = resolve_budget(num_covered, density=cfg.selection.density)
     sel = cfg.selection
     scorer = make_scorer(sel.method, rank=sel.rank, energy=sel.energy, residual_keep=sel.residual_keep,
                          svd_target=sel.svd_target, denoise_embeddings=sel.denoise_embeddings,
@@ -151,7 +155,7 @@ def train_subnetworks(model: nn.Module | ModelBuilder, *, languages: list[str], 
         heads = num_heads or getattr(getattr(model, "config", None), "num_attention_heads", None)
         if not heads:
             raise ValueError("structured subnetworks need the number of attention heads (num_heads)")
-        structure = encoder_structure({n: tuple(t.shape) for n, t in start.items()}, int(heads))
+        structure = encoder_structure({n: tuple(start[n].shape) for n in covered}, int(heads))
     phases: list[PhaseResult] = []
     say = (lambda message: runtime.log(message, log))
 
@@ -166,25 +170,25 @@ def train_subnetworks(model: nn.Module | ModelBuilder, *, languages: list[str], 
                                     cfg.probe_steps)
             phases.append(run_phase(engine, runtime.batches(_language_batches(stream, i)), runtime.loss(loss_fn),
                                     num_steps=cfg.probe_steps, name=f"{label} probe {lang}", log=log))
-            moved = runtime.read(roles.maskable)
+            moved = runtime.read({n: roles.maskable[n] for n in covered})
             runtime.end_phase(engine)
             del engine
             assert moved is not None
-            masks[i] = select_subnetwork(start, moved, k, scorer, structure)
+            masks[i] = select_subnetwork({n: start[n] for n in covered}, moved, k, scorer, structure)
             del moved
             model = runtime.restart(model, build, {**start, **head_start}, "task")
             roles = parameter_roles(model, "task")
             _freeze(roles.frozen)
-        say(f"[{label}] subnetworks of {k:,} entries ({100.0 * k / max(roles.num_maskable, 1):.2f}% of "
-            f"{roles.num_maskable:,}) for {', '.join(languages)}" + (" (whole heads and neurons)" if structure else ""))
+        say(f"[{label}] subnetworks of {k:,} entries ({100.0 * k / max(num_covered, 1):.2f}% of the "
+            f"{num_covered:,} in {'every maskable tensor' if cfg.cover == 'all' else 'the encoder layers'}) for "
+            f"{', '.join(languages)}" + (" (whole heads and neurons)" if structure else ""))
     else:
-        masks = {i: {n: torch.ones(p.shape, dtype=torch.bool) for n, p in roles.maskable.items()}
-                 for i in range(len(languages))}
+        masks = {i: {n: torch.ones(start[n].shape, dtype=torch.bool) for n in covered} for i in range(len(languages))}
     initial = {languages[i]: {n: m.clone() for n, m in ms.items()} for i, ms in masks.items()}
 
     for p in list(roles.maskable.values()) + list(roles.head.values()):
         p.requires_grad_(True)
-    update = LanguageMaskedUpdate(roles.maskable, masks, access=runtime.value_access(),
+    update = LanguageMaskedUpdate({n: roles.maskable[n] for n in covered}, masks, access=runtime.value_access(),
                                   accumulate=cfg.mode == "dynamic")
     update.install()   # before the engine wraps the parameters
     try:
@@ -213,9 +217,11 @@ def train_subnetworks(model: nn.Module | ModelBuilder, *, languages: list[str], 
         del engine
     finally:
         update.remove()
+    touched = {n: update.touched[n] if n in update.touched else torch.ones(t.shape, dtype=torch.bool)
+               for n, t in start.items()}    # tensors outside the subnetworks: trained by every batch
     return SubnetworkResult(languages=list(languages), start=start, final=final, head=head,
                             masks={languages[i]: m for i, m in update.masks.items()}, initial_masks=initial,
-                            touched=update.touched, reselections=dynamic.history if dynamic else [],
+                            touched=touched, reselections=dynamic.history if dynamic else [],
                             phases=phases, k=k)
 
 
