@@ -333,3 +333,62 @@ def test_americasnli_small_experiment_leave_fold_out_end_to_end(tiny_model_dir, 
         assert lang not in meta["trained_on"]["multi_source"]
         assert sorted(meta["trained_on"]["multi_source"]) == sorted(set(cfg.pipeline.target_languages) - {lang})
         assert meta["task"] == "americasnli" and meta["label_names"] == ["entailment", "neutral", "contradiction"]
+
+
+@pytest.mark.slow
+def test_subnetwork_experiment_end_to_end_and_reuse(tiny_model_dir, tmp_path, capsys):
+    """`deftx experiment nusax --preset subnetworks-small` (tiny model): every subnetwork system
+    trained leave-fold-out and scored, with its table; a second experiment with ``reuse_from``
+    adopts the first one's MLM head, language SFTs and multi-source SFTs instead of training them."""
+    from deftx.cli import main
+
+    out, results, db = tmp_path / "run", tmp_path / "results", tmp_path / "mlflow.db"
+    common = ["--set", f"pipeline.model.name_or_path={tiny_model_dir}", "--set", f"pipeline.tracking.uri=sqlite:///{db}",
+              "--set", "pipeline.max_eval_examples=30"]
+    argv = ["experiment", "nusax", "--preset", "subnetworks-small", "--output-dir", str(out), "--results-dir",
+            str(results), *common]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    assert "Language-specific subnetworks (Choenni-style)" in shown and "pairwise Jaccard" in shown
+    cfg = load_experiment("nusax", preset="subnetworks-small")
+    with (results / "scores.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["part"] == "subnetworks"]
+    targets = cfg.pipeline.target_languages
+    assert len(rows) == len(cfg.subnetworks.systems) * len(cfg.seeds) * len(targets) * 2   # x 2 splits
+    assert {r["system"] for r in rows} == set(cfg.subnetworks.systems)
+    assert {r["language"] for r in rows} == set(targets)
+    for r in rows:
+        assert r["language"] not in json.loads(r["extra"])["sources"]
+    with (results / "subnetworks.csv").open() as f:
+        stats = list(csv.DictReader(f))
+    assert len(stats) == len(cfg.subnetworks.systems) * len(cfg.seeds) * cfg.multi_source.folds
+    plain = [s for s in stats if s["system"] == "plain"]
+    assert all(float(s["density"]) == 1.0 and float(s["mean_pairwise_jaccard"]) == 1.0 for s in plain)
+    static = [s for s in stats if s["system"] == "static"]
+    assert all(float(s["density"]) == pytest.approx(0.3, abs=1e-3) and float(s["mean_pairwise_jaccard"]) < 1.0
+               for s in static)
+    assert all(int(float(s["reselections"])) > 0 for s in stats if s["system"].startswith("dynamic"))
+
+    again = tmp_path / "again"
+    import yaml
+
+    from deftx.experiments.config import _preset_text
+
+    data = yaml.safe_load(_preset_text("nusax", "subnetworks-small"))
+    data["subnetworks"]["systems"] = {"plain": {"mode": "none"}}
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(data))
+    argv2 = ["experiment", "nusax", "--config", str(tmp_path / "again.yaml"), "--output-dir", str(again),
+             "--results-dir", str(tmp_path / "results2"), "--set", f"reuse_from={out}", *common]
+    assert main(argv2) == 0
+    captured = capsys.readouterr()
+    assert "adopted" in captured.out + captured.err
+    assert (again / "sfts" / "lt_sft" / "lang-jav" / "sft.json").is_file()
+    assert not list((again / "phase1").glob("language-*"))          # no language SFT trained
+    assert not list((again / "phase1").glob("multi-lt_sft-*"))      # nor a multi-source task SFT
+    with (tmp_path / "results2" / "scores.csv").open() as f:
+        rows2 = [r for r in csv.DictReader(f) if r["part"] == "main"]
+    with (results / "scores.csv").open() as f:
+        first = {(r["system"], r["language"], r["split"], r["with_language_sft"]): r["macro_f1"]
+                 for r in csv.DictReader(f) if r["part"] == "main" and r["seed"] == "1"}
+    assert rows2 and all(first[(r["system"], r["language"], r["split"], r["with_language_sft"])] == r["macro_f1"]
+                         for r in rows2)

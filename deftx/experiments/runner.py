@@ -219,6 +219,16 @@ def subnetwork_statistics(model, targets: list[str]) -> dict[str, Any]:
             "reselections": len(model.info.get("reselections", []))}
 
 
+def _saved_with(directory: Path, digest: str) -> bool:
+    """True if ``directory`` holds an SFT saved with ``digest`` (so what it is trained from, e.g. a
+    phase-1 store, is not needed)."""
+    try:
+        return (directory / "sft.json").is_file() and \
+            read_metadata(directory).get("training", {}).get("config_digest") == digest
+    except DeftxError:
+        return False
+
+
 def _adopt(source: Path, target: Path, log: Log) -> None:
     """Copy ``source`` (a finished unit of another experiment) to ``target`` if ``target`` does not
     exist; hard links where the file system allows. The unit's own digest check then decides
@@ -241,6 +251,30 @@ def _adopt(source: Path, target: Path, log: Log) -> None:
     shutil.copytree(source, tmp, copy_function=link_or_copy)
     tmp.replace(target)
     log(f"adopted {source} as {target}")
+
+
+def _adopt_scores(other: Path, target: Path, pipeline: dict[str, Any], log: Log) -> None:
+    """Link the cached scores of the experiment in ``other`` if it evaluated on the same data
+    (scores are keyed by the digests of the models they score)."""
+    import os
+    import shutil
+
+    source = other / "scores"
+    try:
+        theirs = json.loads((other / "experiment.json").read_text(encoding="utf-8"))["pipeline"]
+    except (OSError, ValueError, KeyError):
+        return
+    same = ("model", "data", "task", "max_eval_examples", "eval_batch_size")
+    if not source.is_dir() or any(theirs.get(k) != pipeline.get(k) for k in same):
+        log(f"not reusing the scores of {other}: different evaluation settings")
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.glob("*.json"):
+        if not (target / path.name).exists():
+            try:
+                os.link(path, target / path.name)
+            except OSError:
+                shutil.copy2(path, target / path.name)
 
 
 def _digest_of(sft: SparseFineTuning) -> str:
@@ -344,6 +378,8 @@ class Experiment:
         self.targets = list(pipe_cfg.target_languages)
         self.languages = cfg.sft_languages()
         self.state.ledger = self._read_ledger()
+        if cfg.reuse_from and not self.report_only:
+            _adopt_scores(Path(cfg.reuse_from), self.out / "scores", asdict(cfg.pipeline), self.log)
         trained = None
         with self._unit("MLM head"):
             trained = self._language_sfts()
@@ -412,12 +448,7 @@ class Experiment:
         """True if ``method``'s SFT of ``lang`` is saved with the current settings (phase 1 is then
         not needed for it)."""
         _, digest = self._language_job_digest(method, lang, digest1)
-        directory = self.out / "sfts" / method / f"lang-{lang}"
-        try:
-            return (directory / "sft.json").is_file() and \
-                read_metadata(directory).get("training", {}).get("config_digest") == digest
-        except DeftxError:
-            return False
+        return _saved_with(self.out / "sfts" / method / f"lang-{lang}", digest)
 
     def _language_method(self, head: str | None, lang: str, method: str, store: Phase1Store, digest1: str) -> None:
         config, digest = self._language_job_digest(method, lang, digest1)
@@ -518,12 +549,15 @@ class Experiment:
         name = f"multi-{method or FULL_FT}-fold{fold}-seed{seed}"
         store = Phase1Store(self.out / "phase1" / name, digest1)
         self.state.phase1_dirs[name] = str(store.directory)
-        self._run_phase1(SFTJob("task", "multi", config, digest1, sources=sources, source_sft_paths=paths,
-                                phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True), store)
-        if method is None:
-            return store, None
         digest = config_digest({"experiment": "multi_source", "phase1": digest1, "sft": config["task_sft"]})
         directory = self.out / "sfts" / f"seed{seed}" / f"multi-{method}-fold{fold}"
+        if method is not None and cfg.reuse_from:
+            _adopt(Path(cfg.reuse_from) / "sfts" / f"seed{seed}" / directory.name, directory, self.log)
+        if method is None or not _saved_with(directory, digest):
+            self._run_phase1(SFTJob("task", "multi", config, digest1, sources=sources, source_sft_paths=paths,
+                                    phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True), store)
+        if method is None:
+            return store, None
         task = self._run_sft(SFTJob("task", "multi", config, digest, sources=sources, source_sft_paths=paths,
                                     phase1_dir=str(store.directory), phase1_digest=digest1), directory)
         return store, task
