@@ -250,6 +250,23 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_subnetworks(args: argparse.Namespace) -> int:
+    from deftx.experiments.config import load_experiment
+    from deftx.ray_tune_subnetworks import load_subnetwork_space, run_subnetwork_sweep
+
+    overrides = list(args.set or [])
+    if args.output_dir:
+        overrides.append(f"pipeline.output_dir={args.output_dir}")
+    cfg = load_experiment(args.dataset, preset=args.preset, config_file=args.config, overrides=overrides)
+    space = load_subnetwork_space(args.space, cfg)
+    _log(f"deftx {__version__}: sweep of subnetwork system {space.system!r} ({', '.join(space.dimensions)}), "
+         f"{args.samples} trials, objective: held-out targets' validation score; output {cfg.pipeline.output_dir}")
+    result = run_subnetwork_sweep(cfg, space, args.samples, name=args.name, log=_log)
+    print(result.table())
+    print(f"\nwall time {result.seconds / 60:.1f} min; results in {result.output_dir}")
+    return 0 if result.best is not None else 1
+
+
 def _registry(args: argparse.Namespace, create: bool = False):
     from deftx.registry import open_registry
 
@@ -378,6 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: write the report from the units finished so far (while the experiment runs, "
                         "or after it was interrupted)")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("sweep-subnetworks", help="Ray Tune sweep of a subnetwork system's settings (density, R, ...)",
+                       description="Tune trials over the settings of one subnetwork system of a results experiment "
+                                   "(a space file such as tune_spaces/nusax-subnetworks.yaml); the objective is the "
+                                   "held-out targets' validation score. Language SFTs and the main table are trained "
+                                   "once and shared; each trial is a nested MLflow run. The same command resumes.")
+    p.add_argument("dataset", choices=["nusax", "americasnli"], help="the experiment's dataset")
+    p.add_argument("--preset", help="an experiment preset with subnetwork systems, e.g. subnetworks-full")
+    p.add_argument("--config", help="an experiment YAML file instead of a preset")
+    p.add_argument("--space", required=True, help="search space file, e.g. tune_spaces/nusax-subnetworks.yaml")
+    p.add_argument("--samples", type=int, default=8, help="trials (default 8)")
+    p.add_argument("--name", help="sweep name (default <dataset>-<preset>-<system>); the same name resumes")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment setting (repeatable)")
+    p.add_argument("--output-dir", help="where shared work and trials go (default from the preset)")
+    p.set_defaults(func=cmd_sweep_subnetworks)
 
     reg = sub.add_parser("registry", help="look up, download and compose registered SFTs").add_subparsers(
         dest="registry_command", metavar="SUBCOMMAND", required=True)

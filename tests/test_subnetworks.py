@@ -418,3 +418,74 @@ def test_subnetwork_job_saves_a_model_whose_target_sfts_follow_the_policy(tiny_m
     with Composition(ind, None).applied(classifier):
         moved = sum(int((p.detach() != before[n]).sum()) for n, p in classifier.named_parameters())
     assert moved > 0
+
+
+# -- sweeps of a subnetwork system -------------------------------------------------------------
+
+
+def _space(tmp_path, **data):
+    import yaml
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"system": "dynamic", "searcher": "random",
+                                    "dimensions": {"selection.density": {"loguniform": [0.1, 0.5]},
+                                                   "reselect_every": {"choice": [1, 2]}}, **data}))
+    return path
+
+
+def test_subnetwork_space_is_checked_against_the_experiment_before_any_work(tmp_path):
+    from deftx.experiments.config import load_experiment
+    from deftx.ray_tune_subnetworks import load_subnetwork_space, trial_config
+
+    cfg = load_experiment("nusax", preset="subnetworks-small")
+    space = load_subnetwork_space(_space(tmp_path), cfg)
+    assert set(space.dimensions) == {"selection.density", "reselect_every"}
+    for bad, message in [({"system": "nope"}, "system: 'nope' is not a subnetwork system"),
+                         ({"searcher": "grid"}, "searcher: unknown 'grid'"),
+                         ({"seed": 7}, "seed: 7 is not one of the experiment's seeds"),
+                         ({"dimensions": {"selection.density": {"uniform": [0.5, 1.5]}}},
+                          r"selection.density = 1.5 gives an invalid system: selection.density: must be in \(0, 1\]"),
+                         ({"dimensions": {"reselect_evry": {"choice": [5]}}}, "reselect_evry: unknown key"),
+                         ({"dimensions": {"reselect_every": {"randint": [0.5, 3]}}}, "bounds must be integers"),
+                         ({"colour": "red"}, "unknown key 'colour'")]:
+        with pytest.raises(ConfigError, match=message):
+            load_subnetwork_space(_space(tmp_path, **bad), cfg)
+    trial = trial_config(cfg, space, {"selection.density": 0.2, "reselect_every": 1}, "/shared", str(tmp_path / "t"))
+    assert list(trial.subnetworks.systems) == ["trial"] and trial.seeds == [1] and trial.eval_splits == ["valid"]
+    system = trial.subnetworks.system("trial")
+    assert system.selection.density == 0.2 and system.reselect_every == 1 and system.mode == "dynamic"
+    assert trial.reuse_from == "/shared"
+
+
+@pytest.mark.slow
+def test_subnetwork_sweep_runs_trials_on_the_validation_objective(tiny_model_dir, tmp_path):
+    """A real Tune sweep (random search, 2 trials) of the dynamic system on a tiny model: shared
+    work once, every trial scored on the held-out targets' validation split and logged to MLflow."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    db = tmp_path / "mlflow.db"
+    cmd = [sys.executable, "-m", "deftx", "sweep-subnetworks", "nusax", "--preset", "subnetworks-small",
+           "--space", str(_space(tmp_path)), "--samples", "2", "--output-dir", str(tmp_path / "out"),
+           "--set", f"pipeline.model.name_or_path={tiny_model_dir}", "--set", "pipeline.max_eval_examples=20",
+           "--set", f"pipeline.tracking.uri=sqlite:///{db}"]
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result_file,) = (tmp_path / "out" / "sweeps").glob("*/result.json")
+    result = json.loads(result_file.read_text())
+    assert len(result["trials"]) == 2 and all(t["error"] is None for t in result["trials"])
+    assert all(0.0 <= t["score"] <= 1.0 for t in result["trials"])
+    assert result["best"]["score"] == max(t["score"] for t in result["trials"])
+    assert result["objective"] == "valid_macro_f1"
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("deftx-subnetworks-sweep-nusax")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name.startswith("sweep-")]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 2 and all("valid_macro_f1" in r.data.metrics for r in trials)
+    assert "best_valid_macro_f1" in parent.data.metrics

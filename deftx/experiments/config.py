@@ -116,8 +116,8 @@ class ExperimentConfig:
         if self.dataset not in EXPERIMENT_DATASETS:
             raise ConfigError(f"dataset: unknown experiment dataset {self.dataset!r}; "
                               f"valid: {', '.join(EXPERIMENT_DATASETS)}")
-        if not self.eval_splits or "test" not in self.eval_splits or not set(self.eval_splits) <= {"test", "valid"}:
-            raise ConfigError(f"eval_splits: must list test, optionally valid; got {self.eval_splits}")
+        if not self.eval_splits or not set(self.eval_splits) <= {"test", "valid"}:
+            raise ConfigError(f"eval_splits: must list test and/or valid; got {self.eval_splits}")
         if self.main not in MAIN_LAYOUTS:
             raise ConfigError(f"main: unknown layout {self.main!r}; valid: {', '.join(MAIN_LAYOUTS)}")
         if self.pipeline.data.dataset != self.dataset:

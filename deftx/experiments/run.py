@@ -94,13 +94,14 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
         targets = list(state.config.pipeline.target_languages)
         metric, _ = metric_of(cfg)
         metrics: dict[str, float] = {"wall_seconds": time.perf_counter() - started}
-        for system in {r.system for r in state.records if r.part == "main"}:
-            for split in ("test", "valid"):
-                rows = select(state.records, part="main", system=system, split=split,
-                              with_language_sft=system != "full_ft")
-                values = per_seed_average(rows, targets, metric)
-                if values:
-                    metrics[f"{split}.avg_{metric}.{system}"] = sum(values) / len(values)
+        for part, prefix in (("main", ""), ("subnetworks", "subnetworks.")):
+            for system in {r.system for r in state.records if r.part == part}:
+                for split in ("test", "valid"):
+                    rows = select(state.records, part=part, system=system, split=split,
+                                  **({"with_language_sft": system != "full_ft"} if part == "main" else {}))
+                    values = per_seed_average(rows, targets, metric)
+                    if values:
+                        metrics[f"{split}.avg_{metric}.{prefix}{system}"] = sum(values) / len(values)
         tracker.log_metrics(run, metrics)
         tracker.log_artifacts(run, directory, "results")
         if tracker.enabled:

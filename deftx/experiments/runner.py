@@ -667,6 +667,7 @@ class Experiment:
             self.state.trained += 1
             model = SubnetworkModel.load(directory)
             self.log(f"saved {directory} ({model.sft.nnz:,} changed entries)")
+        self.state.sft_dirs[str((directory / "model").relative_to(self.out))] = str(directory / "model")
         lang_sfts = {lang: self._language_sft(method, lang) for lang in held_out} if method else {}
         scores = ev.scores(f"subnet-{system}-fold{fold}-seed{seed}-{digest}", held_out,
                            lambda lang, model=model, lang_sfts=lang_sfts: ev.composed(model.sft_for(lang),
