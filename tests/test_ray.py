@@ -189,6 +189,36 @@ def test_killed_worker_resumes_and_ends_with_the_same_sft(head, tiny_model_dir, 
         assert torch.equal(whole.head[name], resumed.head[name]), name
 
 
+def test_subnetwork_job_runs_on_ray_train_workers_under_deepspeed(head, tiny_model_dir, tmp_path):
+    """A multi-source subnetwork job (static masks + Reptile) on 2 Ray Train workers at ZeRO-2: the
+    saved model has each source language's mask at the configured size, and its change lies inside
+    the union of the masks (and the shared embeddings)."""
+    from dataclasses import asdict
+
+    from deftx.config import load_pipeline_config
+    from deftx.masks import count_selected
+    from deftx.pipeline import SFTJob, absolute_paths
+    from deftx.subnetworks.artifact import SubnetworkModel
+
+    cfg = absolute_paths(load_pipeline_config(overrides=[f"model.name_or_path={tiny_model_dir}",
+                                                         f"output_dir={tmp_path}", "task_sft.max_train_examples=32"]))
+    settings = {"mode": "static", "meta_learning": "reptile", "inner_steps": 2,
+                "probe_steps": 2, "selection": {"density": 0.2}, "train": {"epochs": 1, "batch_size": 8}}
+    job = SFTJob("task", "multi", asdict(cfg), "ray-subnet", sources=["jav", "sun"], subnetworks=settings)
+    _executor(head).run(job, tmp_path / "model", print)
+    model = SubnetworkModel.load(tmp_path / "model")
+    assert model.languages == ["jav", "sun"] and model.info["config_digest"] == "ray-subnet"
+    for lang in model.languages:
+        assert count_selected(model.masks[lang]) == model.info["k"]
+    union = {n: model.masks["jav"][n] | model.masks["sun"][n] for n in model.masks["jav"]}
+    assert model.sft.nnz > 0
+    inside = sum(d.nnz for n, d in model.sft.diffs.items() if n in union)
+    assert inside > 0
+    for name, delta in model.sft.diffs.items():
+        if name in union:
+            assert bool(union[name].reshape(-1)[delta.indices].all()), name
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"num_workers": 3}, "needs 3 CPUs but the Ray cluster has 2"),
     ({"use_gpu": True}, "cluster has 0 GPUs"),
