@@ -23,13 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from deftx.config import ClusterConfig, from_dict
+from deftx.config import ClusterConfig, from_dict, read_yaml
 from deftx.errors import ConfigError
 from deftx.experiments.config import ExperimentConfig
 from deftx.pipeline import Log
-from deftx.tune_space import KINDS, Dimension
+from deftx.tune_space import Dimension, spec_kind
 
 SEARCHERS = ("optuna", "random")
 
@@ -47,15 +45,11 @@ class SubnetworkSpace:
 
 
 def _parse(name: str, spec: Any, key: str) -> Dimension:
-    if not isinstance(spec, dict):
-        if isinstance(spec, list):
-            raise ConfigError(f"{key}: write a list of options as {{choice: [...]}}")
+    """A dimension over any setting; values are checked later, by validating the system with them."""
+    parsed = spec_kind(spec, key)
+    if parsed is None:
         return Dimension(name, "constant", (spec,))
-    if len(spec) != 1 or next(iter(spec)) not in KINDS:
-        raise ConfigError(f"{key}: expected one of {{{'|'.join(KINDS)}: [...]}}, got {spec!r}")
-    kind, args = next(iter(spec.items()))
-    if not isinstance(args, list) or not args:
-        raise ConfigError(f"{key}.{kind}: expected a non-empty list, got {args!r}")
+    kind, args = parsed
     if kind == "choice":
         return Dimension(name, kind, tuple(args))
     if len(args) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args):
@@ -95,12 +89,7 @@ def load_subnetwork_space(path: str | Path, cfg: ExperimentConfig) -> Subnetwork
     """A space file, checked against ``cfg`` (the system exists, every sampled key is a setting
     and every bound and option gives a valid configuration) before any work."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    data = read_yaml(path)
     unknown = set(data) - {"system", "dimensions", "searcher", "seed"}
     if unknown:
         raise ConfigError(f"{path}: unknown key {min(unknown)!r}; valid: system, dimensions, searcher, seed")

@@ -107,21 +107,31 @@ def _number(value: Any, key: str) -> float:
     return value
 
 
-def parse_dimension(name: str, spec: Any, key: str) -> Dimension:
-    """``spec`` as written in a space file -> a validated :class:`Dimension`."""
-    if name not in TUNABLE:
-        raise ConfigError(f"{key}: {name!r} is not tunable; tunable keys: {', '.join(TUNABLE)}")
+def spec_kind(spec: Any, key: str) -> tuple[str, list] | None:
+    """The ``(kind, arguments)`` of a dimension written as ``{kind: [...]}``, None for a constant;
+    a clear error for anything else."""
     if not isinstance(spec, dict):
         if isinstance(spec, list):
             raise ConfigError(f"{key}: write a list of options as {{choice: [...]}}")
-        value = _number(spec, key) if name in ("density", "energy", "residual_keep") else spec
-        _check_value(name, value, key)
-        return Dimension(name, "constant", (value,))
+        return None
     if len(spec) != 1 or next(iter(spec)) not in KINDS:
         raise ConfigError(f"{key}: expected one of {{{'|'.join(KINDS)}: [...]}}, got {spec!r}")
     kind, args = next(iter(spec.items()))
     if not isinstance(args, list) or not args:
         raise ConfigError(f"{key}.{kind}: expected a non-empty list, got {args!r}")
+    return kind, args
+
+
+def parse_dimension(name: str, spec: Any, key: str) -> Dimension:
+    """``spec`` as written in a space file -> a validated :class:`Dimension`."""
+    if name not in TUNABLE:
+        raise ConfigError(f"{key}: {name!r} is not tunable; tunable keys: {', '.join(TUNABLE)}")
+    parsed = spec_kind(spec, key)
+    if parsed is None:
+        value = _number(spec, key) if name in ("density", "energy", "residual_keep") else spec
+        _check_value(name, value, key)
+        return Dimension(name, "constant", (value,))
+    kind, args = parsed
     if kind == "choice":
         options = tuple(_number(v, key) if name in ("density", "energy", "residual_keep") else v for v in args)
         for v in options:
