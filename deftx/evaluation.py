@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,3 +42,57 @@ def evaluate(model: nn.Module, tokenizer, examples: Sequence[Example], num_label
              batch_size: int = 64, max_length: int = 128) -> dict[str, float]:
     preds = predict(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)
     return scores([e.label for e in examples], preds, num_labels)
+
+
+class ClassifierScorer:
+    """One classifier at theta0 in this process, with the settings every score uses (batch size,
+    length). What is scored is put in place around a score and restored exactly afterwards: an SFT
+    composition (:meth:`composed`) or whole weights (:meth:`weights`, e.g. a fully fine-tuned model
+    or a phase-2 snapshot). The pipeline, the sweeps, phase-2 probes and the experiments all score
+    through it."""
+
+    def __init__(self, model_path: str, labels: Sequence[str], *, seed: int, batch_size: int = 64,
+                 max_length: int = 128, tokenizer=None) -> None:
+        from deftx.models import load_classifier, load_tokenizer
+
+        self.model = load_classifier(model_path, list(labels), seed=seed)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
+        self.num_labels = len(labels)
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def score(self, examples: Sequence[Example]) -> dict[str, float]:
+        """Macro-F1, accuracy and n of the model as it is now."""
+        return evaluate(self.model, self.tokenizer, examples, self.num_labels, batch_size=self.batch_size,
+                        max_length=self.max_length)
+
+    @contextlib.contextmanager
+    def composed(self, task, language=None, *, check_base: bool = True) -> Iterator[nn.Module]:
+        """theta + ``task`` (with its head) + ``language`` (body only) for the block.
+        ``check_base=False`` (one task SFT only) allows weights that are no longer theta0 (see
+        :meth:`weights`)."""
+        if check_base:
+            from deftx.compose import Composition
+
+            with Composition(task, language).applied(self.model):
+                yield self.model
+            return
+        if language is not None:
+            raise ValueError("check_base=False applies a task SFT alone")
+        with task.applied(self.model, with_head=True, check_base=False):
+            yield self.model
+
+    @contextlib.contextmanager
+    def weights(self, values: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
+        """The trainable tensors named in ``values`` (maskable body and head names, as
+        ``deftx.masks.parameter_roles(model, "task")``) replaced for the block."""
+        from deftx.masks import parameter_roles
+        from deftx.training.runtime import load_values
+
+        roles = parameter_roles(self.model, "task")
+        params = {**roles.maskable, **roles.head}
+        saved = {n: params[n].detach().clone() for n in values if n in params}
+        load_values(self.model, "task", values)
+        try:
+            yield self.model
+        finally:
+            load_values(self.model, "task", saved)

@@ -23,10 +23,9 @@ from typing import Any, Protocol
 import torch
 
 from deftx import __version__
-from deftx.compose import Composition
 from deftx.config import PipelineConfig, SFTConfig, from_dict
 from deftx.errors import DeftxError
-from deftx.evaluation import evaluate
+from deftx.evaluation import ClassifierScorer
 from deftx.masks import parameter_roles
 from deftx.models import load_classifier, load_masked_lm, load_tokenizer, resolve_model_path
 from deftx.sft import SFTMetadata, SparseFineTuning, current_base_fingerprint, read_metadata
@@ -192,11 +191,10 @@ def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: Spars
                                                     max_length=max_length))
     if result.sft is None:
         return None
-    valid = spec.evaluation(source_lang, "valid", data_source)
-    classifier = load_classifier(model_path, spec.labels, seed=seed)
-    with Composition(result.sft, lang_sft).applied(classifier):
-        result.sft.metadata.metrics["source_valid"] = evaluate(classifier, tokenizer, valid, spec.num_labels,
-                                                               batch_size=eval_batch_size, max_length=max_length)
+    scorer = ClassifierScorer(model_path, spec.labels, seed=seed, batch_size=eval_batch_size, max_length=max_length,
+                              tokenizer=tokenizer)
+    with scorer.composed(result.sft, lang_sft):
+        result.sft.metadata.metrics["source_valid"] = scorer.score(spec.evaluation(source_lang, "valid", data_source))
     return result.sft
 
 
@@ -685,19 +683,18 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
 
     log("== zero-shot evaluation ==")
     spec = task_spec(cfg.task)
-    classifier = load_classifier(model_path, spec.labels, seed=cfg.seed)
+    scorer = ClassifierScorer(model_path, spec.labels, seed=cfg.seed, batch_size=cfg.eval_batch_size,
+                              max_length=cfg.model.max_length, tokenizer=tokenizer)
     result = PipelineResult(method=cfg.task_sft.selection.method, output_dir=str(out))
-    kwargs = dict(batch_size=cfg.eval_batch_size, max_length=cfg.model.max_length)
     valid_scores: dict[str, float] = {}
     for lang in languages:
         test = _capped(spec.evaluation(lang, "test", cfg.data.source), cfg.max_eval_examples)
-        with Composition(task_sft, lang_sfts[lang]).applied(classifier):
-            composed = evaluate(classifier, tokenizer, test, spec.num_labels, **kwargs)
+        with scorer.composed(task_sft, lang_sfts[lang]):
+            composed = scorer.score(test)
             if lang != cfg.source_language and cfg.tracking.enabled:
-                valid = spec.evaluation(lang, "valid", cfg.data.source)
-                valid_scores[lang] = evaluate(classifier, tokenizer, valid, spec.num_labels, **kwargs)["macro_f1"]
-        with Composition(task_sft).applied(classifier):
-            alone = evaluate(classifier, tokenizer, test, spec.num_labels, **kwargs)
+                valid_scores[lang] = scorer.score(spec.evaluation(lang, "valid", cfg.data.source))["macro_f1"]
+        with scorer.composed(task_sft):
+            alone = scorer.score(test)
         role = "source" if lang == cfg.source_language else "target"
         result.rows.append({"language": lang, "name": spec.language_name(lang), "role": role,
                             "macro_f1": composed["macro_f1"], "accuracy": composed["accuracy"],

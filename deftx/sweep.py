@@ -153,17 +153,13 @@ def composed_parts(shared: SharedWork, lang: str, trial_sft: str) -> tuple[str, 
 def score_composition(cfg: PipelineConfig, task_dir: str, lang_dir: str, lang: str, split: str) -> dict[str, float]:
     """macro-F1 and accuracy of theta0 + phi_task + phi_lang on the objective's split:
     ``target_valid`` (``lang``'s validation examples) or ``source_valid``."""
-    from deftx.compose import Composition
-    from deftx.evaluation import evaluate
-    from deftx.models import load_classifier, load_tokenizer, resolve_model_path
+    from deftx.evaluation import ClassifierScorer
+    from deftx.models import resolve_model_path
     from deftx.sft import SparseFineTuning
 
     eval_lang = lang if split == "target_valid" else cfg.source_language
-    path = resolve_model_path(cfg.model.name_or_path, log=lambda line: None)
-    model = load_classifier(path, NUSAX_LABELS, seed=cfg.seed)
-    composition = Composition(SparseFineTuning.load(task_dir), SparseFineTuning.load(lang_dir))
-    rows = load_nusax_senti(eval_lang, "valid", cfg.data.source)
-    with composition.applied(model):
-        res = evaluate(model, load_tokenizer(path), rows, len(NUSAX_LABELS), batch_size=cfg.eval_batch_size,
-                       max_length=cfg.model.max_length)
+    scorer = ClassifierScorer(resolve_model_path(cfg.model.name_or_path, log=lambda line: None), NUSAX_LABELS,
+                              seed=cfg.seed, batch_size=cfg.eval_batch_size, max_length=cfg.model.max_length)
+    with scorer.composed(SparseFineTuning.load(task_dir), SparseFineTuning.load(lang_dir)):
+        res = scorer.score(load_nusax_senti(eval_lang, "valid", cfg.data.source))
     return {f"{split}_macro_f1": res["macro_f1"], f"{split}_accuracy": res["accuracy"], f"{split}_n": res["n"]}

@@ -11,7 +11,8 @@ import pytest
 from deftx.cli import main
 
 COMMANDS = [[], ["pipeline"], ["train-lang"], ["train-task"], ["evaluate"], ["sft"], ["sft", "inspect"],
-            ["sft", "compose"], ["models"], ["models", "fetch"], ["presets"]]
+            ["sft", "compose"], ["models"], ["models", "fetch"], ["presets"], ["sweep"], ["experiment"],
+            ["sweep-subnetworks"]]
 
 
 @pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w) or "deftx")

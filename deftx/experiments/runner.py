@@ -40,14 +40,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from deftx.compose import Composition
 from deftx.errors import DeftxError
-from deftx.evaluation import evaluate
+from deftx.evaluation import ClassifierScorer
 from deftx.experiments.config import FULL_FT, ExperimentConfig
-from deftx.masks import body_parameters
-from deftx.models import load_classifier, load_tokenizer, resolve_model_path
+from deftx.models import resolve_model_path
 from deftx.pipeline import (
     Executor,
     Log,
@@ -120,10 +116,10 @@ class _Evaluator:
     def __init__(self, cfg: ExperimentConfig, cache_dir: Path, log: Log, report_only: bool = False) -> None:
         pipe = cfg.pipeline
         self.cfg, self.cache_dir, self.log, self.report_only = cfg, cache_dir, log, report_only
-        self.model_path = resolve_model_path(pipe.model.name_or_path, log=lambda line: None)
-        self.tokenizer = load_tokenizer(self.model_path)
         self.spec = task_spec(pipe.task)
-        self.classifier = load_classifier(self.model_path, self.spec.labels, seed=pipe.seed)
+        self.scorer = ClassifierScorer(resolve_model_path(pipe.model.name_or_path, log=lambda line: None),
+                                       self.spec.labels, seed=pipe.seed, batch_size=pipe.eval_batch_size,
+                                       max_length=pipe.model.max_length)
         self.examples: dict[tuple[str, str], list] = {}
         self._fully_tuned: tuple[tuple[Path, str], Any] | None = None
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -137,9 +133,7 @@ class _Evaluator:
         return self.examples[key]
 
     def _score(self, lang: str, split: str) -> dict[str, float]:
-        pipe = self.cfg.pipeline
-        return evaluate(self.classifier, self.tokenizer, self._data(lang, split), self.spec.num_labels,
-                        batch_size=pipe.eval_batch_size, max_length=pipe.model.max_length)
+        return self.scorer.score(self._data(lang, split))
 
     def scores(self, key: str, languages: list[str], apply_for) -> dict[tuple[str, str], dict[str, float]]:
         """(language, split) -> scores of the model ``apply_for(language)`` sets up (a context
@@ -167,7 +161,7 @@ class _Evaluator:
 
     @contextmanager
     def composed(self, task: SparseFineTuning, lang: SparseFineTuning | None) -> Iterator[None]:
-        with Composition(task, lang).applied(self.classifier):
+        with self.scorer.composed(task, lang):
             yield
 
     @contextmanager
@@ -179,23 +173,8 @@ class _Evaluator:
         state = self._fully_tuned[1]
         if state is None or not state.head_end:
             raise RuntimeError(f"{store.directory}: no full fine-tuning result (phase 1 with its head) stored")
-        body = body_parameters(self.classifier)
-        params = dict(self.classifier.named_parameters())
-        saved = {n: body[n].detach().clone() for n in state.theta1}
-        saved_head = {n: params[n].detach().clone() for n in state.head_end}
-        with torch.no_grad():
-            for n, v in state.theta1.items():
-                body[n].copy_(v)
-            for n, v in state.head_end.items():
-                params[n].copy_(v)
-        try:
+        with self.scorer.weights({**state.theta1, **state.head_end}):
             yield
-        finally:
-            with torch.no_grad():
-                for n, v in saved.items():
-                    body[n].copy_(v)
-                for n, v in saved_head.items():
-                    params[n].copy_(v)
 
 
 def subnetwork_statistics(model, targets: list[str]) -> dict[str, Any]:

@@ -75,22 +75,16 @@ def language_probe(model_path: str, tokenizer, task_sft, examples, num_labels: i
                    seed: int, batch_size: int, max_length: int) -> Probe:
     """Score theta_now + phi_task on ``examples``: a classifier at theta0 gets the current body
     weights, then the task SFT (with its head) on top; both are undone afterwards."""
-    from deftx.evaluation import evaluate
-    from deftx.models import load_classifier
-    from deftx.training.runtime import load_values
+    from deftx.evaluation import ClassifierScorer
 
-    classifier = load_classifier(model_path, task_sft.metadata.label_names or [], seed=seed)
-    body = parameter_roles(classifier, "task").maskable
-    theta0 = {n: p.detach().clone() for n, p in body.items()}
+    labels = task_sft.metadata.label_names or [str(i) for i in range(num_labels)]
+    scorer = ClassifierScorer(model_path, labels, seed=seed, batch_size=batch_size, max_length=max_length,
+                              tokenizer=tokenizer)
+    body = parameter_roles(scorer.model, "task").maskable
 
     def probe(values: Mapping[str, torch.Tensor], step: int) -> dict[str, float]:
-        load_values(classifier, "task", {n: values[n] for n in body})
-        try:
-            with task_sft.applied(classifier, with_head=True, check_base=False):
-                res = evaluate(classifier, tokenizer, examples, num_labels, batch_size=batch_size,
-                               max_length=max_length)
-        finally:
-            load_values(classifier, "task", theta0)
+        with scorer.weights({n: values[n] for n in body}), scorer.composed(task_sft, check_base=False):
+            res = scorer.score(examples)
         return {f"{split}_macro_f1": res["macro_f1"], f"{split}_accuracy": res["accuracy"]}
 
     return probe
