@@ -256,6 +256,11 @@ def _adopt_scores(other: Path, target: Path, pipeline: dict[str, Any], log: Log)
                 shutil.copy2(path, target / path.name)
 
 
+def _digest_at(directory: str | Path) -> str:
+    """The config digest of the SFT saved in ``directory``, from its metadata alone."""
+    return str(read_metadata(directory).get("training", {}).get("config_digest", ""))
+
+
 def _digest_of(sft: SparseFineTuning) -> str:
     return str(sft.metadata.training.get("config_digest", ""))
 
@@ -521,7 +526,7 @@ class Experiment:
         config = self._config_with(seed=seed, task_selection=selection,
                                    task_overrides={"max_train_examples": cfg.multi_source.max_examples_per_language})
         paths = {lang: self.state.language_sft_dirs[method][lang] for lang in sources} if method else None
-        lang_digests = {lang: _digest_of(SparseFineTuning.load(p)) for lang, p in (paths or {}).items()}
+        lang_digests = {lang: _digest_at(p) for lang, p in (paths or {}).items()}
         p1_config = {k: v for k, v in config["task_sft"].items() if k not in ("selection", "sparse")}
         digest1 = config_digest({"experiment": "multi_source-phase1", "sources": sources, "seed": seed,
                                  "sft": p1_config, "common": self.trained.common, "lang_sfts": lang_digests})
@@ -624,7 +629,7 @@ class Experiment:
             raise MissingUnit(f"language SFTs {method} of {', '.join(lang for lang, p in paths.items() if not p)}")
         config = self._config_with(seed=seed,
                                    task_overrides={"max_train_examples": cfg.multi_source.max_examples_per_language})
-        lang_digests = {lang: _digest_of(SparseFineTuning.load(p)) for lang, p in (paths or {}).items()}
+        lang_digests = {lang: _digest_at(p) for lang, p in (paths or {}).items()}
         settings = asdict(sub)
         digest = config_digest({"experiment": "subnetworks", "sources": sources, "seed": seed, "subnetworks": settings,
                                 "max_examples": cfg.multi_source.max_examples_per_language,
