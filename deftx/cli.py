@@ -104,6 +104,74 @@ def cmd_train_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subnetwork_config(items: list[str]):
+    from deftx.config import apply_overrides, from_dict, to_dict
+    from deftx.subnetworks.config import SubnetworkConfig
+
+    data = apply_overrides(to_dict(SubnetworkConfig()), items)
+    return from_dict(SubnetworkConfig, data, "subnetworks").validate()
+
+
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise DeftxError(f"{option} {item!r}: expected LANG=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_train_subnetworks(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from deftx.data import check_language
+    from deftx.pipeline import SFTJob, absolute_paths, config_digest, make_executor
+    from deftx.sft import SparseFineTuning
+    from deftx.subnetworks.artifact import SubnetworkModel
+
+    cfg = absolute_paths(_load_config(args))
+    sources = [check_language(c.strip(), cfg.data.dataset) for c in args.sources.split(",") if c.strip()]
+    if not sources:
+        raise DeftxError("--sources: give at least one source language")
+    sub = _subnetwork_config(args.subnet)
+    lang_sfts = {lang: str(Path(d).resolve()) for lang, d in _pairs(args.lang_sft, "--lang-sft").items()}
+    for lang, directory in lang_sfts.items():
+        if lang not in sources:
+            raise DeftxError(f"--lang-sft {lang}=...: {lang} is not one of the sources ({', '.join(sources)})")
+        if SparseFineTuning.load(directory).metadata.kind != "language":
+            raise DeftxError(f"--lang-sft {lang}={directory}: not a language SFT")
+    sub.check_languages(sources, [])
+    out = _fresh_output(args.out, args.overwrite)
+    config = asdict(cfg)
+    job = SFTJob("task", "multi", config, config_digest({"job": "subnetworks", "sources": sources, "config": config,
+                                                        "subnetworks": asdict(sub), "lang_sfts": lang_sfts}),
+                 sources=sources, source_sft_paths=lang_sfts or None, subnetworks=asdict(sub))
+    executor = make_executor(cfg, _log)
+    executor.prepare()
+    executor.run(job, out.resolve(), _log)
+    model = SubnetworkModel.load(out)
+    sizes = ", ".join(f"{lang} {sum(int(m.sum()) for m in ms.values()):,}" for lang, ms in model.masks.items())
+    print(f"saved subnetwork model to {out} ({sub.mode}, {model.sft.nnz:,} changed entries; mask sizes: {sizes})")
+    return 0
+
+
+def cmd_subnetworks_export(args: argparse.Namespace) -> int:
+    from deftx.subnetworks.artifact import SubnetworkModel
+
+    model = SubnetworkModel.load(args.model)
+    related = _pairs(args.related, "--related") or None
+    try:
+        sft = model.sft_for(args.target, policy=args.policy, related=related)
+    except ValueError as exc:
+        raise DeftxError(f"{args.model}: {exc}") from None
+    out = _fresh_output(args.out, args.overwrite)
+    sft.save(out, overwrite=args.overwrite)
+    used = sft.metadata.trained_on["subnetwork"]["mask"]
+    print(f"saved the task SFT of {args.target} ({used} mask; {sft.nnz:,} of {model.sft.nnz:,} changed entries) to {out}")
+    return 0
+
+
 def _fresh_output(out: str, overwrite: bool) -> Path:
     path = Path(out)
     if path.exists() and not overwrite:
@@ -364,6 +432,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output SFT directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_train_task)
+
+    p = sub.add_parser("train-subnetworks", help="train a multi-source task model with language-specific subnetworks",
+                       description="Multi-source training on the labelled data of --sources where a batch of language "
+                                   "l only updates l's subnetwork (static, dynamic, optionally meta-learned; see the "
+                                   "README). Settings: --subnet KEY=VALUE on deftx/subnetworks/config.py, e.g. "
+                                   "--subnet mode=dynamic --subnet reselect_every=25 --subnet selection.density=0.3.")
+    _config_args(p)
+    p.add_argument("--sources", required=True, help="comma-separated labelled source languages, e.g. ind,jav,sun")
+    p.add_argument("--lang-sft", action="append", default=[], metavar="LANG=DIR",
+                   help="a source language's SFT, applied to that language's batches (repeatable)")
+    p.add_argument("--subnet", action="append", default=[], metavar="KEY=VALUE", help="a subnetwork setting (repeatable)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_train_subnetworks)
+
+    p = sub.add_parser("subnetworks-export", help="the task SFT a language uses from a subnetwork model",
+                       description="Write the part of a subnetwork model's change that --target uses (its own mask, "
+                                   "or for an unseen language: union, full or a related language's) as an ordinary "
+                                   "task SFT, to compose with the target's language SFT (deftx evaluate, sft compose, "
+                                   "registry sync).")
+    p.add_argument("model", help="a subnetwork model directory (deftx train-subnetworks)")
+    p.add_argument("--target", required=True, help="the evaluation language")
+    p.add_argument("--policy", choices=["union", "full", "related"], help="for an unseen target (default: the model's)")
+    p.add_argument("--related", action="append", default=[], metavar="TARGET=SOURCE", help="for --policy related")
+    p.add_argument("--out", required=True, help="output SFT directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_subnetworks_export)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep of the selection hyperparameters per target language",
                        description="One Tune experiment per target language over a search space file "

@@ -12,7 +12,7 @@ from deftx.cli import main
 
 COMMANDS = [[], ["pipeline"], ["train-lang"], ["train-task"], ["evaluate"], ["sft"], ["sft", "inspect"],
             ["sft", "compose"], ["models"], ["models", "fetch"], ["presets"], ["sweep"], ["experiment"],
-            ["sweep-subnetworks"]]
+            ["sweep-subnetworks"], ["train-subnetworks"], ["subnetworks-export"]]
 
 
 @pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w) or "deftx")
@@ -149,3 +149,31 @@ def _check_tracked_pipeline(store: str, out) -> None:
         "plots/mask-density-per-layer.png"]
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/f1-per-language.png"]
     assert {"config.json", "results.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+@pytest.mark.slow
+def test_train_subnetworks_then_export_and_evaluate_a_target(tiny_model_dir, tmp_path, capsys):
+    """`deftx train-subnetworks` (dynamic, tiny model, local), then the task SFT an unseen target
+    uses (related language), evaluated with `deftx evaluate`; user errors are one line, exit 2."""
+    model = tmp_path / "model"
+    common = ["--local", "--set", f"model.name_or_path={tiny_model_dir}", "--set", "task_sft.max_train_examples=24"]
+    argv = ["train-subnetworks", "--sources", "jav,sun", "--out", str(model), *common,
+            "--subnet", "mode=dynamic", "--subnet", "reselect_every=2", "--subnet", "probe_steps=2",
+            "--subnet", "selection.density=0.2", "--subnet", "train.epochs=1"]
+    assert main(argv) == 0
+    assert "saved subnetwork model" in capsys.readouterr().out
+    out = tmp_path / "bbc-task"
+    assert main(["subnetworks-export", str(model), "--target", "bbc", "--policy", "related", "--related", "bbc=sun",
+                 "--out", str(out)]) == 0
+    assert "related mask" in capsys.readouterr().out
+    assert main(["evaluate", "--task", str(out), "--languages", "bbc", "--json", "--model", str(tiny_model_dir)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["language"] == "bbc" and 0.0 <= row["macro_f1"] <= 1.0 and row["n"] > 0
+    for bad, message in [(["--subnet", "mode=sometimes"], "subnetworks.mode: unknown mode"),
+                         (["--lang-sft", "ind=/nowhere"], "ind is not one of the sources"),
+                         (["--subnet", "colour=red"], "subnetworks.colour: unknown key")]:
+        assert main([*argv, "--overwrite", *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["subnetworks-export", str(model), "--target", "bbc", "--policy", "related", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "no related language for 'bbc'" in capsys.readouterr().err
