@@ -18,7 +18,7 @@ carry in their ``language`` rows (``deftx.training.multi_source``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -137,6 +137,3 @@ class LanguageMaskedUpdate:
             return loss_fn(model, batch)
 
         return wrapped
-
-    def after_step(self) -> Callable[[], None]:
-        return self.finish
