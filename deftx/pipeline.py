@@ -270,23 +270,40 @@ def train_subnetwork_model(model_path: str, tokenizer, sources: list[str],
                            lang_sfts: dict[str, SparseFineTuning | None], sub_cfg, *,
                            max_train_examples: int | None, model_id: str, data_source: str, max_length: int,
                            seed: int, log: Log, runtime: TrainingRuntime | None = None,
-                           task: str = "nusax_senti"):
+                           task: str = "nusax_senti", masks_cache: str | None = None):
     """A multi-source task model trained with language-specific subnetworks (``sub_cfg``: a
     ``SubnetworkConfig``; see :mod:`deftx.subnetworks`), each batch shifted by its language's SFT
-    as in :func:`train_multi_source_task_sft`. Returns a ``SubnetworkModel`` (None off rank 0)."""
-    from deftx.subnetworks.artifact import subnetwork_model
+    as in :func:`train_multi_source_task_sft`. Returns a ``SubnetworkModel`` (None off rank 0).
+    ``masks_cache``: a directory where the probes' masks are kept under a digest of everything they
+    depend on, so systems that differ only after the probes (dynamic, meta-learning) share them."""
+    from deftx.subnetworks.artifact import load_masks, save_masks, subnetwork_model
     from deftx.subnetworks.train import train_subnetworks
 
     runtime = runtime or LocalRuntime()
     ms = _multi_source(model_path, tokenizer, sources, lang_sfts, max_train_examples,
                        data_source=data_source, max_length=max_length, seed=seed, task=task)
     spec = ms.spec
+    cached_path = None
+    initial = None
+    if masks_cache and sub_cfg.mode != "none":
+        probe = {k: asdict(sub_cfg)[k] for k in ("selection", "structured", "cover", "probe_steps",
+                                                 "probe_learning_rate")}
+        digest = config_digest({"fingerprint": ms.fingerprint, "sources": list(sources), "seed": seed,
+                                "max_examples": max_train_examples, "batch": sub_cfg.train.batch_size,
+                                "data": data_source, "max_length": max_length, "probe": probe, "task": task,
+                                "lang_sfts": {lang: (s.metadata.training.get("config_digest") if s else None)
+                                              for lang, s in lang_sfts.items() if lang in sources}})
+        cached_path = Path(masks_cache) / f"probe-masks-{digest}.safetensors"
+        if cached_path.is_file():
+            initial = load_masks(cached_path)
     result = train_subnetworks(_first_then(ms.base, lambda: load_classifier(model_path, spec.labels, seed=seed)),
                                languages=list(sources), stream=ms.stream_for(sub_cfg.train.batch_size),
                                loss_fn=ms.loss, cfg=sub_cfg, seed=seed, label=f"subnetworks {'+'.join(sources)}",
-                               log=log, runtime=runtime)
+                               log=log, runtime=runtime, initial_masks=initial)
     if runtime.rank != 0:
         return None
+    if cached_path is not None and initial is None:
+        save_masks(cached_path, result.initial_masks)
     meta = SFTMetadata(kind="task", task=spec.name, language="+".join(sources), method="subnetworks",
                        selection={"subnetworks": sub_cfg.summary()}, base_model=model_id,
                        base_fingerprint=ms.fingerprint, tokenizer=model_id, label_names=list(spec.labels),
@@ -320,6 +337,7 @@ class SFTJob:
     sources: list[str] | None = None    # multi-source task SFT: the labelled languages it trains on
     source_sft_paths: dict[str, str] | None = None   # ... and the language SFT applied to each one's batches
     subnetworks: dict[str, Any] | None = None        # multi-source with subnetworks: a SubnetworkConfig as a dict
+    masks_cache: str | None = None                   # ... and where probe masks are shared between such jobs
 
     def __post_init__(self) -> None:
         if self.kind not in JOB_KINDS:
@@ -425,7 +443,8 @@ def run_job(job: SFTJob, runtime: TrainingRuntime | None = None, log: Log = prin
         lang_sfts = {lang: SparseFineTuning.load(paths[lang]) if paths.get(lang) else None for lang in job.sources}
         model = train_subnetwork_model(model_path, tokenizer, list(job.sources), lang_sfts, job.subnetwork_config(),
                                        max_train_examples=cfg.task_sft.max_train_examples,
-                                       model_id=cfg.model.name_or_path, data_source=cfg.data.source, **common)
+                                       model_id=cfg.model.name_or_path, data_source=cfg.data.source,
+                                       masks_cache=job.masks_cache, **common)
         if model is None:
             return None
         model.info["config_digest"] = job.digest

@@ -489,3 +489,39 @@ def test_subnetwork_sweep_runs_trials_on_the_validation_objective(tiny_model_dir
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(trials) == 2 and all("valid_macro_f1" in r.data.metrics for r in trials)
     assert "best_valid_macro_f1" in parent.data.metrics
+
+
+def test_masks_round_trip_bit_packed(tmp_path):
+    from deftx.subnetworks.artifact import load_masks, save_masks
+
+    g = torch.Generator().manual_seed(0)
+    masks = {"jav": {"a.weight": torch.rand(3, 5, generator=g) < 0.5, "a.bias": torch.rand(7, generator=g) < 0.5},
+             "sun": {"a.weight": torch.rand(3, 5, generator=g) < 0.5, "a.bias": torch.zeros(7, dtype=torch.bool)}}
+    save_masks(tmp_path / "m.safetensors", masks)
+    back = load_masks(tmp_path / "m.safetensors")
+    assert sorted(back) == ["jav", "sun"]
+    assert all(torch.equal(back[lang][n], masks[lang][n]) for lang in masks for n in masks[lang])
+
+
+def test_systems_with_the_same_probes_share_their_masks(tiny_model_dir, tmp_path):
+    """The probe masks are cached by digest: a second system with the same probe settings (here
+    dynamic vs static) starts from identical masks without probing again."""
+    from deftx.config import ModelConfig, PipelineConfig, SFTConfig, to_dict
+    from deftx.pipeline import SFTJob, run_job
+
+    cfg = PipelineConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)), task_sft=SFTConfig(max_train_examples=24))
+    base = {"probe_steps": 2, "selection": {"density": 0.1}, "train": {"epochs": 1, "batch_size": 8}}
+    lines: list[str] = []
+    outputs = {}
+    for mode, extra in (("static", {}), ("dynamic", {"reselect_every": 2})):
+        job = SFTJob("task", "multi", to_dict(cfg), mode, sources=["jav", "sun"],
+                     subnetworks={**base, "mode": mode, **extra}, masks_cache=str(tmp_path / "probes"))
+        outputs[mode] = run_job(job, log=lines.append).model
+    from deftx.subnetworks.artifact import load_masks
+
+    (cached,) = (tmp_path / "probes").glob("*.safetensors")
+    assert sum("initial subnetworks reused" in line for line in lines) == 1     # the dynamic run probed nothing
+    static, dynamic = outputs["static"], outputs["dynamic"]
+    shared = load_masks(cached)
+    assert all(torch.equal(shared[lang][n], static.masks[lang][n]) for lang in ("jav", "sun") for n in shared[lang])
+    assert dynamic.info["reselections"] and static.info["initial_vs_final_overlap"] == {"jav": 1.0, "sun": 1.0}

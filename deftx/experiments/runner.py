@@ -647,7 +647,8 @@ class Experiment:
                 self.log(f"{directory}: unusable ({exc}); retraining")
         if model is None:
             self.executor.run(SFTJob("task", "multi", config, digest, sources=sources, source_sft_paths=paths,
-                                     subnetworks=settings), directory, self.log)
+                                     subnetworks=settings, masks_cache=str(self.out / "subnetworks" / "probes")),
+                              directory, self.log)
             self.state.trained += 1
             model = SubnetworkModel.load(directory)
             self.log(f"saved {directory} ({model.sft.nnz:,} changed entries)")

@@ -4,8 +4,9 @@ Layout of a directory::
 
     model/                  the change training made, as a task SFT (every entry some step could
                             change, with the classifier head): ``deftx.sft`` format
-    masks.safetensors       each source language's final mask, bit-packed (uint8) per tensor
-    subnetworks.json        languages, settings, tensor shapes, mask sizes, re-selection history
+    masks.safetensors       each source language's final mask, bit-packed (uint8) per tensor, with
+                            the shapes in the file's metadata
+    subnetworks.json        languages, settings, mask sizes, re-selection history
 
 ``sft_for(target)`` restricts the change to the mask the target uses (its own for a source
 language; for an unseen one ``related`` / ``union`` / ``full`` as configured) and returns an
@@ -56,6 +57,32 @@ def restrict(sft: SparseFineTuning, masks: Mapping[str, torch.Tensor], metadata:
     return SparseFineTuning(diffs, {n: t.clone() for n, t in sft.head.items()}, metadata)
 
 
+def save_masks(path: str | Path, masks: Mapping[str, Masks]) -> None:
+    """Per-language masks, bit-packed, with their shapes (atomically: a temporary file, then a rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    packed = {f"{lang}{_SEP}{name}": pack_mask(m) for lang, ms in masks.items() for name, m in ms.items()}
+    shapes = {f"{lang}{_SEP}{name}": ",".join(map(str, m.shape)) for lang, ms in masks.items() for name, m in ms.items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(packed, str(tmp), metadata=shapes)
+    tmp.replace(path)
+
+
+def load_masks(path: str | Path) -> dict[str, Masks]:
+    from safetensors import safe_open
+
+    out: dict[str, Masks] = {}
+    with safe_open(str(path), framework="pt") as f:
+        shapes = f.metadata() or {}
+        for key in f.keys():  # noqa: SIM118 - a safetensors file, not a dict
+            lang, _, name = key.partition(_SEP)
+            shape = tuple(int(x) for x in shapes[key].split(",")) if shapes.get(key) else ()
+            out.setdefault(lang, {})[name] = unpack_mask(f.get_tensor(key), shape)
+    return out
+
+
 @dataclass
 class SubnetworkModel:
     sft: SparseFineTuning
@@ -84,37 +111,29 @@ class SubnetworkModel:
         return out
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             self.sft.save(tmp / MODEL_DIR)
-            packed = {f"{lang}{_SEP}{name}": pack_mask(m) for lang, ms in self.masks.items() for name, m in ms.items()}
-            save_file(packed, str(tmp / MASKS_FILE))
-            shapes = {name: list(m.shape) for name, m in next(iter(self.masks.values())).items()} if self.masks else {}
+            save_masks(tmp / MASKS_FILE, self.masks)
             sizes = {lang: int(sum(int(m.sum()) for m in ms.values())) for lang, ms in self.masks.items()}
-            write_json(tmp / INFO_FILE, {**self.info, "languages": self.languages, "shapes": shapes,
-                                         "mask_sizes": sizes})
+            write_json(tmp / INFO_FILE, {**self.info, "languages": self.languages, "mask_sizes": sizes})
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> SubnetworkModel:
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         if not (directory / INFO_FILE).is_file():
             raise DeftxError(f"{directory} is not a subnetwork model (no {INFO_FILE})")
         info = read_json(directory / INFO_FILE)
-        packed = load_file(str(directory / MASKS_FILE))
-        shapes = {n: tuple(s) for n, s in info.get("shapes", {}).items()}
-        masks: dict[str, Masks] = {lang: {} for lang in info.get("languages", [])}
-        for key, bits in packed.items():
-            lang, _, name = key.partition(_SEP)
-            if lang not in masks or name not in shapes:
-                raise DeftxError(f"{directory / MASKS_FILE}: unexpected entry {key!r}")
-            masks[lang][name] = unpack_mask(bits, shapes[name])
+        try:
+            masks = load_masks(directory / MASKS_FILE)
+        except (OSError, ValueError, KeyError) as exc:
+            raise DeftxError(f"{directory / MASKS_FILE}: unreadable ({exc})") from None
+        languages = list(info.get("languages", []))
+        if sorted(masks) != sorted(languages):
+            raise DeftxError(f"{directory / MASKS_FILE}: masks of {sorted(masks)}, the model lists {languages}")
         sft = SparseFineTuning.load(directory / MODEL_DIR)
-        return cls(sft=sft, masks=masks, info=info, source=str(directory))
+        return cls(sft=sft, masks={lang: masks[lang] for lang in languages}, info=info, source=str(directory))
 
 
 def _support(delta: SparseDelta) -> torch.Tensor:

@@ -123,12 +123,13 @@ class DynamicMasks:
 def train_subnetworks(model: nn.Module | ModelBuilder, *, languages: list[str], stream: MultiSourceStream,
                       loss_fn: LossFn, cfg: SubnetworkConfig, seed: int, label: str = "subnetworks",
                       log: Log | None = None, runtime: TrainingRuntime | None = None,
-                      num_heads: int | None = None) -> SubnetworkResult:
+                      num_heads: int | None = None, initial_masks: dict[str, Masks] | None = None) -> SubnetworkResult:
     """Train a task model on ``stream`` (one sub-stream per language of ``languages``) with
     subnetworks as configured. ``model`` is the classifier at theta0 (or a builder of it, needed by
     runtimes that start each phase from a fresh model). ``loss_fn`` takes multi-source batches (it
     pops their ``language`` rows, e.g. ``multi_source_loss``). ``num_heads`` (structured masks)
-    defaults to the model config's ``num_attention_heads``."""
+    defaults to the model config's ``num_attention_heads``. ``initial_masks`` (language -> masks
+    of the covered tensors, e.g. from an earlier run with the same probe settings) skips the probes."""
     runtime = runtime or LocalRuntime()
     if cfg.meta_learning != "none" and getattr(runtime, "zero_stage", 0) == 3:
         raise ValueError("meta-learning updates the weights in place in its inner loop, which ZeRO-3 "
@@ -160,7 +161,13 @@ def train_subnetworks(model: nn.Module | ModelBuilder, *, languages: list[str], 
     say = (lambda message: runtime.log(message, log))
 
     masks: dict[int, Masks] = {}
-    if cfg.mode != "none":
+    if cfg.mode != "none" and initial_masks is not None:
+        missing = [lang for lang in languages if lang not in initial_masks]
+        if missing:
+            raise ValueError(f"initial masks lack {', '.join(missing)}")
+        masks = {i: {n: initial_masks[lang][n].bool() for n in covered} for i, lang in enumerate(languages)}
+        say(f"[{label}] initial subnetworks reused (no probes)")
+    elif cfg.mode != "none":
         for i, lang in enumerate(languages):
             for p in list(roles.maskable.values()) + list(roles.head.values()):
                 p.requires_grad_(True)
