@@ -151,8 +151,17 @@ def cmd_train_subnetworks(args: argparse.Namespace) -> int:
     executor.prepare()
     executor.run(job, out.resolve(), _log)
     model = SubnetworkModel.load(out)
-    sizes = ", ".join(f"{lang} {sum(int(m.sum()) for m in ms.values()):,}" for lang, ms in model.masks.items())
-    print(f"saved subnetwork model to {out} ({sub.mode}, {model.sft.nnz:,} changed entries; mask sizes: {sizes})")
+    sizes = {lang: sum(int(m.sum()) for m in ms.values()) for lang, ms in model.masks.items()}
+    from deftx.pipeline_tracking import log_sft
+    from deftx.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking.uri, enabled=cfg.tracking.enabled, log=_log)
+    run = log_sft(tracker, cfg.experiment_name("subnetworks"), None, out / "model", f"subnetworks-{out.name}",
+                  extra_params={"subnetworks": asdict(sub), "sources": sources, "mask_sizes": sizes,
+                                "output": str(out.resolve())})
+    tracker.log_file(run, out / "subnetworks.json", "model")
+    shown = ", ".join(f"{lang} {n:,}" for lang, n in sizes.items())
+    print(f"saved subnetwork model to {out} ({sub.mode}, {model.sft.nnz:,} changed entries; mask sizes: {shown})")
     return 0
 
 

@@ -156,12 +156,21 @@ def test_train_subnetworks_then_export_and_evaluate_a_target(tiny_model_dir, tmp
     """`deftx train-subnetworks` (dynamic, tiny model, local), then the task SFT an unseen target
     uses (related language), evaluated with `deftx evaluate`; user errors are one line, exit 2."""
     model = tmp_path / "model"
-    common = ["--local", "--set", f"model.name_or_path={tiny_model_dir}", "--set", "task_sft.max_train_examples=24"]
+    db = tmp_path / "mlflow.db"
+    common = ["--local", "--set", f"model.name_or_path={tiny_model_dir}", "--set", "task_sft.max_train_examples=24",
+              "--set", f"tracking.uri=sqlite:///{db}"]
     argv = ["train-subnetworks", "--sources", "jav,sun", "--out", str(model), *common,
             "--subnet", "mode=dynamic", "--subnet", "reselect_every=2", "--subnet", "probe_steps=2",
             "--subnet", "selection.density=0.2", "--subnet", "train.epochs=1"]
     assert main(argv) == 0
     assert "saved subnetwork model" in capsys.readouterr().out
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("deftx-nusax_senti-subnetworks").experiment_id])
+    assert run.data.params["kind"] == "task" and run.data.params["subnetworks.mode"] == "dynamic"
+    assert any(k.startswith("loss.") for k in run.data.metrics)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/subnetworks.json"]
     out = tmp_path / "bbc-task"
     assert main(["subnetworks-export", str(model), "--target", "bbc", "--policy", "related", "--related", "bbc=sun",
                  "--out", str(out)]) == 0
