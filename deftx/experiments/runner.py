@@ -208,26 +208,30 @@ def _saved_with(directory: Path, digest: str) -> bool:
         return False
 
 
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """A hard link where the file system allows, else a copy."""
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _adopt(source: Path, target: Path, log: Log) -> None:
     """Copy ``source`` (a finished unit of another experiment) to ``target`` if ``target`` does not
     exist; hard links where the file system allows. The unit's own digest check then decides
     whether it is used."""
-    import os
     import shutil
 
     if target.exists() or not source.is_dir():
         return
 
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
     tmp = target.with_name(f".{target.name}.adopt")
     shutil.rmtree(tmp, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, tmp, copy_function=link_or_copy)
+    shutil.copytree(source, tmp, copy_function=_link_or_copy)
     tmp.replace(target)
     log(f"adopted {source} as {target}")
 
@@ -235,8 +239,6 @@ def _adopt(source: Path, target: Path, log: Log) -> None:
 def _adopt_scores(other: Path, target: Path, pipeline: dict[str, Any], log: Log) -> None:
     """Link the cached scores of the experiment in ``other`` if it evaluated on the same data
     (scores are keyed by the digests of the models they score)."""
-    import os
-    import shutil
 
     source = other / "scores"
     try:
@@ -250,10 +252,7 @@ def _adopt_scores(other: Path, target: Path, pipeline: dict[str, Any], log: Log)
     target.mkdir(parents=True, exist_ok=True)
     for path in source.glob("*.json"):
         if not (target / path.name).exists():
-            try:
-                os.link(path, target / path.name)
-            except OSError:
-                shutil.copy2(path, target / path.name)
+            _link_or_copy(path, target / path.name)
 
 
 def _digest_at(directory: str | Path) -> str:
