@@ -240,6 +240,7 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
     for name in ("results.md", "scores.csv", "overlap.csv", "provenance.json", "main.png", "spectra.png",
                  "density-language.png", "density-task.png"):
         assert (results / name).is_file(), name
+    assert not (results / "subnetworks.png").exists()          # no subnetwork systems, no such plot
     with (results / "scores.csv").open() as f:
         rows = list(csv.DictReader(f))
     cfg = load_experiment("nusax", preset="small")
@@ -350,6 +351,8 @@ def test_subnetwork_experiment_end_to_end_and_reuse(tiny_model_dir, tmp_path, ca
     assert main(argv) == 0
     shown = capsys.readouterr().out
     assert "Language-specific subnetworks (Choenni-style)" in shown and "pairwise Jaccard" in shown
+    assert (results / "subnetworks.png").stat().st_size > 0
+    assert "![subnetworks.png](subnetworks.png)" in (results / "results.md").read_text()
     cfg = load_experiment("nusax", preset="subnetworks-small")
     with (results / "scores.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r["part"] == "subnetworks"]

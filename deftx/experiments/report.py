@@ -395,34 +395,52 @@ def _phase_text(sft_cfg) -> str:
     return f"phase 1 {phase(sft_cfg.full)} / phase 2 {phase(sft_cfg.sparse)}{cap}"
 
 
-def f1_figure(state: ExperimentState, split: str = "test"):
-    """Grouped bars: the headline metric per target language and system, error bars = standard
-    deviation over seeds."""
+def _bars_figure(series: dict[str, list[Record]], cfg: ExperimentConfig, split: str, title: str):
+    """Grouped bars: the headline metric per target language (and the average) for each series of
+    records, error bars = standard deviation over seeds."""
     import matplotlib.pyplot as plt
 
-    cfg = state.config
     metric, label = metric_of(cfg)
-    systems = ([FULL_FT] if cfg.full_ft else []) + list(cfg.methods)
-    langs = list(cfg.pipeline.target_languages) + ["avg"]
-    if not state.records:
-        return None
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(langs) * max(1, len(systems)) / 2.5 + 2), 4))
-    width = 0.8 / max(1, len(systems))
-    for i, system in enumerate(systems):
-        rows = select(state.records, part="main", system=system, split=split, with_language_sft=system != FULL_FT)
+    targets = list(cfg.pipeline.target_languages)
+    langs = targets + ["avg"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(langs) * max(1, len(series)) / 2.5 + 2), 4))
+    width = 0.8 / max(1, len(series))
+    for i, (name, rows) in enumerate(series.items()):
         means, errs = [], []
         for lang in langs:
-            values = per_seed_average(rows, cfg.pipeline.target_languages, metric) if lang == "avg" else \
+            values = per_seed_average(rows, targets, metric) if lang == "avg" else \
                 [getattr(r, metric) for r in rows if r.language == lang]
             m, s = mean_spread(values)
             means.append(100 * m)
             errs.append(100 * s)
-        xs = [x + (i - (len(systems) - 1) / 2) * width for x in range(len(langs))]
-        ax.bar(xs, means, width, yerr=errs, capsize=2, label=system_name(system, cfg))
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(langs))]
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=name)
     ax.set_xticks(range(len(langs)), langs)
     ax.set_ylabel(f"{split} {label} (%)")
-    source = cfg.pipeline.source_language if cfg.main == "single_source" else "other languages (leave-fold-out)"
-    ax.set_title(f"{dataset_title(cfg)} zero-shot from {source} ({len(cfg.seeds)} seed(s))")
+    ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
+
+
+def f1_figure(state: ExperimentState, split: str = "test"):
+    """The main table as grouped bars per target language and system."""
+    cfg = state.config
+    if not state.records:
+        return None
+    systems = ([FULL_FT] if cfg.full_ft else []) + list(cfg.methods)
+    series = {system_name(s, cfg): select(state.records, part="main", system=s, split=split,
+                                          with_language_sft=s != FULL_FT) for s in systems}
+    source = cfg.pipeline.source_language if cfg.main == "single_source" else "other languages (leave-fold-out)"
+    return _bars_figure(series, cfg, split,
+                        f"{dataset_title(cfg)} zero-shot from {source} ({len(cfg.seeds)} seed(s))")
+
+
+def subnetwork_figure(state: ExperimentState, split: str = "test"):
+    """The subnetwork table as grouped bars per held-out target and system (None without one)."""
+    cfg = state.config
+    if not select(state.records, part="subnetworks"):
+        return None
+    series = {s: select(state.records, part="subnetworks", system=s, split=split) for s in cfg.subnetworks.systems}
+    return _bars_figure(series, cfg, split, f"{dataset_title(cfg)} multi-source, leave-fold-out: subnetworks "
+                                            f"({len(cfg.seeds)} seed(s))")

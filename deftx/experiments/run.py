@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from deftx.experiments.config import ExperimentConfig
-from deftx.experiments.report import f1_figure, metric_of, per_seed_average, select, write_report
+from deftx.experiments.report import (
+    f1_figure,
+    metric_of,
+    per_seed_average,
+    select,
+    subnetwork_figure,
+    write_report,
+)
 from deftx.experiments.runner import ExperimentState, run_experiment
 from deftx.pipeline import Log
 from deftx.tasks import task_spec
@@ -83,7 +90,7 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
                             tags={"deftx.version": __version__, "deftx.command": command})
     try:
         state = run_experiment(cfg, log=log, report_only=report_only)
-        figures = {"main": f1_figure(state)}
+        figures = {"main": f1_figure(state), "subnetworks": subnetwork_figure(state)}
         if cfg.analysis:
             figures.update(analysis_figures(state, log))
         written = write_report(state, directory, command=command, seconds=time.perf_counter() - started,
