@@ -79,7 +79,6 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
     """Run the experiment (or, ``report_only``, collect what is finished), write the report and log
     it to MLflow."""
     from deftx import __version__
-    from deftx.plots import close
     from deftx.tracking import Tracker
 
     started = time.perf_counter()
@@ -95,9 +94,6 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
             figures.update(analysis_figures(state, log))
         written = write_report(state, directory, command=command, seconds=time.perf_counter() - started,
                                figures=figures)
-        for fig in figures.values():
-            if fig is not None:
-                close(fig)
         targets = list(state.config.pipeline.target_languages)
         metric, _ = metric_of(cfg)
         metrics: dict[str, float] = {"wall_seconds": time.perf_counter() - started}

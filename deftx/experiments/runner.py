@@ -239,7 +239,6 @@ def _adopt(source: Path, target: Path, log: Log) -> None:
 def _adopt_scores(other: Path, target: Path, pipeline: dict[str, Any], log: Log) -> None:
     """Link the cached scores of the experiment in ``other`` if it evaluated on the same data
     (scores are keyed by the digests of the models they score)."""
-
     source = other / "scores"
     try:
         theirs = json.loads((other / "experiment.json").read_text(encoding="utf-8"))["pipeline"]
