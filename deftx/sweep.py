@@ -42,9 +42,10 @@ from deftx.tune_space import SearchSpace, selection_from_sample
 def check_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num_samples: int) -> list[str]:
     """Validate a sweep before any work: returns the normalised target languages."""
     if space.dataset != cfg.data.dataset:
+        hint = (" (sweeps run the NusaX pipeline only; AmericasNLI runs as `deftx experiment americasnli`)"
+                if space.dataset == "americasnli" else "")
         raise ConfigError(f"{space.source or 'space'}: a {space.dataset} search space, but the pipeline trains on "
-                          f"{cfg.data.dataset}" + (" (the AmericasNLI pipeline is not built yet)"
-                                                   if space.dataset == "americasnli" else ""))
+                          f"{cfg.data.dataset}{hint}")
     if num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {num_samples}")
     if not languages:

@@ -42,7 +42,7 @@ def test_check_sweep_rejects_bad_requests_before_any_work():
         with pytest.raises(ConfigError, match=message):
             check_sweep(cfg, space, langs, n)
     anli = space_from_dict({**SPACE, "dataset": "americasnli", "languages": {}})
-    with pytest.raises(ConfigError, match="americasnli search space, but the pipeline trains on nusax"):
+    with pytest.raises(ConfigError, match="americasnli search space, but the pipeline trains on nusax.*deftx experiment americasnli"):
         check_sweep(cfg, anli, ["quy"], 2)
 
 
