@@ -395,3 +395,34 @@ def test_subnetwork_experiment_end_to_end_and_reuse(tiny_model_dir, tmp_path, ca
                  for r in csv.DictReader(f) if r["part"] == "main" and r["seed"] == "1"}
     assert rows2 and all(first[(r["system"], r["language"], r["split"], r["with_language_sft"])] == r["macro_f1"]
                          for r in rows2)
+
+
+def test_time_ledger_is_written_after_every_unit_so_a_killed_run_keeps_its_time(tmp_path, monkeypatch):
+    """The ledger (compute per stage over all invocations) is flushed when each unit ends, not only
+    when the stage does: a run killed outright between units has already recorded their seconds;
+    a resumed run adds to them, and a failing stage still records what it spent."""
+    from deftx.experiments import runner
+
+    clock = iter([100.0, 103.0, 110.0, 111.5, 200.0, 204.0])
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: next(clock))
+    exp = runner.Experiment(ExperimentConfig(pipeline=PipelineConfig(), methods={"lt_sft": {"method": "lt_sft"}}))
+    exp.out = tmp_path
+    ledger = tmp_path / "time-ledger.json"
+
+    with exp._timed("stage A"):                          # starts at 100
+        with exp._unit("first"):
+            pass                                         # flushed at 103
+        assert json.loads(ledger.read_text()) == {"stage A": 3.0}
+        with exp._unit("second"):
+            pass                                         # flushed at 110
+        assert json.loads(ledger.read_text()) == {"stage A": 10.0}
+    assert json.loads(ledger.read_text()) == {"stage A": 11.5}     # the stage's tail, at 111.5
+    assert exp.state.stage_seconds == {"stage A": 111.5 - 100.0}
+
+    # a resumed run, failing mid-unit: the stage starts at 200, its finally flushes at 204
+    with pytest.raises(RuntimeError), exp._timed("stage A"), exp._unit("third"):
+        raise RuntimeError("worker lost")
+    assert json.loads(ledger.read_text()) == {"stage A": 15.5}
+    with exp._unit("outside any stage"):                 # nothing to charge: no clock read
+        pass
+    assert json.loads(ledger.read_text()) == {"stage A": 15.5}

@@ -274,6 +274,8 @@ class Experiment:
         self.report_only = report_only
         self._executor = _NoTraining() if report_only else executor
         self.state = ExperimentState(cfg)
+        self._ledger_stage: str | None = None     # the stage _flush_ledger charges, and since when
+        self._ledger_mark = 0.0
 
     @contextmanager
     def _unit(self, what: str) -> Iterator[None]:
@@ -284,6 +286,7 @@ class Experiment:
             if not self.report_only:
                 raise
             self.state.missing.append(f"{what}: {exc}")
+        self._flush_ledger()
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -322,25 +325,30 @@ class Experiment:
 
     @contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
-        """Time ``stage``; the seconds go to the ledger even when interrupted (compute was spent)."""
+        """Time ``stage``. Its seconds go to the ledger after every finished unit and when the stage
+        ends or fails, so a run killed outright (SIGKILL, a closed session) loses at most the unit it
+        was in."""
         self.log(f"=== {stage} ===")
         started = time.perf_counter()
+        self._ledger_stage, self._ledger_mark = stage, started
         try:
             yield
-        except KeyboardInterrupt:
-            self._ledger(stage, time.perf_counter() - started)
-            raise
-        elapsed = time.perf_counter() - started
-        self.state.stage_seconds[stage] = self.state.stage_seconds.get(stage, 0.0) + elapsed
-        self._ledger(stage, elapsed)
+        finally:
+            ended = time.perf_counter()
+            self._flush_ledger(ended)
+            self._ledger_stage = None
+        self.state.stage_seconds[stage] = self.state.stage_seconds.get(stage, 0.0) + ended - started
 
-    def _ledger(self, stage: str, seconds: float) -> None:
-        """Seconds spent per stage over every invocation (a resumed experiment adds to it), in
-        ``<output>/time-ledger.json``."""
-        if self.report_only:
+    def _flush_ledger(self, now: float | None = None) -> None:
+        """Add the current stage's seconds since the last flush to ``<output>/time-ledger.json``:
+        seconds per stage over every invocation (a resumed experiment adds to it)."""
+        stage = self._ledger_stage
+        if stage is None or self.report_only:
             return
+        now = time.perf_counter() if now is None else now
         data = self._read_ledger()
-        data[stage] = round(data.get(stage, 0.0) + seconds, 1)
+        data[stage] = round(data.get(stage, 0.0) + now - self._ledger_mark, 1)
+        self._ledger_mark = now
         (self.out / "time-ledger.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         self.state.ledger = data
 
