@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,15 @@ from deftx import __version__
 from deftx.errors import DeftxError
 
 EXIT_USAGE = 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `ray job stop`, a scheduler's preemption), handled like Ctrl-C: MLflow runs
+    end as KILLED, an experiment's time ledger keeps the stage's seconds, finished SFTs stay."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def _log(line: str) -> None:
@@ -588,6 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    # By default SIGTERM ends Python without unwinding (no finally block, no MLflow run ended); only
+    # the main thread may install a handler, and the caller's own handler is put back afterwards.
+    previous = (signal.signal(signal.SIGTERM, _raise_terminated)
+                if threading.current_thread() is threading.main_thread() else None)
     try:
         return int(args.func(args) or 0)
     except DeftxError as exc:
@@ -596,9 +611,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as exc:
         print(f"deftx: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("deftx: interrupted (finished SFTs are kept; re-run the same command to continue)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"deftx: {how} (finished SFTs are kept; re-run the same command to continue)", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -186,3 +186,38 @@ def test_train_subnetworks_then_export_and_evaluate_a_target(tiny_model_dir, tmp
     assert main(["subnetworks-export", str(model), "--target", "bbc", "--policy", "related", "--out",
                  str(tmp_path / "x")]) == 2
     assert "no related language for 'bbc'" in capsys.readouterr().err
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_restores_the_callers_handler(monkeypatch, capsys):
+    """`kill` / `ray job stop` send SIGTERM: the command unwinds (its finally blocks run: MLflow runs
+    end as KILLED, the experiment ledger is flushed), exits 143 with the resume hint, and the
+    caller's own SIGTERM handler is back afterwards."""
+    import os
+    import signal
+    import time
+
+    from deftx import cli
+
+    unwound = []
+
+    def long_command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)                    # interrupted by the handler long before this ends
+            return 0
+        finally:
+            unwound.append(True)
+
+    monkeypatch.setattr(cli, "cmd_presets", long_command)
+
+    def callers_handler(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        assert main(["presets"]) == 143       # not 0: the sleep never finished
+        assert unwound == [True]
+        assert "deftx: terminated (finished SFTs are kept" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
