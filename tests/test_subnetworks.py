@@ -374,6 +374,37 @@ def test_every_mode_trains_end_to_end(settings):
         assert all(bool(result.touched[n].all()) for n in result.touched if n not in union)   # shared tensors
 
 
+@pytest.mark.parametrize("meta", ["none", "reptile"])
+def test_dynamic_masks_that_would_never_be_reselected_are_refused_before_any_work(meta):
+    """reselect_every >= the phase's optimizer steps (outer steps under meta-learning, which take
+    several batches each) would silently train a static system labelled dynamic."""
+    from deftx.config import PhaseConfig
+    from deftx.subnetworks.train import phase_steps
+
+    stream = tiny_stream(languages=2, examples=12)
+    train = PhaseConfig(epochs=2, learning_rate=1e-3)
+    per_epoch = stream.steps_per_epoch if meta == "none" else MetaStream(stream, 2).steps_per_epoch
+    steps = phase_steps(train, per_epoch)
+    built = []
+
+    def builder():
+        built.append(True)
+        return tiny_classifier()
+
+    def run(every: int):
+        cfg = SubnetworkConfig(mode="dynamic", reselect_every=every, meta_learning=meta, inner_steps=2,
+                               probe_steps=1, train=train).validate()
+        assert cfg.batches_per_step == (1 if meta == "none" else 2)
+        return train_subnetworks(builder, languages=["ind", "jav"], stream=stream, cfg=cfg, seed=1,
+                                 loss_fn=multi_source_loss(classification_loss, [None, None]), log=lambda m: None)
+
+    with pytest.raises(ConfigError, match=f"reselect_every={steps}, but training has only {steps} optimizer steps"):
+        run(steps)
+    assert built == []                   # refused before the model was built or any probe ran
+    result = run(steps - 1)
+    assert [h["step"] for h in result.reselections][:1] == [steps - 1]
+
+
 # -- the job and the saved model ---------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from deftx.config import PhaseConfig
+from deftx.errors import ConfigError
 from deftx.masks import count_selected, embedding_parameter_names, parameter_roles, resolve_budget
 from deftx.selection import MaskScorer, make_scorer
 from deftx.subnetworks.config import SubnetworkConfig
@@ -136,6 +137,14 @@ def train_subnetworks(model: nn.Module | ModelBuilder, *, languages: list[str], 
                          "partitions; use zero_stage 0-2")
     if len(languages) != len(stream.streams):
         raise ValueError(f"{len(languages)} languages for {len(stream.streams)} batch streams")
+    batches: Any = stream if cfg.meta_learning == "none" else MetaStream(stream, cfg.batches_per_step)
+    steps = phase_steps(cfg.train, batches.steps_per_epoch)
+    if cfg.mode == "dynamic" and cfg.reselect_every >= steps:
+        raise ConfigError(f"dynamic subnetworks: reselect_every={cfg.reselect_every}, but training has only {steps} "
+                          f"optimizer steps" + (" (outer steps: meta-learning takes several batches per step)"
+                                                if cfg.meta_learning != "none" else "")
+                          + ", so the masks would never be re-selected (it would be static); set reselect_every "
+                            f"below {steps}")
     model, build = (model, None) if isinstance(model, nn.Module) else (model(), model)
     embedding_names = frozenset(embedding_parameter_names(model))
     roles = parameter_roles(model, "task")
@@ -201,13 +210,10 @@ def train_subnetworks(model: nn.Module | ModelBuilder, *, languages: list[str], 
     try:
         trained = {**roles.maskable, **roles.head}
         if cfg.meta_learning == "none":
-            batches: Any = stream
             loss = update.loss(loss_fn)
         else:
-            batches = MetaStream(stream, cfg.batches_per_step)
             loss = update.loss(meta_loss(loss_fn, trained, algorithm=cfg.meta_learning, inner_steps=cfg.inner_steps,
                                          inner_learning_rate=cfg.inner_learning_rate, update=update))
-        steps = phase_steps(cfg.train, batches.steps_per_epoch)
         after: list[Callable[[], None]] = [update.finish]
         dynamic = None
         if cfg.mode == "dynamic":
