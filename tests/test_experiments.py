@@ -426,3 +426,28 @@ def test_time_ledger_is_written_after_every_unit_so_a_killed_run_keeps_its_time(
     with exp._unit("outside any stage"):                 # nothing to charge: no clock read
         pass
     assert json.loads(ledger.read_text()) == {"stage A": 15.5}
+
+
+def test_subnetworks_full_preset_reselects_every_dynamic_system_on_the_real_fold_sizes():
+    """The preset's dynamic systems re-select their masks at least once on the real NusaX fold sizes
+    (a first run had Reptile's R above its 18-21 outer steps: a 'dynamic' system that was static)."""
+    from deftx.data import load_nusax_senti
+    from deftx.subnetworks.meta import MetaStream
+    from deftx.subnetworks.train import phase_steps
+    from deftx.training.batches import ClassificationStream
+    from deftx.training.multi_source import MultiSourceStream
+
+    cfg = load_experiment("nusax", preset="subnetworks-full")
+    assert len(cfg.seeds) >= 3 and cfg.subnetworks.system("plain").mode == "none"
+    cap = cfg.multi_source.max_examples_per_language
+    for fold in range(cfg.multi_source.folds):
+        sizes = [min(len(load_nusax_senti(lang, "train")), cap) for lang in cfg.fold_sources(fold)]
+        for name in cfg.subnetworks.systems:
+            sub = cfg.subnetworks.system(name)
+            streams = [ClassificationStream([[2, 5]] * n, sub.train.batch_size, i, labels=[0] * n, pad_id=0)
+                       for i, n in enumerate(sizes)]
+            stream = MultiSourceStream(streams, seed=0)
+            per_epoch = (stream if sub.meta_learning == "none" else MetaStream(stream, sub.batches_per_step)).steps_per_epoch
+            steps = phase_steps(sub.train, per_epoch)
+            if sub.mode == "dynamic":
+                assert steps // sub.reselect_every >= 2, (name, fold, steps)
