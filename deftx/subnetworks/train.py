@@ -139,12 +139,12 @@ def train_subnetworks(model: nn.Module | ModelBuilder, *, languages: list[str], 
         raise ValueError(f"{len(languages)} languages for {len(stream.streams)} batch streams")
     batches: Any = stream if cfg.meta_learning == "none" else MetaStream(stream, cfg.batches_per_step)
     steps = phase_steps(cfg.train, batches.steps_per_epoch)
-    if cfg.mode == "dynamic" and cfg.reselect_every >= steps:
+    if cfg.mode == "dynamic" and cfg.reselect_every > steps:
         raise ConfigError(f"dynamic subnetworks: reselect_every={cfg.reselect_every}, but training has only {steps} "
                           f"optimizer steps" + (" (outer steps: meta-learning takes several batches per step)"
                                                 if cfg.meta_learning != "none" else "")
                           + ", so the masks would never be re-selected (it would be static); set reselect_every "
-                            f"below {steps}")
+                            f"to at most {steps}")
     model, build = (model, None) if isinstance(model, nn.Module) else (model(), model)
     embedding_names = frozenset(embedding_parameter_names(model))
     roles = parameter_roles(model, "task")
