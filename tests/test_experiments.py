@@ -432,8 +432,7 @@ def test_subnetworks_full_preset_reselects_every_dynamic_system_on_the_real_fold
     """The preset's dynamic systems re-select their masks at least once on the real NusaX fold sizes
     (a first run had Reptile's R above its 18-21 outer steps: a 'dynamic' system that was static)."""
     from deftx.data import load_nusax_senti
-    from deftx.subnetworks.meta import MetaStream
-    from deftx.subnetworks.train import phase_steps
+    from deftx.subnetworks.train import training_schedule
     from deftx.training.batches import ClassificationStream
     from deftx.training.multi_source import MultiSourceStream
 
@@ -447,7 +446,6 @@ def test_subnetworks_full_preset_reselects_every_dynamic_system_on_the_real_fold
             streams = [ClassificationStream([[2, 5]] * n, sub.train.batch_size, i, labels=[0] * n, pad_id=0)
                        for i, n in enumerate(sizes)]
             stream = MultiSourceStream(streams, seed=0)
-            per_epoch = (stream if sub.meta_learning == "none" else MetaStream(stream, sub.batches_per_step)).steps_per_epoch
-            steps = phase_steps(sub.train, per_epoch)
+            _, steps = training_schedule(sub, stream)
             if sub.mode == "dynamic":
                 assert steps // sub.reselect_every >= 2, (name, fold, steps)

@@ -379,12 +379,18 @@ def test_dynamic_masks_that_would_never_be_reselected_are_refused_before_any_wor
     """reselect_every above the phase's optimizer steps (outer steps under meta-learning, which
     take several batches each) would silently train a static system labelled dynamic."""
     from deftx.config import PhaseConfig
-    from deftx.subnetworks.train import phase_steps
+    from deftx.subnetworks.train import training_schedule
 
     stream = tiny_stream(languages=2, examples=12)
-    train = PhaseConfig(epochs=2, learning_rate=1e-3)
-    per_epoch = stream.steps_per_epoch if meta == "none" else MetaStream(stream, 2).steps_per_epoch
-    steps = phase_steps(train, per_epoch)
+
+    def config(every: int) -> SubnetworkConfig:
+        return SubnetworkConfig(mode="dynamic", reselect_every=every, meta_learning=meta, inner_steps=2,
+                                probe_steps=1, train=PhaseConfig(epochs=2, learning_rate=1e-3)).validate()
+
+    batches, steps = training_schedule(config(1), stream)
+    assert isinstance(batches, MetaStream) == (meta != "none")
+    assert steps == 2 * batches.steps_per_epoch                               # 2 epochs
+    assert (steps < 2 * stream.steps_per_epoch) == (meta != "none")          # an outer step takes 2 batches
     built = []
 
     def builder():
@@ -392,8 +398,7 @@ def test_dynamic_masks_that_would_never_be_reselected_are_refused_before_any_wor
         return tiny_classifier()
 
     def run(every: int):
-        cfg = SubnetworkConfig(mode="dynamic", reselect_every=every, meta_learning=meta, inner_steps=2,
-                               probe_steps=1, train=train).validate()
+        cfg = config(every)
         assert cfg.batches_per_step == (1 if meta == "none" else 2)
         return train_subnetworks(builder, languages=["ind", "jav"], stream=stream, cfg=cfg, seed=1,
                                  loss_fn=multi_source_loss(classification_loss, [None, None]), log=lambda m: None)

@@ -63,6 +63,13 @@ def phase_steps(cfg: PhaseConfig, steps_per_epoch: int) -> int:
     return min(steps, cfg.max_steps) if cfg.max_steps is not None else steps
 
 
+def training_schedule(cfg: SubnetworkConfig, stream: MultiSourceStream) -> tuple[MultiSourceStream | MetaStream, int]:
+    """What one optimizer step of the training phase consumes (a batch, or with meta-learning a
+    whole inner loop: ``MetaStream``) and how many such steps the phase takes."""
+    batches = stream if cfg.meta_learning == "none" else MetaStream(stream, cfg.batches_per_step)
+    return batches, phase_steps(cfg.train, batches.steps_per_epoch)
+
+
 def _language_batches(stream: MultiSourceStream, lang: int) -> Callable[[int], dict[str, torch.Tensor]]:
     def batch_at(step: int) -> dict[str, torch.Tensor]:
         batch = dict(stream.streams[lang].batch_at(step))
@@ -137,8 +144,7 @@ def train_subnetworks(model: nn.Module | ModelBuilder, *, languages: list[str], 
                          "partitions; use zero_stage 0-2")
     if len(languages) != len(stream.streams):
         raise ValueError(f"{len(languages)} languages for {len(stream.streams)} batch streams")
-    batches: Any = stream if cfg.meta_learning == "none" else MetaStream(stream, cfg.batches_per_step)
-    steps = phase_steps(cfg.train, batches.steps_per_epoch)
+    batches, steps = training_schedule(cfg, stream)
     if cfg.mode == "dynamic" and cfg.reselect_every > steps:
         raise ConfigError(f"dynamic subnetworks: reselect_every={cfg.reselect_every}, but training has only {steps} "
                           f"optimizer steps" + (" (outer steps: meta-learning takes several batches per step)"
