@@ -429,23 +429,39 @@ def test_time_ledger_is_written_after_every_unit_so_a_killed_run_keeps_its_time(
 
 
 def test_subnetworks_full_preset_reselects_every_dynamic_system_on_the_real_fold_sizes():
-    """The preset's dynamic systems re-select their masks at least once on the real NusaX fold sizes
-    (a first run had Reptile's R above its 18-21 outer steps: a 'dynamic' system that was static)."""
+    """The preset's dynamic systems re-select their masks at least twice on the real NusaX fold
+    sizes (a first run had Reptile's R above its 18-21 outer steps: a 'dynamic' system that was
+    static), and the experiment's up-front check accepts the preset."""
     from deftx.data import load_nusax_senti
-    from deftx.subnetworks.train import training_schedule
-    from deftx.training.batches import ClassificationStream
-    from deftx.training.multi_source import MultiSourceStream
+    from deftx.experiments.runner import check_subnetwork_schedules
+    from deftx.subnetworks.train import steps_for_sizes
 
     cfg = load_experiment("nusax", preset="subnetworks-full")
     assert len(cfg.seeds) >= 3 and cfg.subnetworks.system("plain").mode == "none"
+    check_subnetwork_schedules(cfg)
     cap = cfg.multi_source.max_examples_per_language
     for fold in range(cfg.multi_source.folds):
         sizes = [min(len(load_nusax_senti(lang, "train")), cap) for lang in cfg.fold_sources(fold)]
         for name in cfg.subnetworks.systems:
             sub = cfg.subnetworks.system(name)
-            streams = [ClassificationStream([[2, 5]] * n, sub.train.batch_size, i, labels=[0] * n, pad_id=0)
-                       for i, n in enumerate(sizes)]
-            stream = MultiSourceStream(streams, seed=0)
-            _, steps = training_schedule(sub, stream)
             if sub.mode == "dynamic":
-                assert steps // sub.reselect_every >= 2, (name, fold, steps)
+                assert steps_for_sizes(sub, sizes) // sub.reselect_every >= 2, (name, fold)
+
+
+def test_a_dynamic_system_that_would_never_reselect_is_refused_before_the_experiment_starts(tmp_path):
+    """R above a fold's step count is a ConfigError naming the system and fold, raised before the
+    run starts (no output directory, no executor call), not hours later when that unit begins."""
+    from deftx.experiments.runner import run_experiment
+
+    class NoWork:
+        def run(self, *args, **kwargs):
+            raise AssertionError("the experiment started work")
+
+    cfg = load_experiment("nusax", preset="subnetworks-small")
+    name = next(n for n in cfg.subnetworks.systems if cfg.subnetworks.system(n).mode == "dynamic")
+    cfg.subnetworks.systems[name] = {**cfg.subnetworks.systems[name], "reselect_every": 10**6}
+    cfg.pipeline.output_dir = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"subnetworks.systems.{name} \(fold 0\): reselect_every=1000000, but "
+                                          r"training has only \d+ optimizer steps"):
+        run_experiment(cfg, log=lambda line: None, executor=NoWork())
+    assert not (tmp_path / "run").exists()

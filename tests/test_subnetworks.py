@@ -379,18 +379,20 @@ def test_dynamic_masks_that_would_never_be_reselected_are_refused_before_any_wor
     """reselect_every above the phase's optimizer steps (outer steps under meta-learning, which
     take several batches each) would silently train a static system labelled dynamic."""
     from deftx.config import PhaseConfig
-    from deftx.subnetworks.train import training_schedule
+    from deftx.subnetworks.train import steps_for_sizes, training_schedule
 
     stream = tiny_stream(languages=2, examples=12)
 
     def config(every: int) -> SubnetworkConfig:
         return SubnetworkConfig(mode="dynamic", reselect_every=every, meta_learning=meta, inner_steps=2,
-                                probe_steps=1, train=PhaseConfig(epochs=2, learning_rate=1e-3)).validate()
+                                probe_steps=1, train=PhaseConfig(epochs=2, learning_rate=1e-3, batch_size=4)).validate()
 
     batches, steps = training_schedule(config(1), stream)
     assert isinstance(batches, MetaStream) == (meta != "none")
     assert steps == 2 * batches.steps_per_epoch                               # 2 epochs
     assert (steps < 2 * stream.steps_per_epoch) == (meta != "none")          # an outer step takes 2 batches
+    assert steps_for_sizes(config(1), [12, 12]) == steps                     # the experiment's up-front count
+    assert steps_for_sizes(config(1), [12, 24]) > steps                      # more data, more steps
     built = []
 
     def builder():

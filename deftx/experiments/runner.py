@@ -198,6 +198,29 @@ def subnetwork_statistics(model, targets: list[str]) -> dict[str, Any]:
             "reselections": len(model.info.get("reselections", []))}
 
 
+def check_subnetwork_schedules(cfg: ExperimentConfig) -> None:
+    """Before any work: every dynamic subnetwork system re-selects its masks on every fold's real
+    training sizes. Without this, a bad ``reselect_every`` surfaced only when its unit began, hours
+    in (and a system that never re-selects would train as static)."""
+    from deftx.subnetworks.train import check_reselection, steps_for_sizes
+
+    dynamic = {name: cfg.subnetworks.system(name) for name in cfg.subnetworks.systems}
+    dynamic = {name: sub for name, sub in dynamic.items() if sub.mode == "dynamic"}
+    if not dynamic:
+        return
+    spec, source = task_spec(cfg.pipeline.task), cfg.pipeline.data.source
+    cap = cfg.multi_source.max_examples_per_language
+    sizes: dict[str, int] = {}
+    for fold in range(cfg.multi_source.folds):
+        for lang in cfg.fold_sources(fold):
+            if lang not in sizes:
+                n = len(spec.train(lang, source))
+                sizes[lang] = n if cap is None else min(n, cap)
+        fold_sizes = [sizes[lang] for lang in cfg.fold_sources(fold)]
+        for name, sub in dynamic.items():
+            check_reselection(sub, steps_for_sizes(sub, fold_sizes), f"subnetworks.systems.{name} (fold {fold})")
+
+
 def _saved_with(directory: Path, digest: str) -> bool:
     """True if ``directory`` holds an SFT saved with ``digest`` (so what it is trained from, e.g. a
     phase-1 store, is not needed)."""
@@ -360,6 +383,8 @@ class Experiment:
 
     def run(self) -> ExperimentState:
         cfg = self.cfg
+        if not self.report_only:
+            check_subnetwork_schedules(cfg)
         pipe_cfg, self.executor = start_run(cfg.pipeline, self.log, self._executor)
         self.cfg.pipeline = pipe_cfg
         self.pipeline_dict = asdict(pipe_cfg)

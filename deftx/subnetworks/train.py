@@ -33,6 +33,7 @@ from deftx.subnetworks.masks import select_subnetwork
 from deftx.subnetworks.meta import MetaStream, meta_loss
 from deftx.subnetworks.structure import EncoderStructure, encoder_structure
 from deftx.subnetworks.update import LanguageMaskedUpdate, Masks
+from deftx.training.batches import ClassificationStream
 from deftx.training.lt_sft import seed_phase
 from deftx.training.multi_source import LANGUAGE_KEY, MultiSourceStream
 from deftx.training.phase import LossFn, PhaseResult, run_phase
@@ -68,6 +69,25 @@ def training_schedule(cfg: SubnetworkConfig, stream: MultiSourceStream) -> tuple
     whole inner loop: ``MetaStream``) and how many such steps the phase takes."""
     batches = stream if cfg.meta_learning == "none" else MetaStream(stream, cfg.batches_per_step)
     return batches, phase_steps(cfg.train, batches.steps_per_epoch)
+
+
+def steps_for_sizes(cfg: SubnetworkConfig, examples_per_language: list[int]) -> int:
+    """The optimizer steps ``training_schedule`` gives for languages with these many training
+    examples, without tokenizing them (a stream's step count depends only on its size)."""
+    streams = [ClassificationStream([[0]] * n, cfg.train.batch_size, i, labels=[0] * n)
+               for i, n in enumerate(examples_per_language)]
+    return training_schedule(cfg, MultiSourceStream(streams, seed=0))[1]
+
+
+def check_reselection(cfg: SubnetworkConfig, steps: int, where: str = "dynamic subnetworks") -> None:
+    """A dynamic system must re-select at least once in ``steps`` optimizer steps; otherwise it
+    would silently train as static. R equal to ``steps`` re-selects once, after the last step."""
+    if cfg.mode == "dynamic" and cfg.reselect_every > steps:
+        raise ConfigError(f"{where}: reselect_every={cfg.reselect_every}, but training has only {steps} "
+                          f"optimizer steps" + (" (outer steps: meta-learning takes several batches per step)"
+                                                if cfg.meta_learning != "none" else "")
+                          + ", so the masks would never be re-selected (it would be static); set reselect_every "
+                            f"to at most {steps}")
 
 
 def _language_batches(stream: MultiSourceStream, lang: int) -> Callable[[int], dict[str, torch.Tensor]]:
@@ -145,12 +165,7 @@ def train_subnetworks(model: nn.Module | ModelBuilder, *, languages: list[str], 
     if len(languages) != len(stream.streams):
         raise ValueError(f"{len(languages)} languages for {len(stream.streams)} batch streams")
     batches, steps = training_schedule(cfg, stream)
-    if cfg.mode == "dynamic" and cfg.reselect_every > steps:
-        raise ConfigError(f"dynamic subnetworks: reselect_every={cfg.reselect_every}, but training has only {steps} "
-                          f"optimizer steps" + (" (outer steps: meta-learning takes several batches per step)"
-                                                if cfg.meta_learning != "none" else "")
-                          + ", so the masks would never be re-selected (it would be static); set reselect_every "
-                            f"to at most {steps}")
+    check_reselection(cfg, steps)
     model, build = (model, None) if isinstance(model, nn.Module) else (model(), model)
     embedding_names = frozenset(embedding_parameter_names(model))
     roles = parameter_roles(model, "task")
