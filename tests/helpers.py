@@ -107,10 +107,12 @@ def make_sft(model: nn.Module, kind: str, seed: int, *, head_model: nn.Module | 
 
 def join_loopback_group(rank: int, world: int, store: str) -> None:
     """Join a gloo group bound to loopback, with a file-store rendezvous (no TCP listener)."""
+    import faulthandler
     import os
 
     import torch.distributed as dist
 
+    faulthandler.enable(all_threads=True)   # a native crash in a spawned rank prints its Python stacks
     os.environ.update(GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
