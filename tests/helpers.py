@@ -4,6 +4,8 @@ and tools to craft corrupt SFT directories. Plain functions (fixtures live in th
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -103,6 +105,21 @@ def make_sft(model: nn.Module, kind: str, seed: int, *, head_model: nn.Module | 
 
 
 # -- distributed workers -------------------------------------------------------------------------
+
+
+@contextmanager
+def loopback_group(rank: int, world: int, store: str) -> Iterator[None]:
+    """A spawned rank's gloo group for the block. On success the ranks meet at a barrier before
+    the group is destroyed, so no rank tears down its connections while a peer may still be using
+    them; on failure the group is destroyed at once (a barrier would wait for the failed peer)."""
+    import torch.distributed as dist
+
+    join_loopback_group(rank, world, store)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def join_loopback_group(rank: int, world: int, store: str) -> None:

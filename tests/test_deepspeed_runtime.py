@@ -5,10 +5,9 @@ resumed from it ends with the same SFT as an uninterrupted run, bit for bit (iss
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_same_sft, join_loopback_group
+from helpers import assert_same_sft, loopback_group
 
 
 class Interrupted(RuntimeError):
@@ -78,8 +77,7 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
 
 def _worker(rank: int, world: int, store: str, path: str, kind: str, stage: int, out: str,
             crash_at: tuple[str, int] | None) -> None:
-    join_loopback_group(rank, world, store)
-    try:
+    with loopback_group(rank, world, store):
         try:
             result = _train(rank, path, kind, stage, f"{out}/checkpoints", crash_at, resume=False)
         except Interrupted:
@@ -89,8 +87,6 @@ def _worker(rank: int, world: int, store: str, path: str, kind: str, stage: int,
             result.sft.save(f"{out}/sft", overwrite=True)
         else:
             assert result.sft is None
-    finally:
-        dist.destroy_process_group()
 
 
 def _run(tmp_path, name: str, model_dir, kind: str, stage: int, crash_at=None):
@@ -129,8 +125,7 @@ def test_resumed_language_sft_with_head_warmup_equals_uninterrupted_run(tmp_path
 def _phase1_worker(rank: int, world: int, store: str, path: str, stage: int, out: str) -> None:
     """Phase 1 once into a store, then a trial with another density from the store, then the same
     trial trained from scratch."""
-    join_loopback_group(rank, world, store)
-    try:
+    with loopback_group(rank, world, store):
         saved = (f"{out}/phase1", "d1")
         first = _train(rank, path, "language", stage, f"{out}/c1", None, False, phase1=saved, stop_after_phase1=True)
         assert first.sft is None
@@ -140,8 +135,6 @@ def _phase1_worker(rank: int, world: int, store: str, path: str, stage: int, out
         if rank == 0:
             reused.sft.save(f"{out}/reused")
             scratch.sft.save(f"{out}/scratch")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

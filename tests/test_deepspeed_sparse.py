@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import join_loopback_group
+from helpers import loopback_group
 
 STEPS = 3
 
@@ -30,8 +29,7 @@ def _tiny_task_model():
 
 
 def _worker(rank: int, world: int, store: str, stage: int, out: str, weight_decay: float = 0.1) -> None:
-    join_loopback_group(rank, world, store)
-    try:
+    with loopback_group(rank, world, store):
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -66,8 +64,6 @@ def _worker(rank: int, world: int, store: str, stage: int, out: str, weight_deca
                 master = forward
             result[name] = (master.reshape(reference[name].shape).clone(), forward.reshape(reference[name].shape))
         torch.save({"result": result, "reference": reference, "masks": masks}, f"{out}.rank{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -90,8 +86,7 @@ def test_sparse_phase_keeps_entries_outside_mask_bit_identical(tmp_path, stage, 
 
 
 def _selection_worker(rank: int, world: int, store: str, stage: int, method: str, out: str) -> None:
-    join_loopback_group(rank, world, store)
-    try:
+    with loopback_group(rank, world, store):
 
         from deftx.distributed import distributed_select_masks, plan_shards
         from deftx.masks import embedding_parameter_names
@@ -117,8 +112,6 @@ def _selection_worker(rank: int, world: int, store: str, stage: int, method: str
         masks, report = distributed_select_masks(plan, {n: theta0[n] for n in mine}, mine, 100, scorer)
         everything = gather_owned(roles.maskable, {n: rank for n in shapes}, rank, stage)  # reference only
         torch.save({"masks": masks, "theta0": theta0, "theta1": everything}, f"{out}.rank{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

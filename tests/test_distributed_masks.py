@@ -4,12 +4,10 @@ rendezvous goes through a file store and gloo is bound to the loopback interface
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import loopback_group
 
 from deftx.distributed import assign_owners, distributed_select_masks, plan_shards, scoring_cost
 from deftx.masks import find_threshold, score_keys
@@ -34,10 +32,7 @@ def _scorer(method: str):
 
 
 def _worker(rank: int, world: int, store: str, method: str, out: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with loopback_group(rank, world, store):
         theta0, theta1 = _tensors(0)
         scorer = _scorer(method)
         plan = plan_shards(SHAPES, world, denoised={n: scorer.denoises(n, s) if hasattr(scorer, "denoises") else False
@@ -49,8 +44,6 @@ def _worker(rank: int, world: int, store: str, method: str, out: str) -> None:
                                                      {n: theta1[n] for n in mine}, k, scorer)
             results[k] = (masks, report.selected, report.ranks)
         torch.save(results, f"{out}.rank{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [1, 2])

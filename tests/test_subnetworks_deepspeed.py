@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import join_loopback_group
+from helpers import loopback_group
 
 STEPS = 6
 LANGUAGES = 3
@@ -51,8 +50,7 @@ def _full_values(roles, access, stage):
 
 
 def _restriction_worker(rank: int, world: int, store: str, stages: list[int], out: str) -> None:
-    join_loopback_group(rank, world, store)
-    try:
+    with loopback_group(rank, world, store):
         from deftx.subnetworks.update import LanguageMaskedUpdate
         from deftx.training.deepspeed_engine import DeepSpeedEngine, DeepSpeedValueAccess
 
@@ -91,8 +89,6 @@ def _restriction_worker(rank: int, world: int, store: str, stages: list[int], ou
             if callable(destroy):
                 destroy()
         torch.save(records, f"{out}.rank{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -112,8 +108,7 @@ def test_language_steps_never_change_entries_outside_the_mask_under_zero(tmp_pat
 
 
 def _training_worker(rank: int, world: int, store: str, out: str) -> None:
-    join_loopback_group(rank, world, store)
-    try:
+    with loopback_group(rank, world, store):
         from test_subnetworks import tiny_classifier, tiny_stream
 
         from deftx.config import PhaseConfig, SelectionConfig
@@ -131,8 +126,6 @@ def _training_worker(rank: int, world: int, store: str, out: str) -> None:
                                    runtime=DeepSpeedRuntime(zero_stage=2), log=lambda message: None)
         torch.save({"masks": result.masks, "touched": result.touched, "start": result.start,
                     "final": result.final, "reselections": result.reselections}, f"{out}.rank{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
