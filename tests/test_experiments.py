@@ -101,6 +101,7 @@ def test_method_selection_gets_the_budget_and_exclusive_overrides():
     ("budget=huge", "budget: unknown budget 'huge'"),
     ("pipeline.target_languages=[jav, xx]", "pipeline.target_languages[1]"),
     ("unknown=1", "unknown: unknown key"),
+    ("main_table=false", "main_table: false leaves nothing to train without subnetworks.systems"),
 ])
 def test_bad_experiment_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as info:
@@ -395,6 +396,22 @@ def test_subnetwork_experiment_end_to_end_and_reuse(tiny_model_dir, tmp_path, ca
                  for r in csv.DictReader(f) if r["part"] == "main" and r["seed"] == "1"}
     assert rows2 and all(first[(r["system"], r["language"], r["split"], r["with_language_sft"])] == r["macro_f1"]
                          for r in rows2)
+
+    # main_table: false: the subnetwork systems alone; no multi-source task SFT is trained or adopted
+    only = tmp_path / "only"
+    argv3 = ["experiment", "nusax", "--config", str(tmp_path / "again.yaml"), "--output-dir", str(only),
+             "--results-dir", str(tmp_path / "results3"), "--set", f"reuse_from={out}", "--set", "main_table=false",
+             "--set", "hyperparameters=chosen on validation in a pilot", *common]
+    assert main(argv3) == 0
+    capsys.readouterr()
+    assert not list((only / "sfts").glob("seed*")) and not list((only / "phase1").glob("multi-*"))
+    with (tmp_path / "results3" / "scores.csv").open() as f:
+        rows3 = list(csv.DictReader(f))
+    assert rows3 and {r["part"] for r in rows3} == {"subnetworks"} and {r["system"] for r in rows3} == {"plain"}
+    report = (tmp_path / "results3" / "results.md").read_text()
+    assert "- hyperparameters: chosen on validation in a pilot" in report
+    assert "## Test" not in report and "Language-specific subnetworks (Choenni-style)" in report
+    assert not (tmp_path / "results3" / "main.png").exists()
 
 
 def test_time_ledger_is_written_after_every_unit_so_a_killed_run_keeps_its_time(tmp_path, monkeypatch):

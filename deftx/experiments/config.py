@@ -94,7 +94,9 @@ class SubnetworkSystemsConfig:
 class ExperimentConfig:
     """``main``: ``single_source`` (task SFT on the source language, the NusaX setting) or
     ``leave_fold_out`` (multi-source task SFTs per fold of ``multi_source``, the offline AmericasNLI
-    setting); see :mod:`deftx.experiments.runner`."""
+    setting); see :mod:`deftx.experiments.runner`. ``main_table`` false trains no main-table task
+    models (an experiment of subnetwork systems only; the methods then give the language SFTs).
+    ``hyperparameters``: how the settings were chosen, stated in the report."""
 
     dataset: str = "nusax"
     preset: str = "custom"
@@ -103,6 +105,7 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])   # task SFT seeds (language SFTs: pipeline.seed)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)   # name -> selection overrides
     full_ft: bool = True
+    main_table: bool = True   # false: no main-table task models; the methods only give language SFTs
     budget: str = "xlmr-base"
     multi_source: MultiSourceConfig = field(default_factory=MultiSourceConfig)
     ablations: AblationConfig = field(default_factory=AblationConfig)
@@ -111,6 +114,7 @@ class ExperimentConfig:
     eval_splits: list[str] = field(default_factory=lambda: ["test", "valid"])
     results_dir: str = "benchmarks/results"
     reuse_from: str | None = None   # another experiment's output directory: its MLM head and language SFTs
+    hyperparameters: str | None = None   # how the settings were chosen, for the report (default: fixed up front)
 
     def validate(self) -> ExperimentConfig:
         if self.dataset not in EXPERIMENT_DATASETS:
@@ -132,6 +136,10 @@ class ExperimentConfig:
             raise ConfigError("seeds: a seed is listed twice")
         if not self.methods and not self.full_ft:
             raise ConfigError("methods: give at least one method (or full_ft: true)")
+        if not self.main_table and not self.subnetworks.systems:
+            raise ConfigError("main_table: false leaves nothing to train without subnetworks.systems")
+        if not self.main_table and self.ablations.variants:
+            raise ConfigError("ablations: re-select the main table's task SFT; they need main_table: true")
         if FULL_FT in self.methods:
             raise ConfigError(f"methods.{FULL_FT}: reserved; full fine-tuning is switched on by full_ft: true")
         for name in self.methods:

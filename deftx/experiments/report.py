@@ -291,6 +291,11 @@ def write_report(state: ExperimentState, directory: Path, *, command: str, secon
     return written
 
 
+DEFAULT_HYPERPARAMETERS = ("fixed in the preset before any test score was seen (learning rates chosen on the "
+                           "Indonesian NusaX validation split for the demo, see the preset); no model selection on "
+                           "test data")
+
+
 def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequence[str]) -> str:
     cfg = state.config
     pipe = cfg.pipeline
@@ -305,8 +310,9 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
         layout = (f"leave-fold-out multi-source: the targets are split into {cfg.multi_source.folds} folds; a fold's "
                   "targets are scored with task models trained only on the labelled data of the languages outside the "
                   f"fold ({_train_data_text(cfg)}, at most {cfg.multi_source.max_examples_per_language or 'all'} "
-                  "examples each), each batch at theta + its language's SFT; full fine-tuning trains on the same "
-                  "data on theta0. A target's labelled data never trains a model it is evaluated on")
+                  "examples each), each batch at theta + its language's SFT"
+                  + ("; full fine-tuning trains on the same data on theta0" if cfg.full_ft and cfg.main_table else "")
+                  + ". A target's labelled data never trains a model it is evaluated on")
     parts = [
         f"# {dataset_title(cfg)} zero-shot transfer: `{cfg.preset}` preset"
         + (" (partial: the experiment has not finished)" if state.missing else ""),
@@ -321,28 +327,33 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
         (f"- task SFT seeds: {', '.join(map(str, cfg.seeds))}; language SFTs trained once (seed {pipe.seed}) and shared "
         "by the seeds, so the spread is that of the task training (classifier head initialisation, data order, dropout)"),
         f"- {budget_text(cfg)}",
-        (f"- phases: language SFT {_phase_text(pipe.language_sft)}; task SFT {_phase_text(pipe.task_sft)}; "
-        "full fine-tuning = the task SFT's phase 1 on theta0 (same steps, learning rate and seed), evaluated directly"),
-        ("- hyperparameters: fixed in the preset before any test score was seen (learning rates chosen on the "
-         "Indonesian NusaX validation split for the demo, see the preset); no model selection on test data"),
-        "",
-        f"## Test {label} (%): task SFT + target language SFT; {spread}",
-        "",
-        main_table(state, "test"),
-        "",
-        *([f"## Validation {label} (%) (the split any choice should be made on)", "", main_table(state, "valid"), ""]
-          if "valid" in cfg.eval_splits else []),
-        f"## What the language SFT adds (test {label}, average of the targets, %)",
-        "",
-        task_only_table(state, "test"),
-        "",
-        "## Mask overlap between the task SFT and the target language SFTs",
-        "",
-        ("Fraction of a target language SFT's entries that the task SFT also changes, averaged over targets and "
-        "seeds, and its ratio to the overlap expected if each SFT's entries were placed at random within each tensor."),
-        "",
-        overlap_table(state),
+        (f"- phases: language SFT {_phase_text(pipe.language_sft)}"
+         + (f"; task SFT {_phase_text(pipe.task_sft)}; full fine-tuning = the task SFT's phase 1 on theta0 (same "
+            "steps, learning rate and seed), evaluated directly" if cfg.main_table else
+            "; no main-table task models (main_table: false); the subnetwork systems' training is below")),
+        f"- hyperparameters: {cfg.hyperparameters or DEFAULT_HYPERPARAMETERS}",
     ]
+    if cfg.main_table:
+        parts += [
+            "",
+            f"## Test {label} (%): task SFT + target language SFT; {spread}",
+            "",
+            main_table(state, "test"),
+            "",
+            *([f"## Validation {label} (%) (the split any choice should be made on)", "", main_table(state, "valid"),
+               ""] if "valid" in cfg.eval_splits else []),
+            f"## What the language SFT adds (test {label}, average of the targets, %)",
+            "",
+            task_only_table(state, "test"),
+            "",
+            "## Mask overlap between the task SFT and the target language SFTs",
+            "",
+            ("Fraction of a target language SFT's entries that the task SFT also changes, averaged over targets and "
+             "seeds, and its ratio to the overlap expected if each SFT's entries were placed at random within each "
+             "tensor."),
+            "",
+            overlap_table(state),
+        ]
     if cfg.multi_source.folds and cfg.main == "single_source":
         parts += ["", f"## Multi-source task SFTs, leave-fold-out (test {label}, %; {spread})", "",
                   (f"The targets are split into {cfg.multi_source.folds} folds; each fold's targets are evaluated "
@@ -353,7 +364,7 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
     if cfg.subnetworks.systems:
         method = cfg.subnetworks.language_sfts
         parts += ["", f"## Language-specific subnetworks (Choenni-style), leave-fold-out (test {label}, %; {spread})", "",
-                  ("Multi-source task models trained on the same folds and data as above; a batch of language l only "
+                  ("Multi-source task models trained leave-fold-out (layout above); a batch of language l only "
                    "updates l's subnetwork (static: chosen before training by a short per-language probe fine-tune; "
                    "dynamic: re-selected during training from l's accumulated gradient), optionally with first-order "
                    "meta-learning across the source languages. `none` is the same trainer without subnetworks (plain "

@@ -89,7 +89,7 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
                             tags={"deftx.version": __version__, "deftx.command": command})
     try:
         state = run_experiment(cfg, log=log, report_only=report_only)
-        figures = {"main": f1_figure(state), "subnetworks": subnetwork_figure(state)}
+        figures = {"main": f1_figure(state) if cfg.main_table else None, "subnetworks": subnetwork_figure(state)}
         if cfg.analysis:
             figures.update(analysis_figures(state, log))
         written = write_report(state, directory, command=command, seconds=time.perf_counter() - started,

@@ -402,7 +402,7 @@ class Experiment:
             return self.state
         self.trained = trained
         self.evaluator = _Evaluator(cfg, self.out / "scores", self.log, self.report_only)
-        for seed in cfg.seeds:
+        for seed in cfg.seeds if cfg.main_table else []:
             with self._timed(f"task SFTs and evaluation (seed {seed})"):
                 if cfg.main == "single_source":
                     self._seed(seed)
