@@ -4,8 +4,10 @@ for checkpoints mounted on every node, and an MLflow tracking URI."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,9 @@ def _check_pods(spec: dict) -> None:
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
         ray_container = pod["containers"][0]
         assert {"name": "RAY_AUTH_MODE", "value": "token"} in ray_container["env"]
+        # every Ray container has the same token (`ray start` fails without one; nodes must agree)
+        assert {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "deftx-ray-token", "key": "token"}}} \
+            in ray_container["env"]
         assert {"name": "shared", "mountPath": "/shared"} in ray_container["volumeMounts"]
         assert claims["shared"] == "deftx-shared"
     worker = _pods(spec)[1]["containers"][0]
@@ -76,15 +81,41 @@ def test_kuberay_raycluster_mounts_shared_storage_and_runs_mlflow():
 def test_cluster_launcher_config():
     cfg = _load("ray-cluster-aws.yaml")
     assert cfg["head_node_type"] in cfg["available_node_types"]
-    assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
-               if "ray start" in c)
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    assert all("RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH=/shared/ray/auth_token" in c for c in starts)
+    creates = [c for c in cfg["setup_commands"] if "/shared/ray/auth_token" in c]
+    assert len(creates) == 1 and "token_hex(32)" in creates[0] and "[ -s /shared/ray/auth_token ]" in creates[0]
     setup = " ".join(cfg["setup_commands"])
     assert "torch==2.13.0" in setup and "pip install -q -e ~/deftx" in setup and "/shared" in setup
     assert any("mlflow server" in c for c in cfg["head_start_ray_commands"])
 
 
-@pytest.mark.parametrize("script", ["up.sh", "down.sh"])
+@pytest.mark.parametrize("script", ["up.sh", "down.sh", "ensure-ray-token.sh"])
 def test_local_scripts_parse(script):
     path = ROOT / "infra" / "local" / script
     assert path.stat().st_mode & 0o111, f"{script} is not executable"
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_ensure_ray_token_creates_the_token_ray_start_needs(tmp_path):
+    """On a fresh machine (no ~/.ray/auth_token) `ray start --head` with RAY_AUTH_MODE=token fails
+    (only ray.init creates a token); up.sh runs ensure-ray-token.sh first. The check below is the one
+    `ray start` makes (ensure_token_if_auth_enabled without creating a token)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(HOME=str(tmp_path), RAY_AUTH_MODE="token",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    code = ("from ray._private.authentication.authentication_token_setup import "
+            "ensure_token_if_auth_enabled as ensure; ensure(create_token_if_missing=False)")
+    check = [sys.executable, "-c", code]
+    script = [str(ROOT / "infra" / "local" / "ensure-ray-token.sh")]
+    before = subprocess.run(check, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert before.returncode != 0 and "no authentication token was found" in before.stderr
+    first = subprocess.run(script, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert first.returncode == 0, first.stderr
+    token = (tmp_path / ".ray" / "auth_token").read_text().strip()
+    assert len(token) >= 32 and token not in first.stdout + first.stderr and "created" in first.stdout
+    assert subprocess.run(check, env=env, capture_output=True, text=True, timeout=120, check=False).returncode == 0
+    again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0 and again.stdout == ""
+    assert (tmp_path / ".ray" / "auth_token").read_text().strip() == token

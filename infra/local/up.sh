@@ -35,6 +35,7 @@ wait_http() {  # url, seconds, name: any HTTP answer counts (the dashboard answe
 if alive "$STATE/ray.pid" && ray status --address "127.0.0.1:$RAY_PORT" >/dev/null 2>&1; then
   echo "Ray head already running at 127.0.0.1:$RAY_PORT"
 else
+  "$(dirname "$0")/ensure-ray-token.sh"
   ray start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --num-cpus="$NUM_CPUS" --disable-usage-stats >"$STATE/ray-start.log" 2>&1 \
