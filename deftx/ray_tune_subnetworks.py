@@ -120,6 +120,19 @@ def load_subnetwork_space(path: str | Path, cfg: ExperimentConfig) -> Subnetwork
     return space
 
 
+def shared_config(cfg: ExperimentConfig, space: SubnetworkSpace) -> ExperimentConfig:
+    """The work every trial shares, run once before the trials: the experiment without its
+    subnetwork systems, ablations and analysis, at the trials' seed (language SFTs, and the main
+    table if the experiment has one)."""
+    shared = copy.deepcopy(cfg)
+    shared.subnetworks.systems = {}
+    shared.seeds = [space.seed if space.seed is not None else cfg.seeds[0]]
+    shared.ablations.variants = {}
+    shared.analysis = False
+    shared.pipeline.tracking.enabled = False
+    return shared.validate()
+
+
 def trial_config(cfg: ExperimentConfig, space: SubnetworkSpace, sample: dict[str, Any], shared_dir: str,
                  trial_dir: str) -> ExperimentConfig:
     """The experiment a trial runs: its sampled system only, one seed, validation scores only, the
@@ -230,14 +243,8 @@ def run_subnetwork_sweep(cfg: ExperimentConfig, space: SubnetworkSpace, num_samp
             ClusterConfig(**{**asdict(pipe.cluster), "backend": "ray", "check_resources": False}), log)
     pipe.cluster = sweep_cluster(pipe.cluster, ray.cluster_resources().get("CPU", 1.0))
 
-    log("== shared work: language SFTs and the main table (reused when finished) ==")
-    shared_cfg = copy.deepcopy(cfg)
-    shared_cfg.subnetworks.systems = {}
-    shared_cfg.seeds = [space.seed if space.seed is not None else cfg.seeds[0]]
-    shared_cfg.ablations.variants = {}
-    shared_cfg.analysis = False
-    shared_cfg.pipeline.tracking.enabled = False
-    shared_state = Experiment(shared_cfg.validate(), log=log).run()
+    log("== shared work: language SFTs and the main table, if the experiment has one (reused when finished) ==")
+    shared_state = Experiment(shared_config(cfg, space), log=log).run()
     shared_dir = str(Path(shared_state.config.pipeline.output_dir).resolve())
     cfg.pipeline = shared_state.config.pipeline   # absolute paths
 

@@ -101,7 +101,7 @@ def test_method_selection_gets_the_budget_and_exclusive_overrides():
     ("budget=huge", "budget: unknown budget 'huge'"),
     ("pipeline.target_languages=[jav, xx]", "pipeline.target_languages[1]"),
     ("unknown=1", "unknown: unknown key"),
-    ("main_table=false", "main_table: false leaves nothing to train without subnetworks.systems"),
+    ("main_table=false", "ablations: re-select the main table's task SFT; they need main_table: true"),
 ])
 def test_bad_experiment_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as info:

@@ -495,6 +495,22 @@ def test_subnetwork_space_is_checked_against_the_experiment_before_any_work(tmp_
     assert trial.reuse_from == "/shared"
 
 
+@pytest.mark.parametrize("preset", ["subnetworks-small", "subnetworks-full"])
+def test_subnetwork_sweep_configs_validate_for_every_subnetwork_preset(tmp_path, preset):
+    """The sweep's shared work (no systems) and a trial validate, with or without a main table
+    (subnetworks-full has main_table: false: the shared work is then the language SFTs only)."""
+    from deftx.experiments.config import load_experiment
+    from deftx.ray_tune_subnetworks import load_subnetwork_space, shared_config, trial_config
+
+    cfg = load_experiment("nusax", preset=preset)
+    space = load_subnetwork_space(_space(tmp_path, dimensions={"selection.density": {"choice": [0.2, 0.4]}}), cfg)
+    shared = shared_config(cfg, space)
+    assert shared.subnetworks.systems == {} and shared.seeds == [cfg.seeds[0]] and shared.main_table == cfg.main_table
+    assert not shared.pipeline.tracking.enabled and cfg.subnetworks.systems   # the caller's config is untouched
+    trial = trial_config(cfg, space, {"selection.density": 0.2}, "/shared", str(tmp_path / "t"))
+    assert trial.main_table == cfg.main_table and list(trial.subnetworks.systems) == ["trial"]
+
+
 @pytest.mark.slow
 def test_subnetwork_sweep_runs_trials_on_the_validation_objective(tiny_model_dir, tmp_path):
     """A real Tune sweep (random search, 2 trials) of the dynamic system on a tiny model: shared
