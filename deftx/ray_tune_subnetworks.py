@@ -254,7 +254,7 @@ def run_subnetwork_sweep(cfg: ExperimentConfig, space: SubnetworkSpace, num_samp
     experiment = pipe.tracking.experiment or f"deftx-subnetworks-sweep-{cfg.dataset}"
     sweep_run = tracker.start_run(experiment, f"sweep-{name}", params={
         "system": space.system, "space": space.describe(), "num_samples": num_samples, "objective": key,
-        "searcher": space.searcher, "seed": shared_cfg.seeds[0]}, tags={"deftx.sweep": name})
+        "searcher": space.searcher, "seed": shared_state.config.seeds[0]}, tags={"deftx.sweep": name})
     out = Path(shared_dir) / "sweeps" / name
     settings = {"trial_root": str(out / "trials"), "shared_dir": shared_dir, "objective": key, "name": name,
                 "tracking": pipe.tracking.enabled and not tracker.offline, "tracking_uri": tracker.uri,
