@@ -109,9 +109,17 @@ def make_sft(model: nn.Module, kind: str, seed: int, *, head_model: nn.Module | 
 
 @contextmanager
 def loopback_group(rank: int, world: int, store: str) -> Iterator[None]:
-    """A spawned rank's gloo group for the block. On success the ranks meet at a barrier before
-    the group is destroyed, so no rank tears down its connections while a peer may still be using
-    them; on failure the group is destroyed at once (a barrier would wait for the failed peer)."""
+    """A spawned rank's gloo group for the block, which must be the rank's last work.
+
+    On success the ranks meet at a barrier, destroy the group and the rank leaves at once with
+    ``os._exit(0)``: its results are on disk, and the interpreter's teardown of native gloo and
+    DeepSpeed objects can abort a rank under load ("terminate called without an active exception"
+    with no Python frame, twice in CI runs of test_subnetworks_deepspeed), an exit race in those
+    libraries rather than anything under test. On failure the group is destroyed at once (a
+    barrier would wait for the failed peer) and the exception reaches ``mp.spawn`` as usual."""
+    import os
+    import sys
+
     import torch.distributed as dist
 
     join_loopback_group(rank, world, store)
@@ -120,6 +128,9 @@ def loopback_group(rank: int, world: int, store: str) -> Iterator[None]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def join_loopback_group(rank: int, world: int, store: str) -> None:
