@@ -29,6 +29,8 @@ from pathlib import Path
 
 from _common import benchmark_model_path, machine_info, table
 
+from deftx.ray_env import prepare_ray_process
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,7 +42,7 @@ def main() -> None:
                                              "this pipeline output directory of the same preset first")
     args = parser.parse_args()
     print(machine_info())
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    prepare_ray_process(None)
 
     from deftx.config import load_pipeline_config
     from deftx.pipeline import LocalExecutor, SFTJob, config_digest, start_run, train_pipeline_sfts

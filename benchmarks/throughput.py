@@ -21,6 +21,8 @@ import time
 import torch
 from _common import benchmark_model_path, machine_info, table
 
+from deftx.ray_env import prepare_ray_process
+
 WARMUP = 2
 
 
@@ -106,12 +108,12 @@ def main() -> None:
     plain = measure(model_path, args.steps, distributed=False)
     no_ray = measure_without_ray(model_path, args.steps, 2)
 
+    prepare_ray_process(None)
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo",
                                        "PYTHONWARNINGS": "ignore::FutureWarning"}})
     import json

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -14,6 +16,7 @@ from deftx import __version__
 from deftx.errors import DeftxError
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE, what a command killed by a closed pipe reports
 
 
 class Terminated(KeyboardInterrupt):
@@ -71,9 +74,10 @@ def _run_one_job(cfg, kind: str, language: str, out: Path, language_sft_path: st
     """Train one SFT with the configured executor (Ray workers or this process) into ``out``."""
     from dataclasses import asdict
 
-    from deftx.pipeline import SFTJob, absolute_paths, config_digest, make_executor
+    from deftx.pipeline import SFTJob, absolute_paths, check_run_outputs, config_digest, make_executor
     from deftx.sft import SparseFineTuning
 
+    check_run_outputs(cfg)
     cfg = absolute_paths(cfg)
     config = asdict(cfg)
     job = SFTJob(kind, language, config, config_digest({"job": kind, "language": language, "config": config,
@@ -90,7 +94,7 @@ def cmd_train_lang(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)
     lang = check_language(args.lang, cfg.data.dataset)
-    out = _fresh_output(args.out, args.overwrite)
+    out = _fresh_output(args.out, args.overwrite, _sft_kind())
     sft = _run_one_job(cfg, "language", lang, out)
     print(f"saved language SFT for {lang} to {out} ({sft.nnz:,} entries)")
     return 0
@@ -102,7 +106,7 @@ def cmd_train_task(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)
     source = check_language(args.source_lang or cfg.source_language, cfg.data.dataset)
-    out = _fresh_output(args.out, args.overwrite)
+    out = _fresh_output(args.out, args.overwrite, _sft_kind())
     if args.lang_sft:
         lang_sft = SparseFineTuning.load(args.lang_sft)
         if lang_sft.metadata.kind != "language":
@@ -138,10 +142,13 @@ def cmd_train_subnetworks(args: argparse.Namespace) -> int:
 
     from deftx.data import check_language
     from deftx.pipeline import SFTJob, absolute_paths, config_digest, make_executor
+    from deftx.pipeline import check_run_outputs
     from deftx.sft import SparseFineTuning
-    from deftx.subnetworks.artifact import SubnetworkModel
+    from deftx.subnetworks.artifact import SUBNETWORK_OUTPUT, SubnetworkModel
 
-    cfg = absolute_paths(_load_config(args))
+    cfg = _load_config(args)
+    check_run_outputs(cfg)
+    cfg = absolute_paths(cfg)
     sources = [check_language(c.strip(), cfg.data.dataset) for c in args.sources.split(",") if c.strip()]
     if not sources:
         raise DeftxError("--sources: give at least one source language")
@@ -153,7 +160,7 @@ def cmd_train_subnetworks(args: argparse.Namespace) -> int:
         if SparseFineTuning.load(directory).metadata.kind != "language":
             raise DeftxError(f"--lang-sft {lang}={directory}: not a language SFT")
     sub.check_languages(sources, [])
-    out = _fresh_output(args.out, args.overwrite)
+    out = _fresh_output(args.out, args.overwrite, SUBNETWORK_OUTPUT)
     config = asdict(cfg)
     job = SFTJob("task", "multi", config, config_digest({"job": "subnetworks", "sources": sources, "config": config,
                                                         "subnetworks": asdict(sub), "lang_sfts": lang_sfts}),
@@ -181,22 +188,29 @@ def cmd_subnetworks_export(args: argparse.Namespace) -> int:
 
     model = SubnetworkModel.load(args.model)
     related = _pairs(args.related, "--related") or None
+    out = _fresh_output(args.out, args.overwrite, _sft_kind())
     try:
         sft = model.sft_for(args.target, policy=args.policy, related=related)
     except ValueError as exc:
         raise DeftxError(f"{args.model}: {exc}") from None
-    out = _fresh_output(args.out, args.overwrite)
     sft.save(out, overwrite=args.overwrite)
     used = sft.metadata.trained_on["subnetwork"]["mask"]
     print(f"saved the task SFT of {args.target} ({used} mask; {sft.nnz:,} of {model.sft.nnz:,} changed entries) to {out}")
     return 0
 
 
-def _fresh_output(out: str, overwrite: bool) -> Path:
-    path = Path(out)
-    if path.exists() and not overwrite:
-        raise DeftxError(f"{path} already exists (use --overwrite to replace it)")
-    return path
+def _sft_kind():
+    from deftx.sft import SFT_OUTPUT
+
+    return SFT_OUTPUT
+
+
+def _fresh_output(out: str, overwrite: bool, kind) -> Path:
+    """``--out``, checked before any work: new, or (``--overwrite``) a directory of ``kind`` that
+    deftx wrote, in a writable folder."""
+    from deftx.io import check_output_dir
+
+    return check_output_dir(out, overwrite, kind)
 
 
 def _composition_and_model(task_dir: str, lang_dir: str | None, model: str | None):
@@ -276,8 +290,9 @@ def cmd_sft_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_sft_compose(args: argparse.Namespace) -> int:
-    from deftx.compose import export_hf_model
+    from deftx.compose import COMPOSED_OUTPUT, export_hf_model
 
+    _fresh_output(args.out, args.overwrite, COMPOSED_OUTPUT)
     composition, model, tokenizer = _composition_and_model(args.task, args.lang, args.model)
     out = export_hf_model(composition, model, tokenizer, args.out, overwrite=args.overwrite)
     print(f"wrote {out}: load it with AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
@@ -390,7 +405,10 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_get(args: argparse.Namespace) -> int:
+    from deftx.compose import COMPOSED_OUTPUT
     from deftx.registry import compose_from_registry
+
+    _fresh_output(args.out, args.overwrite, COMPOSED_OUTPUT)
 
     out = compose_from_registry(_registry(args), args.ref, args.out, base_model=args.model,
                                 overwrite=args.overwrite, log=_log)
@@ -615,6 +633,12 @@ def main(argv: list[str] | None = None) -> int:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"deftx: {how} (finished SFTs are kept; re-run the same command to continue)", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
+    except BrokenPipeError:
+        # the reader of our output went away (`deftx sft inspect ... | head`): stop quietly, and keep
+        # the interpreter from failing again when it flushes stdout at exit
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

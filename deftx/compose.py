@@ -18,8 +18,13 @@ from torch import nn
 
 from deftx import __version__
 from deftx.errors import SFTFormatError
-from deftx.io import atomic_directory
+from deftx.io import OutputKind, atomic_directory
 from deftx.sft import SparseFineTuning
+
+
+PROVENANCE_FILE = "deftx_composition.json"
+COMPOSED_OUTPUT = OutputKind("a composed model directory", PROVENANCE_FILE,
+                             lambda doc: str(doc.get("created_by", "")).startswith("deftx "))
 
 
 class Composition:
@@ -90,11 +95,11 @@ def export_hf_model(composition: Composition, model: nn.Module, tokenizer, direc
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {name: i for i, name in enumerate(labels)}
     directory = Path(directory)
-    with composition.applied(model), atomic_directory(directory, overwrite=overwrite) as tmp:
+    with composition.applied(model), atomic_directory(directory, overwrite=overwrite, kind=COMPOSED_OUTPUT) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         provenance = {"created_by": f"deftx {__version__}", "composition": composition.describe(),
                       "base_model": composition.task.metadata.base_model,
                       "base_fingerprint": composition.task.metadata.base_fingerprint}
-        (tmp / "deftx_composition.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return directory

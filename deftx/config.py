@@ -10,6 +10,7 @@ Presets are YAML files shipped in ``deftx/presets/`` (``deftx pipeline --preset 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -383,14 +384,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise _fail(key, f"expected an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise _fail(key, f"expected a number, got {value!r}")
+        if number is None:
+            raise _fail(key, f"expected a number, got {value!r}")
+        if not math.isfinite(number):   # NaN passes every `<` check and Inf every `>` check below
+            raise _fail(key, f"must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -464,6 +470,8 @@ def preset_names() -> list[str]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

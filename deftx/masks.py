@@ -143,6 +143,16 @@ def parameter_roles(model: nn.Module, kind: SFTKind) -> ParameterRoles:
     return ParameterRoles(maskable=maskable, head=head, frozen=frozen)
 
 
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters an SFT's dense head may set on ``model``: trainable parameters
+    outside the body (classifier, pooler, MLM transform and bias), never a body weight (embeddings,
+    encoder, LayerNorm) and never the MLM decoder matrix."""
+    body_ids = {id(p) for p in body_parameters(model).values()}
+    decoder = mlm_decoder(model)
+    decoder_id = id(decoder.weight) if decoder is not None and getattr(decoder, "weight", None) is not None else None
+    return {name for name, param in model.named_parameters() if id(param) not in body_ids and id(param) != decoder_id}
+
+
 def _base_prefix(model: nn.Module) -> str:
     base = base_model(model)
     if base is model:

@@ -1,22 +1,35 @@
-"""The composed SFT as an MLflow pyfunc model: ``mlflow.pyfunc.load_model("models:/deftx-nusax_senti-jav@champion")``
-returns a model whose ``predict`` maps a list of texts (or a DataFrame/Series of them) to label names.
+"""The composed zero-shot model (theta0 + phi_task + phi_lang) as a predictor, and as an MLflow
+pyfunc model whose code is the installed deftx package.
 
-The model directory holds the task SFT and the language SFT as artifacts (a few MB each), not the
-base model: ``load_context`` loads the base named in the task SFT (a hub id, ``offline:...`` or a
-local path; ``DEFTX_BASE_MODEL`` overrides it), checks its fingerprint against the SFTs, and
-applies theta0 + phi_task + phi_lang once.
+A registered composed model is a directory of data only::
+
+    MLmodel                       python_function flavor, loader_module: deftx.mlflow_model
+    data/sfts/task_sft/           the task SFT (sft.safetensors + sft.json)
+    data/sfts/language_sft/       the target language's SFT
+
+``mlflow.pyfunc.load_model("models:/deftx-nusax_senti-jav@champion")`` imports *this module by
+name* from the Python environment and calls :func:`_load_pyfunc`; no code is stored with the model
+(versions registered by earlier deftx releases stored a copy of this module among their files;
+deftx itself never runs it, see :func:`deftx.registry.composed_sft_dirs`). The base model is not
+stored either: it is loaded from the id recorded in the task SFT (``DEFTX_BASE_MODEL`` overrides
+it) and must match the SFTs' base fingerprint.
+
+Trust: ``mlflow.pyfunc.load_model`` does what the downloaded ``MLmodel`` file says, and whoever can
+write the store can change that file. deftx's own lookups (``deftx predict``, ``deftx registry
+get``, :func:`deftx.registry.load_model`) read ``MLmodel`` as plain YAML, load only the two SFT
+directories (safetensors + JSON, checksummed) and build the predictor from the installed deftx.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
-import mlflow.models
-import mlflow.pyfunc
-
+DATA_DIR = "sfts"                       # the data_path saved with the pyfunc model
 TASK_ARTIFACT, LANGUAGE_ARTIFACT = "task_sft", "language_sft"
 BASE_OVERRIDE_ENV = "DEFTX_BASE_MODEL"
+LOADER_MODULE = __name__
 
 
 def texts_of(model_input: Any) -> list[str]:
@@ -38,27 +51,33 @@ def texts_of(model_input: Any) -> list[str]:
     raise TypeError(f"expected texts (a list of strings, a Series or a DataFrame), got {type(model_input).__name__}")
 
 
-class ComposedSFTModel(mlflow.pyfunc.PythonModel):
-    """theta0 + phi_task + phi_lang, predicting label names."""
+class ComposedPredictor:
+    """theta0 + phi_task (+ head) + phi_lang on the base model named in the task SFT, predicting
+    label names. Built from SFT directories (data), never from stored code."""
 
-    def load_context(self, context) -> None:
+    def __init__(self, task_dir: str | Path, language_dir: str | Path | None = None,
+                 base_model: str | None = None) -> None:
         from deftx.compose import Composition
+        from deftx.errors import SFTFormatError
         from deftx.models import load_classifier, load_tokenizer, resolve_model_path
         from deftx.sft import SparseFineTuning
 
-        task = SparseFineTuning.load(context.artifacts[TASK_ARTIFACT])
-        language_dir = context.artifacts.get(LANGUAGE_ARTIFACT)
-        language = SparseFineTuning.load(language_dir) if language_dir else None
+        task = SparseFineTuning.load(task_dir)
+        language = SparseFineTuning.load(language_dir) if language_dir is not None else None
         self.composition = Composition(task, language)
         self.labels = list(task.metadata.label_names or [])
-        base = os.environ.get(BASE_OVERRIDE_ENV) or task.metadata.base_model
+        if not self.labels:
+            raise SFTFormatError(f"{task_dir}: the task SFT records no label names")
+        base = base_model or os.environ.get(BASE_OVERRIDE_ENV) or task.metadata.base_model
+        if not base:
+            raise SFTFormatError(f"{task_dir}: the task SFT records no base model (set {BASE_OVERRIDE_ENV})")
         path = resolve_model_path(base, log=lambda line: None)
         self.tokenizer = load_tokenizer(path)
         self.model = load_classifier(path, self.labels)
         self.composition.apply(self.model)   # checks the base fingerprint
         self.model.eval()
 
-    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
         from deftx.data.examples import Example
         from deftx.evaluation import predict
 
@@ -68,5 +87,8 @@ class ComposedSFTModel(mlflow.pyfunc.PythonModel):
         return [self.labels[p] for p in preds]
 
 
-# models-from-code: MLflow executes this file to build the model it loads (nothing is unpickled)
-mlflow.models.set_model(ComposedSFTModel())
+def _load_pyfunc(data_path: str) -> ComposedPredictor:
+    """MLflow's entry point for ``loader_module`` models: ``data_path`` is the model's data folder."""
+    root = Path(data_path)
+    language = root / LANGUAGE_ARTIFACT
+    return ComposedPredictor(root / TASK_ARTIFACT, language if language.is_dir() else None)

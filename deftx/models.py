@@ -44,7 +44,41 @@ def resolve_model_path(name_or_path: str, log=print) -> str:
         return str(path)
     if name_or_path.startswith((".", "/", "~")):
         raise ModelError(f"model directory {name_or_path} does not exist")
+    check_hub_reachable(name_or_path)
     return name_or_path  # a hub id, e.g. xlm-roberta-base
+
+
+HUB_TIMEOUT_S = 5.0
+
+
+def check_hub_reachable(model_id: str, timeout: float = HUB_TIMEOUT_S) -> None:
+    """A hub id needs the Hugging Face hub unless the model is in the local cache (or the hub is
+    switched off with ``HF_HUB_OFFLINE``): fail within seconds, naming the endpoint, instead of
+    letting the download retry for a minute."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            return
+    except Exception:  # noqa: BLE001 - an invalid repo id: let from_pretrained explain it
+        return
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    parsed = urlparse(endpoint)
+    host, port = parsed.hostname or "huggingface.co", parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    raise ModelError(f"cannot reach the Hugging Face hub at {endpoint} to download {model_id!r} ({reason}); give a "
+                     f"local model directory, a model already in the Hugging Face cache, or "
+                     f"offline:multilingual-e5-small")
 
 
 def _load(what: str, name_or_path: str, loader):

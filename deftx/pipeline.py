@@ -26,9 +26,10 @@ from deftx import __version__
 from deftx.config import PipelineConfig, SFTConfig, from_dict
 from deftx.errors import DeftxError
 from deftx.evaluation import ClassifierScorer
+from deftx.io import OutputKind, atomic_directory, sha256_file, write_json
 from deftx.masks import parameter_roles
 from deftx.models import load_classifier, load_masked_lm, load_tokenizer, resolve_model_path
-from deftx.sft import SFTMetadata, SparseFineTuning, current_base_fingerprint, read_metadata
+from deftx.sft import SFT_OUTPUT, SFTMetadata, SparseFineTuning, current_base_fingerprint, read_metadata
 from deftx.tasks import task_spec
 from deftx.training.batches import classification_stream, masked_lm_stream
 from deftx.training.lt_sft import train_head_only, train_sparse_fine_tuning
@@ -316,7 +317,12 @@ def train_subnetwork_model(model_path: str, tokenizer, sources: list[str],
 
 
 JOB_KINDS = ("mlm_head", "language", "task")
-HEAD_FILE, HEAD_INFO = "head.safetensors", "head.json"
+HEAD_FILE, HEAD_INFO, JOB_INFO = "head.safetensors", "head.json", "job.json"
+HEAD_FORMAT, JOB_FORMAT = "deftx-mlm-head", "deftx-job"
+MLM_HEAD_OUTPUT = OutputKind("an MLM head directory", HEAD_INFO,
+                             lambda doc: doc.get("format") == HEAD_FORMAT or {"digest", "steps"} <= set(doc))
+JOB_MARKER_OUTPUT = OutputKind("a phase-1 job marker", JOB_INFO,
+                               lambda doc: doc.get("format") == JOB_FORMAT or {"phase1_dir", "digest"} <= set(doc))
 
 
 @dataclass
@@ -370,28 +376,68 @@ class JobOutput:
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
-        from deftx.io import atomic_directory, write_json
-
         if self.model is not None:
             self.model.save(directory, overwrite=True)
             return
         if self.sft is None and self.head is None:   # a phase-1-only job: a marker with its info
-            with atomic_directory(directory, overwrite=True) as tmp:
-                write_json(tmp / "job.json", self.info)
+            with atomic_directory(directory, overwrite=True, kind=JOB_MARKER_OUTPUT) as tmp:
+                write_json(tmp / JOB_INFO, {"format": JOB_FORMAT, **self.info})
             return
         if self.sft is not None:
             self.sft.save(directory, overwrite=True)
             return
         assert self.head is not None
-        with atomic_directory(directory, overwrite=True) as tmp:
+        with atomic_directory(directory, overwrite=True, kind=MLM_HEAD_OUTPUT) as tmp:
             save_file(self.head, str(tmp / HEAD_FILE))
-            write_json(tmp / HEAD_INFO, self.info)
+            write_json(tmp / HEAD_INFO, {"format": HEAD_FORMAT, **self.info,
+                                         "sha256": sha256_file(tmp / HEAD_FILE)})
+
+
+def job_output_kind(job: SFTJob) -> OutputKind:
+    """The kind of directory ``job`` leaves (what its executor may replace)."""
+    from deftx.subnetworks.artifact import SUBNETWORK_OUTPUT
+
+    if job.phase1_only:
+        return JOB_MARKER_OUTPUT
+    if job.kind == "mlm_head":
+        return MLM_HEAD_OUTPUT
+    return SUBNETWORK_OUTPUT if job.subnetworks is not None else SFT_OUTPUT
 
 
 def load_head(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The MLM head saved in ``directory``, verified against the checksum in its ``head.json``."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(directory) / HEAD_FILE))
+    directory = Path(directory)
+    problem = head_problem(directory)
+    if problem is not None:
+        raise DeftxError(f"{directory}: {problem}")
+    try:
+        return load_file(str(directory / HEAD_FILE))
+    except Exception as exc:  # safetensors raises several types for a bad file
+        raise DeftxError(f"{directory / HEAD_FILE}: not a readable safetensors file ({exc})") from None
+
+
+def head_problem(directory: Path, digest: str | None = None) -> str | None:
+    """Why the MLM head in ``directory`` cannot be used (for ``digest``, if given), or None."""
+    try:
+        info = json.loads((directory / HEAD_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"no readable {HEAD_INFO} ({type(exc).__name__})"
+    if not isinstance(info, dict):
+        return f"{HEAD_INFO} is not an object"
+    if digest is not None and info.get("digest") != digest:
+        return "settings changed"
+    recorded = info.get("sha256")
+    if not isinstance(recorded, str):
+        return f"{HEAD_INFO} records no checksum of {HEAD_FILE}"
+    try:
+        found = sha256_file(directory / HEAD_FILE)
+    except OSError as exc:
+        return f"{HEAD_FILE} is unreadable ({exc.strerror or exc})"
+    if found != recorded:
+        return f"{HEAD_FILE} does not match its checksum (truncated or modified after saving)"
+    return None
 
 
 def pipeline_languages(cfg: PipelineConfig) -> list[str]:
@@ -551,13 +597,6 @@ def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
     return from_dict(PipelineConfig, data)
 
 
-def _head_digest(directory: Path) -> str | None:
-    try:
-        return json.loads((directory / HEAD_INFO).read_text()).get("digest")
-    except (OSError, ValueError):
-        return None
-
-
 @dataclass
 class TrainedSFTs:
     """What :func:`train_pipeline_sfts` produced: directories, loaded SFTs and their digests."""
@@ -611,9 +650,14 @@ def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list
     head_dir: Path | None = None
     if not has_head and cfg.language_sft.head_warmup_steps > 0:
         head_dir = out / "mlm-head"
-        if _head_digest(head_dir) == head_digest:
+        problem = head_problem(head_dir, head_digest) if (head_dir / HEAD_INFO).exists() else "none yet"
+        if problem is None:
             log(f"reusing {head_dir} (same settings)")
         else:
+            if problem == "settings changed":
+                log(f"{head_dir}: settings changed, retraining")
+            elif problem != "none yet":
+                log(f"{head_dir}: unusable ({problem}); retraining")
             log(f"== MLM head warm-up ({cfg.language_sft.head_warmup_steps} steps; shared by the language SFTs) ==")
             executor.run(SFTJob("mlm_head", cfg.source_language, config, head_digest), head_dir, log)
     trained = TrainedSFTs(out, common, head_dir, head_digest if head_dir is not None else None)
@@ -647,10 +691,22 @@ def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list
     return trained
 
 
+def check_run_outputs(cfg: PipelineConfig, *more: str | Path | None) -> None:
+    """Before any work: the output directory, the checkpoint storage and ``more`` are directories
+    (or can be created) and writable; a one-line :class:`deftx.io.OutputError` otherwise. (The
+    MLflow store is not checked: tracking turns itself off with a warning when it cannot write.)"""
+    from deftx.io import check_output_location
+
+    for path in (cfg.output_dir, cfg.cluster.storage_path, cfg.cluster.status_dir, *more):
+        if path:
+            check_output_location(path)
+
+
 def start_run(cfg: PipelineConfig, log: Log, executor: Executor | None) -> tuple[PipelineConfig, Executor]:
     """Absolute paths, the output directory with the resolved config, a prepared executor."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_run_outputs(cfg)
     cfg = absolute_paths(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ this module starts or joins Ray, checks that the cluster can host the workers, m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -27,7 +28,16 @@ from typing import Any
 
 from deftx.config import ClusterConfig
 from deftx.errors import DeftxError
-from deftx.pipeline import Log, SFTJob
+from deftx.io import atomic_directory
+from deftx.pipeline import Log, SFTJob, job_output_kind
+from deftx.ray_env import (
+    GCS_PORT_VAR,
+    SETUP_HOOK,
+    environment,
+    free_loopback_port,
+    prepare_ray_process,
+    start_failure_message,
+)
 
 RUNTIME_ENV_VARS = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
@@ -47,28 +57,48 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + empty SETTINGS
+_SETTINGS_FRAME = 4
+
+
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Fail within ``timeout`` seconds, naming the address, if nothing listens there."""
+    """Fail within ``timeout`` seconds, naming the address, if nothing listens there or what
+    listens is not a gRPC server (Ray's GCS and client server are; a dashboard, an MLflow server or
+    any HTTP/1 service is not, and Ray would retry connecting to it for minutes)."""
     target = _host_port(address)
     if target is None:
         return
     try:
-        with socket.create_connection(target, timeout=timeout):
-            pass
+        with socket.create_connection(target, timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(_HTTP2_PREFACE)
+            reply = b""
+            while len(reply) < 9:
+                chunk = conn.recv(9 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
+    except TimeoutError:
+        reply = b""
     except OSError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc} "
                            f"(is the head running? `ray status --address {address}`)") from None
+    if len(reply) < 9 or reply[3] != _SETTINGS_FRAME:
+        raise ClusterError(f"{address} answers, but not as a Ray cluster (no gRPC server there): give the head's GCS "
+                           f"address HOST:6379 or ray://HOST:10001 (a dashboard address http://HOST:8265 is for "
+                           f"`ray job submit`)")
 
 
 def connect(cluster: ClusterConfig, log: Log = print) -> str:
     """Join the configured Ray cluster, or start an embedded one on 127.0.0.1. Returns a description."""
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    prepare_ray_process(address)   # before `import ray` reads the settings (see deftx/ray_env.py)
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # the job CLI and ray.init must agree (notes/stack.md)
     env = {"env_vars": dict(RUNTIME_ENV_VARS)}
     if ray.is_initialized():
         return "the Ray instance already initialised in this process"
-    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    env["worker_process_setup_hook"] = SETUP_HOOK
     if address:
         check_reachable(address)
         try:
@@ -78,9 +108,20 @@ def connect(cluster: ClusterConfig, log: Log = print) -> str:
         return f"Ray cluster at {address}"
     cpus = os.cpu_count() or 1
     log(f"starting an embedded Ray on 127.0.0.1 ({cpus} CPUs)")
-    env["env_vars"]["GLOO_SOCKET_IFNAME"] = "lo"  # one machine: collectives over loopback
-    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-             runtime_env=env, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    port = free_loopback_port()
+    # collectives over loopback; Ray's own lookups in the workers (Ray Train's cleanup actor asks the
+    # state API, which otherwise follows the newest `ray start` on the machine) find this instance
+    env["env_vars"].update(GLOO_SOCKET_IFNAME="lo", RAY_ADDRESS=f"127.0.0.1:{port}")
+    since = time.time()
+    try:
+        with environment(**{GCS_PORT_VAR: str(port)}):
+            ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1", runtime_env=env, log_to_driver=True,
+                     logging_config=ray.LoggingConfig(log_level="WARNING"))
+    except Exception as exc:  # Ray raises several types (RuntimeError, TimeoutError, ...) for a failed start
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        raise ClusterError(start_failure_message(exc, since)) from None
     return "embedded Ray on 127.0.0.1"
 
 
@@ -108,6 +149,18 @@ def _report_sink(metrics: dict[str, Any], directory: Path | None) -> None:
 ARTIFACT_DIR = "artifact"
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train logs every ``report`` call at INFO ("Reporting training result ...", one line per
+    rank and checkpoint) on a logger named after its source file, whatever the run's log level."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker loop: one job on every rank, under DeepSpeed."""
     import ray.train
@@ -119,6 +172,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     cluster = ClusterConfig(**config["cluster"])
     job = SFTJob(**config["job"])
     torch.set_num_threads(cluster.threads_per_worker)
+    _quiet_report_lines()
     rank = ray.train.get_context().get_world_rank()
     log: Log = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)
     checkpoint = ray.train.get_checkpoint()
@@ -196,12 +250,8 @@ class RayExecutor:
             source = Path(ckpt) / ARTIFACT_DIR
             if not source.is_dir():
                 raise ClusterError(f"{job.name}: the last checkpoint of {run_name} holds no artifact")
-            tmp = directory.with_name(directory.name + ".incoming")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(source, tmp)
-            if directory.exists():
-                shutil.rmtree(directory)
-            tmp.rename(directory)
+            with atomic_directory(directory, overwrite=True, kind=job_output_kind(job)) as tmp:
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
         log(f"[{job.name}] done on {self.cluster.num_workers} workers in {time.perf_counter() - started:.0f} s "
             f"(run {run_name})")
 

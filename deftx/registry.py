@@ -134,7 +134,45 @@ class PendingRegistration:
 
     @classmethod
     def load(cls, path: str | Path) -> PendingRegistration:
-        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        """A saved record, validated: a :class:`RegistryError` naming the file and the problem."""
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise RegistryError(f"{path}: unreadable registration record ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if not isinstance(doc, dict):
+            raise RegistryError(f"{path}: a registration record must be a JSON object")
+        fields = cls.__dataclass_fields__
+        unknown = sorted(set(doc) - set(fields))
+        if unknown:
+            raise RegistryError(f"{path}: unknown field {unknown[0]!r} in the registration record")
+        for name, types in _PENDING_TYPES.items():
+            if name not in doc:
+                if name in _PENDING_REQUIRED:
+                    raise RegistryError(f"{path}: the registration record has no {name!r}")
+                continue
+            value = doc[name]
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise RegistryError(f"{path}: {name!r} has the wrong type ({type(value).__name__})")
+        if not doc.get("task_sft") and not doc.get("language_sft"):
+            raise RegistryError(f"{path}: the registration record names no SFT")
+        return cls(**doc)
+
+    def check(self) -> None:
+        """The SFT directories it names still load (checksums included)."""
+        from deftx.sft import SparseFineTuning
+
+        for part in (self.task_sft, self.language_sft):
+            if part:
+                SparseFineTuning.load(part)
+
+
+_PENDING_REQUIRED = ("experiment", "run_name", "task", "language", "task_sft", "language_sft")
+_PENDING_TYPES: dict[str, tuple[type, ...]] = {
+    "experiment": (str,), "run_name": (str,), "task": (str,), "language": (str,),
+    "task_sft": (str, type(None)), "language_sft": (str, type(None)), "score": (int, float, type(None)),
+    "objective": (str, type(None)), "params": (dict,), "metrics": (dict,), "tags": (dict,),
+}
 
 
 @dataclass(frozen=True)
@@ -205,11 +243,11 @@ class Registry:
         return str(version.version)
 
     def register_composed(self, run: RunHandle, pending: PendingRegistration, part_versions: dict[str, str]) -> str:
-        """Save the pyfunc model (containing both SFTs) into ``run`` and register it."""
+        """Save the pyfunc model (both SFTs as data, the installed deftx as code) into ``run`` and
+        register it."""
         import mlflow.pyfunc
 
-        from deftx import mlflow_model
-        from deftx.mlflow_model import LANGUAGE_ARTIFACT, TASK_ARTIFACT
+        from deftx.mlflow_model import DATA_DIR, LANGUAGE_ARTIFACT, LOADER_MODULE, TASK_ARTIFACT
 
         name = composed_model_name(pending.task, pending.language)
         self._ensure_model(name, f"deftx zero-shot model: {pending.task} SFT + {pending.language} language SFT")
@@ -227,10 +265,11 @@ class Registry:
         if existing is not None:
             return existing
         with tempfile.TemporaryDirectory(prefix="deftx-pyfunc-") as tmp:
-            local = Path(tmp) / "model"
-            mlflow.pyfunc.save_model(   # models-from-code: the model file is code, nothing is pickled
-                str(local), python_model=str(Path(mlflow_model.__file__)),
-                artifacts={TASK_ARTIFACT: str(pending.task_sft), LANGUAGE_ARTIFACT: str(pending.language_sft)},
+            local, data = Path(tmp) / "model", Path(tmp) / DATA_DIR
+            shutil.copytree(pending.task_sft, data / TASK_ARTIFACT)
+            shutil.copytree(pending.language_sft, data / LANGUAGE_ARTIFACT)
+            mlflow.pyfunc.save_model(   # code: the installed deftx, imported by name; data: the two SFTs
+                str(local), loader_module=LOADER_MODULE, data_path=str(data),
                 pip_requirements=[f"deftx=={__version__}", "torch==2.13.0", "transformers==5.23.0"],
                 metadata={"deftx": {"task": pending.task, "language": pending.language,
                                     "base_model": task_tags.get("base_model")}})
@@ -387,33 +426,78 @@ class Registry:
 
     def download(self, ref: ModelRef | str, destination: str | Path) -> Path:
         """The version's files (an SFT directory, or the pyfunc model directory) under ``destination``."""
+        version = self.resolve(ref)
+        return self._download(version.source, destination)
+
+    def _download(self, uri: str, destination: str | Path) -> Path:
         import mlflow.artifacts
 
-        version = self.resolve(ref)
         destination = Path(destination)
         destination.mkdir(parents=True, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(destination),
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination),
                                                     tracking_uri=self.tracker.uri)
         return Path(local)
 
+    def fetch_sfts(self, ref: ModelRef | str, destination: str | Path) -> tuple[VersionInfo, Path, Path | None]:
+        """Download only the SFT data of a version (never its code): for a composed model its task
+        and language SFT directories (located through ``MLmodel``, read as plain YAML), for an SFT
+        version its directory. Each is loaded and checked against the checksums the registry
+        recorded when it was registered. Returns (version, task or language SFT dir, language SFT
+        dir or None)."""
+        from deftx.mlflow_model import LANGUAGE_ARTIFACT, TASK_ARTIFACT
+
+        version = self.resolve(ref)
+        destination = Path(destination)
+        if version.tags.get("kind") in ("language", "task"):
+            local = self._download(version.source, destination / "sft")
+            _verify_sft(local, version, version.tags.get("weights_sha256"))
+            return version, local, None
+        model_dir = destination / "model"
+        self._download(f"{version.source.rstrip('/')}/MLmodel", model_dir)
+        task_rel, lang_rel = composed_sft_dirs(model_dir)
+        task = self._download(f"{version.source.rstrip('/')}/{task_rel}", model_dir / Path(task_rel).parent)
+        lang = self._download(f"{version.source.rstrip('/')}/{lang_rel}", model_dir / Path(lang_rel).parent)
+        _verify_sft(task, version, version.tags.get("task.weights_sha256"), TASK_ARTIFACT)
+        _verify_sft(lang, version, version.tags.get("language.weights_sha256"), LANGUAGE_ARTIFACT)
+        return version, task, lang
+
 
 def sync_pending(registry: Registry, output_dirs: list[str | Path], log=print) -> tuple[int, int]:
-    """Upload the registrations saved while MLflow was unreachable. Returns (done, still pending)."""
+    """Upload the registrations saved while MLflow was unreachable. Returns (done, still pending).
+
+    Records are independent: a malformed record, or one whose SFTs are gone or corrupt, is reported
+    with its own problem and left in place, and the records after it are still uploaded (each one
+    through its own client, so one failure does not turn tracking off for the others). Only an
+    unreachable server stops the sync."""
     done = left = 0
+    records = []
     for root in output_dirs:
         directory = Path(root) / PENDING_DIR
-        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        records += [(directory, path) for path in sorted(directory.glob("*.json"))] if directory.is_dir() else []
+    for i, (directory, path) in enumerate(records):
+        try:
             pending = PendingRegistration.load(path)
-            result = registry.submit(pending)   # no output_dir: a failure must not duplicate the record
-            if result is None:
-                left += 1
-                log(f"still pending: {path} ({registry.tracker.problem})")
-                continue
-            path.unlink()
-            done += 1
-            log(f"registered {pending.run_name}: composed v{result.composed_version}, "
-                f"language v{result.language_version}, task v{result.task_version}"
-                + (" (champion)" if result.champion else ""))
+            pending.check()
+        except DeftxError as exc:
+            left += 1
+            log(f"still pending: {path}: {str(exc).splitlines()[0]}")
+            continue
+        attempt = Registry(Tracker(registry.tracker.uri, log=lambda line: None, training=False))
+        if attempt.tracker.offline:
+            left += len(records) - i
+            log(f"still pending: {len(records) - i} record(s) from {path} on: {attempt.tracker.problem}")
+            break
+        result = attempt.submit(pending)   # no output_dir: a failure must not duplicate the record
+        if result is None:
+            left += 1
+            log(f"still pending: {path}: {attempt.tracker.problem}")
+            continue
+        path.unlink()
+        done += 1
+        log(f"registered {pending.run_name}: composed v{result.composed_version}, "
+            f"language v{result.language_version}, task v{result.task_version}"
+            + (" (champion)" if result.champion else ""))
+    for directory in {d for d, _ in records}:
         if directory.is_dir() and not any(directory.iterdir()):
             shutil.rmtree(directory, ignore_errors=True)
     return done, left
@@ -423,23 +507,23 @@ def compose_from_registry(registry: Registry, ref: ModelRef | str, out_dir: str 
                           base_model: str | None = None, overwrite: bool = False, log=print) -> Path:
     """``deftx registry get``: download a composed model (or a task SFT), verify the base
     fingerprint, compose into a standalone Hugging Face model directory at ``out_dir``."""
-    from deftx.compose import Composition, export_hf_model
-    from deftx.mlflow_model import LANGUAGE_ARTIFACT, TASK_ARTIFACT
+    from deftx.compose import COMPOSED_OUTPUT, Composition, export_hf_model
+    from deftx.io import check_output_dir
     from deftx.models import load_classifier, load_tokenizer, resolve_model_path
     from deftx.sft import SparseFineTuning
 
     version = registry.resolve(ref)
+    if version.tags.get("kind") == "language":
+        raise RegistryError(f"{version.name}/{version.version} is a language SFT; compose a model from a composed "
+                            f"model (deftx-<task>-<lang>) or a task SFT")
+    check_output_dir(out_dir, overwrite, COMPOSED_OUTPUT, hint="pass overwrite=True to replace it")
     with tempfile.TemporaryDirectory(prefix="deftx-get-") as tmp:
-        local = registry.download(ref, tmp)
-        if (local / "MLmodel").is_file():
-            task = SparseFineTuning.load(_artifact_dir(local, TASK_ARTIFACT))
-            language = SparseFineTuning.load(_artifact_dir(local, LANGUAGE_ARTIFACT))
-        else:
-            sft = SparseFineTuning.load(local)
-            if sft.metadata.kind != "task":
-                raise RegistryError(f"{version.name}/{version.version} is a {sft.metadata.kind} SFT; compose a "
-                                    f"model from a composed model (deftx-<task>-<lang>) or a task SFT")
-            task, language = sft, None
+        version, first, second = registry.fetch_sfts(version_ref(version), tmp)
+        task = SparseFineTuning.load(first)
+        language = SparseFineTuning.load(second) if second is not None else None
+        if task.metadata.kind != "task":
+            raise RegistryError(f"{version.name}/{version.version} is a {task.metadata.kind} SFT; compose a "
+                                f"model from a composed model (deftx-<task>-<lang>) or a task SFT")
         composition = Composition(task, language)
         base = base_model or task.metadata.base_model
         path = resolve_model_path(base, log=log)
@@ -453,21 +537,67 @@ def compose_from_registry(registry: Registry, ref: ModelRef | str, out_dir: str 
         return export_hf_model(composition, model, load_tokenizer(path), out_dir, overwrite=overwrite)
 
 
-def _artifact_dir(model_dir: Path, name: str) -> Path:
-    """Where ``mlflow.pyfunc.save_model`` put artifact ``name`` (``artifacts/<basename>``)."""
-    doc = (model_dir / "MLmodel").read_text(encoding="utf-8")
+def version_ref(version: VersionInfo) -> ModelRef:
+    return ModelRef(version.name, version=version.version)
+
+
+def _relative_inside(text: Any, what: str, where: Path) -> str:
+    """A relative POSIX path that stays inside the model directory (no '..', not absolute)."""
+    from pathlib import PurePosixPath
+
+    if not isinstance(text, str) or not text.strip():
+        raise RegistryError(f"{where}: no path for {what}")
+    path = PurePosixPath(text.strip())
+    if path.is_absolute() or any(part in ("..", "") for part in path.parts) or "\\" in text:
+        raise RegistryError(f"{where}: the path of {what} ({text!r}) leaves the model directory")
+    return str(path)
+
+
+def composed_sft_dirs(model_dir: str | Path) -> tuple[str, str]:
+    """The task and language SFT folders of a composed model, relative to its directory, read from
+    its ``MLmodel`` file as plain YAML: ``<data>/task_sft`` for models whose code is deftx's
+    ``loader_module``, or the ``task_sft`` / ``language_sft`` artifacts of models registered by
+    earlier deftx releases. Nothing the model directory contains is imported or executed."""
     import yaml
 
-    artifacts = yaml.safe_load(doc)["flavors"]["python_function"].get("artifacts", {})
-    if name not in artifacts:
-        raise RegistryError(f"{model_dir}: the model has no {name} artifact")
-    return model_dir / artifacts[name]["path"]
+    from deftx.mlflow_model import LANGUAGE_ARTIFACT, TASK_ARTIFACT
+
+    where = Path(model_dir) / "MLmodel"
+    try:
+        doc = yaml.safe_load(where.read_text(encoding="utf-8"))
+        flavor = doc["flavors"]["python_function"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise RegistryError(f"{where}: not an MLflow pyfunc model file ({type(exc).__name__})") from None
+    if not isinstance(flavor, dict):
+        raise RegistryError(f"{where}: not an MLflow pyfunc model file")
+    artifacts = flavor.get("artifacts")
+    if isinstance(artifacts, dict) and TASK_ARTIFACT in artifacts:
+        paths = []
+        for name in (TASK_ARTIFACT, LANGUAGE_ARTIFACT):
+            entry = artifacts.get(name)
+            paths.append(_relative_inside(entry.get("path") if isinstance(entry, dict) else None, name, where))
+        return paths[0], paths[1]
+    data = _relative_inside(flavor.get("data"), "the model data", where)
+    return f"{data}/{TASK_ARTIFACT}", f"{data}/{LANGUAGE_ARTIFACT}"
+
+
+def _verify_sft(directory: Path, version: VersionInfo, registered_sha: str | None, part: str = "SFT") -> None:
+    """The downloaded SFT loads (its own checksum, shapes, indices) and its weights are those the
+    registry recorded for this version when it was registered."""
+    from deftx.sft import SparseFineTuning
+
+    sft = SparseFineTuning.load(directory)
+    found = read_metadata(directory).get("weights_sha256")
+    if registered_sha and found != registered_sha:
+        raise RegistryError(f"{version.name}/{version.version}: the stored {part} is not the one registered "
+                            f"(weights {str(found)[:12]}..., registered {registered_sha[:12]}...)")
+    del sft
 
 
 def open_registry(tracking_uri: str | None = None, log=print, create: bool = False) -> Registry:
     """The registry at ``tracking_uri`` (else ``MLFLOW_TRACKING_URI``, else ./mlflow); fails with a
     clear message when it cannot be reached, or (unless ``create``) when a local store does not exist."""
-    tracker = Tracker(tracking_uri, log=lambda line: None)
+    tracker = Tracker(tracking_uri, log=lambda line: None, training=False)
     if tracker.offline:
         raise RegistryError(f"cannot reach the MLflow tracking server at {tracker.uri} "
                             f"(start it with infra/local/up.sh, or pass --tracking-uri)")
@@ -478,16 +608,16 @@ def open_registry(tracking_uri: str | None = None, log=print, create: bool = Fal
     return Registry(tracker)
 
 
-def load_model(ref: str, tracking_uri: str | None = None):
-    """``mlflow.pyfunc.load_model`` of a composed model (e.g. ``deftx-nusax_senti-jav@champion``):
-    ``.predict(list_of_texts)`` returns label names."""
-    import mlflow
-    import mlflow.pyfunc
+def load_model(ref: str, tracking_uri: str | None = None, base_model: str | None = None):
+    """A registered composed model (e.g. ``deftx-nusax_senti-jav@champion``) as a predictor:
+    ``.predict(list_of_texts)`` returns label names. Only the SFTs' data is downloaded and verified
+    (see :meth:`Registry.fetch_sfts`); the code is the installed deftx."""
+    from deftx.mlflow_model import ComposedPredictor
 
     registry = open_registry(tracking_uri)
     version = registry.resolve(ref)
     if not version.name.startswith("deftx-") or version.tags.get("kind") in ("language", "task"):
         raise RegistryError(f"{ref}: a {version.tags.get('kind')} SFT, not a composed model (deftx-<task>-<lang>)")
-    mlflow.set_tracking_uri(registry.tracker.uri)
-    mlflow.set_registry_uri(registry.tracker.uri)
-    return mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    with tempfile.TemporaryDirectory(prefix="deftx-predict-") as tmp:
+        _, task_dir, language_dir = registry.fetch_sfts(version_ref(version), tmp)
+        return ComposedPredictor(task_dir, language_dir, base_model=base_model)

@@ -23,6 +23,7 @@ import contextlib
 import datetime as _dt
 import json
 import math
+import re
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -35,14 +36,18 @@ from torch import nn
 from deftx import __version__
 from deftx.errors import SFTFormatError
 from deftx.fingerprint import base_fingerprint
-from deftx.io import atomic_directory, sha256_file, write_json
-from deftx.masks import body_parameters
+from deftx.io import OutputKind, atomic_directory, sha256_file, write_json
+from deftx.masks import body_parameters, head_parameter_names
 
 FORMAT_NAME = "deftx-sft"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "sft.safetensors"
 METADATA_FILE = "sft.json"
 DROP_EPS = 1e-7  # |phi| <= DROP_EPS is dropped when extracting (composable-sft's rule)
+SFT_OUTPUT = OutputKind("an SFT directory", METADATA_FILE, lambda doc: doc.get("format") == FORMAT_NAME)
+# First components of body-relative names (``embeddings.*``, ``encoder.*`` for BERT and XLM-R);
+# a head tensor may never live under them (see :func:`_check_head_names`).
+BODY_ROOTS = frozenset({"embeddings", "encoder"})
 
 
 @dataclass(frozen=True)
@@ -183,10 +188,14 @@ class SparseFineTuning:
                 raise self._error(f"index out of bounds in '{name}' (shape {list(delta.shape)})")
         if with_head:
             params = dict(model.named_parameters())
+            allowed = head_parameter_names(model)
             for name, value in self.head.items():
                 if name not in params:
                     raise self._error(f"head tensor '{name}' does not exist in the model "
                                       f"(apply a language SFT with with_head=False)")
+                if name not in allowed:
+                    raise self._error(f"head tensor '{name}' names a body or frozen weight of the model, not a "
+                                      f"head parameter; an SFT's head may only set the {self.metadata.kind} head")
                 if tuple(params[name].shape) != tuple(value.shape):
                     raise self._error(f"head tensor '{name}' has shape {list(value.shape)} in the SFT but "
                                       f"{list(params[name].shape)} in the model")
@@ -258,7 +267,7 @@ class SparseFineTuning:
             tensors[f"head/{name}"] = value.to(torch.float32).contiguous()
         meta = asdict(self.metadata)
         meta["created"] = meta["created"] or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
+        with atomic_directory(directory, overwrite=overwrite, kind=SFT_OUTPUT) as tmp:
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
             doc = {
                 "format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta,
@@ -281,7 +290,7 @@ class SparseFineTuning:
         where = str(weights)
         if not weights.is_file():
             raise SFTFormatError(f"{where}: file is missing")
-        if sha256_file(weights) != doc.get("weights_sha256"):
+        if sha256_file(weights) != doc["weights_sha256"]:
             raise SFTFormatError(f"{where}: checksum mismatch (file truncated or modified after saving)")
         try:
             from safetensors.torch import load_file
@@ -291,6 +300,10 @@ class SparseFineTuning:
             raise SFTFormatError(f"{where}: not a readable safetensors file ({exc})") from None
         diffs = _validated_diffs(tensors, doc, where)
         head = _validated_head(tensors, doc, where)
+        _check_head_names(head, diffs, where)
+        total = sum(d.nnz for d in diffs.values())
+        if doc.get("nnz", total) != total:
+            raise SFTFormatError(f"{where}: the tensors hold {total} entries, {METADATA_FILE} says {doc['nnz']}")
         expected = {f"diff/{n}/{p}" for n in diffs for p in ("indices", "values")} | {f"head/{n}" for n in head}
         extra = sorted(set(tensors) - expected)
         if extra:
@@ -321,7 +334,64 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     for key in ("tensors", "head"):
         if not isinstance(doc.get(key), dict):
             raise SFTFormatError(f"{path}: missing or invalid '{key}' table")
+    _check_schema(doc, path)
     return doc
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_OPTIONAL_STR = (str, type(None))
+# sft.json fields and the JSON types they must have (missing optional fields take their defaults)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "language": _OPTIONAL_STR, "task": _OPTIONAL_STR, "method": (str,), "selection": (dict,),
+    "base_model": (str,), "base_fingerprint": (str,), "tokenizer": (str,), "label_names": (list, type(None)),
+    "trained_on": (dict,), "training": (dict,), "metrics": (dict,), "deftx_version": (str,), "created": (str,),
+}
+_JSON_TYPE = {str: "a string", dict: "an object", list: "a list", type(None): "null"}
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_schema(doc: dict[str, Any], path: Path) -> None:
+    """Every field of ``sft.json`` has its documented type (a wrong type would otherwise surface
+    later as a traceback or, for a string of labels, as wrong labels)."""
+    for key, types in _FIELD_TYPES.items():
+        if key in doc and not isinstance(doc[key], types):
+            wanted = " or ".join(_JSON_TYPE[t] for t in types)
+            raise SFTFormatError(f"{path}: '{key}' must be {wanted}, got {type(doc[key]).__name__} {doc[key]!r:.40}")
+    labels = doc.get("label_names")
+    if labels is not None:
+        if not labels or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
+            raise SFTFormatError(f"{path}: 'label_names' must be a list of distinct non-empty strings, got {labels!r:.60}")
+        if doc["kind"] != "task":
+            raise SFTFormatError(f"{path}: a {doc['kind']} SFT has no label names")
+    if doc.get("weights_file", WEIGHTS_FILE) != WEIGHTS_FILE:
+        raise SFTFormatError(f"{path}: 'weights_file' must be {WEIGHTS_FILE!r}, got {doc.get('weights_file')!r:.40}")
+    checksum = doc.get("weights_sha256")
+    if checksum is None:
+        raise SFTFormatError(f"{path}: no 'weights_sha256' (the checksum of {WEIGHTS_FILE}); the file cannot be "
+                             f"verified")
+    if not isinstance(checksum, str) or not _HEX64.fullmatch(checksum):
+        raise SFTFormatError(f"{path}: 'weights_sha256' must be 64 lowercase hex digits, got {checksum!r:.40}")
+    for name, entry in doc["tensors"].items():
+        if not isinstance(entry, dict) or not _is_count(entry.get("nnz")):
+            raise SFTFormatError(f"{path}: tensor '{name}' needs an integer 'nnz' >= 0")
+    if "nnz" in doc and not _is_count(doc["nnz"]):
+        raise SFTFormatError(f"{path}: 'nnz' must be an integer >= 0, got {doc['nnz']!r:.40}")
+
+
+def _check_head_names(head: Mapping[str, torch.Tensor], diffs: Mapping[str, SparseDelta], where: str) -> None:
+    """A head tensor is a full model name outside the encoder body: ``classifier.*``,
+    ``bert.pooler.*``, ``cls.predictions.*``, ``lm_head.*``. A name whose first or second component
+    is a root of the body (``embeddings``, ``encoder``, or a root of this SFT's own tensors) would
+    let the head overwrite body weights when applied, so it is refused."""
+    roots = set(BODY_ROOTS) | {name.split(".", 1)[0] for name in diffs}
+    for name in head:
+        parts = name.split(".")
+        if parts[0] in roots or (len(parts) > 1 and parts[1] in roots) or name in diffs:
+            raise SFTFormatError(f"{where}: head tensor '{name}' names a body weight of the encoder; an SFT's head "
+                                 f"may only hold head parameters (classifier, pooler, MLM head)")
 
 
 def _shape_of(entry: Any, name: str, where: str) -> tuple[int, ...]:

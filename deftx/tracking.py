@@ -119,11 +119,13 @@ class RunHandle:
 class Tracker:
     """Logs to MLflow through one client; degrades to a warning and no-ops when MLflow fails."""
 
-    def __init__(self, uri: str | None = None, *, enabled: bool = True, log: Log = print) -> None:
+    def __init__(self, uri: str | None = None, *, enabled: bool = True, log: Log = print,
+                 training: bool = True) -> None:
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         self.uri = resolve_tracking_uri(uri)
         self.log = log
+        self.training = training   # the warning on going offline speaks of a training run
         self.enabled = enabled
         self.offline = not enabled
         self.problem: str | None = None
@@ -147,9 +149,11 @@ class Tracker:
     def _go_offline(self, reason: str) -> None:
         if not self.offline or self.problem is None:
             self.problem = reason
-            if self.enabled:
+            if self.enabled and self.training:
                 self.log(f"WARNING: MLflow tracking is off for the rest of this run: {reason}. Training goes on; "
                          f"artifacts stay on local disk (`deftx registry sync` uploads them later)")
+            elif self.enabled:
+                self.log(f"WARNING: MLflow is not usable: {reason}")
         self.offline = True
 
     def call(self, what: str, fn: Callable[[], Any], default: Any = None) -> Any:

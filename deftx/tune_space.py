@@ -97,14 +97,17 @@ _DISCRETE = ("method", "rank_rule", "svd_target", "denoise_embeddings")
 
 
 def _number(value: Any, key: str) -> float:
+    number = value
     if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
         raise ConfigError(f"{key}: expected a number, got {value!r}")
-    return value
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    return number
 
 
 def spec_kind(spec: Any, key: str) -> tuple[str, list] | None:

@@ -20,6 +20,10 @@ CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
 IFF_UP = 0x1
 
+# the network namespace the session started in (kept open by isolate()), for the tests that must
+# look at what a user sees on the machine's real interfaces
+_host_netns_fd: int | None = None
+
 
 def _bring_up(interface: bytes = b"lo") -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -42,8 +46,32 @@ def isolate() -> str:
         return "loopback only (already isolated)"
     if os.geteuid() != 0:
         return "host network (not root: services bind 127.0.0.1, but torch's rendezvous listens on all interfaces)"
+    global _host_netns_fd
     libc = ctypes.CDLL(None, use_errno=True)
+    host = os.open("/proc/self/ns/net", os.O_RDONLY)
     if libc.unshare(CLONE_NEWNET) != 0:
+        os.close(host)
         return f"host network (unshare failed: {os.strerror(ctypes.get_errno())})"
+    _host_netns_fd = host
     _bring_up()
     return "loopback only (private network namespace)"
+
+
+def host_network_available() -> bool:
+    """Whether commands can be run on the network the session started on (see ``on_host_network``)."""
+    return _host_netns_fd is not None or not only_loopback_interfaces()
+
+
+def on_host_network() -> dict:
+    """``subprocess`` keyword arguments that run the child in the network namespace the test
+    session started in (the machine's real interfaces); none if the session never left it."""
+    fd = _host_netns_fd
+    if fd is None:
+        return {}
+
+    def enter() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns to the host network namespace failed")
+
+    return {"preexec_fn": enter, "pass_fds": (fd,)}

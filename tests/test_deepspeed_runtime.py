@@ -100,7 +100,7 @@ def _run(tmp_path, name: str, model_dir, kind: str, stage: int, crash_at=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_resumed_task_sft_equals_uninterrupted_run(tmp_path, tiny_model_dir, stage):
     """Stopped in the middle of phase 2 (after the checkpoint at step 2), resumed from it."""
     whole = _run(tmp_path, "whole", tiny_model_dir, "task", stage)

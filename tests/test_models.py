@@ -40,9 +40,26 @@ def test_directory_without_config_is_rejected(tmp_path):
         resolve_model_path(str(tmp_path))
 
 
-def test_hub_id_is_passed_to_from_pretrained_and_fails_cleanly_offline():
-    """The hub path is kept for users; here the hub is unreachable, which must be one clear error.
-    (A subprocess, so that HF_HUB_OFFLINE is set before huggingface_hub reads it at import.)"""
+def test_hub_id_is_passed_to_from_pretrained_and_fails_cleanly_offline(monkeypatch):
+    """The hub path is kept for users: a hub id passes through when the hub answers (here a local
+    stand-in at HF_ENDPOINT) or when HF_HUB_OFFLINE is set; an unreachable hub is one clear error at
+    once, not a minute of download retries. (The load runs in a subprocess, so that HF_HUB_OFFLINE
+    is set before huggingface_hub reads it at import.)"""
+    import socket
+    import time
+
+    with socket.socket() as stand_in:
+        stand_in.bind(("127.0.0.1", 0))
+        stand_in.listen(1)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{stand_in.getsockname()[1]}")
+        assert resolve_model_path("xlm-roberta-base") == "xlm-roberta-base"
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")        # nothing listens there
+    started = time.time()
+    with pytest.raises(ModelError, match=r"cannot reach the Hugging Face hub at http://127.0.0.1:9 to download "
+                                         r"'xlm-roberta-base'"):
+        resolve_model_path("xlm-roberta-base")
+    assert time.time() - started < 30
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model_path("xlm-roberta-base") == "xlm-roberta-base"
     code = ("from deftx.errors import ModelError\n"
             "from deftx.models import load_tokenizer\n"

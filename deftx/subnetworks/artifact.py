@@ -24,12 +24,15 @@ import numpy as np
 import torch
 
 from deftx.errors import DeftxError
-from deftx.io import atomic_directory, read_json, write_json
+from deftx.io import OutputKind, atomic_directory, read_json, write_json
 from deftx.sft import SFTMetadata, SparseDelta, SparseFineTuning
 from deftx.subnetworks.masks import target_mask
 
 Masks = dict[str, torch.Tensor]
 MODEL_DIR, MASKS_FILE, INFO_FILE = "model", "masks.safetensors", "subnetworks.json"
+FORMAT_NAME = "deftx-subnetworks"
+SUBNETWORK_OUTPUT = OutputKind("a subnetwork model directory", INFO_FILE,
+                               lambda doc: doc.get("format") == FORMAT_NAME or {"languages", "mask_sizes"} <= set(doc))
 _SEP = "::"
 
 
@@ -112,11 +115,12 @@ class SubnetworkModel:
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         directory = Path(directory)
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
+        with atomic_directory(directory, overwrite=overwrite, kind=SUBNETWORK_OUTPUT) as tmp:
             self.sft.save(tmp / MODEL_DIR)
             save_masks(tmp / MASKS_FILE, self.masks)
             sizes = {lang: int(sum(int(m.sum()) for m in ms.values())) for lang, ms in self.masks.items()}
-            write_json(tmp / INFO_FILE, {**self.info, "languages": self.languages, "mask_sizes": sizes})
+            write_json(tmp / INFO_FILE, {"format": FORMAT_NAME, **self.info, "languages": self.languages,
+                                         "mask_sizes": sizes})
         return directory
 
     @classmethod

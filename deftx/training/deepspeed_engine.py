@@ -16,6 +16,51 @@ from torch import nn
 from deftx.training.engine import adamw, linear_schedule
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_inference_comm_op() -> None:
+    """Keep DeepSpeed from building its shared-memory all-reduce op when it sets up communication.
+    The op serves only ``inference_all_reduce`` (tensor-parallel inference), which training never
+    calls; building it JIT-compiles C++ into ``~/.cache/torch_extensions`` (about 35 s on a fresh
+    machine) and prints a line on every worker of every job. DeepSpeed keeps its table of
+    compatible ops in one module-level dict, read when the communication backend is created."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
+def checkpoint_safe_globals() -> list:
+    """The classes, besides tensors and plain containers, that a deftx DeepSpeed checkpoint holds
+    (found by loading real ZeRO 0-3 checkpoints with ``weights_only=True``); nothing else may be
+    rebuilt when a checkpoint is read."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    import os
+    keep = os.environ.get('PROBE_GLOBALS', '').split(',')
+    return [c for c in [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address] if c.__name__ in keep]
+
+
+def weights_only_load(path: str, map_location=None):
+    """``torch.load`` of a checkpoint file that rebuilds tensors, plain containers and the
+    classes of :func:`checkpoint_safe_globals` only; anything else raises ``UnpicklingError``."""
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def use_weights_only_loading(engine) -> None:
+    """Make DeepSpeed ``engine`` read checkpoints with :func:`weights_only_load` instead of its
+    default unpickling (``weights_only=False``), which runs whatever code a tampered checkpoint
+    file names. Writing is unchanged. Every file ``load_checkpoint`` reads (model states, ZeRO
+    optimizer partitions) goes through the engine's ``checkpoint_engine.load``."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None:
+        raise RuntimeError("the DeepSpeed engine has no checkpoint engine to read with")
+    checkpoint_engine.load = weights_only_load
+
+
 class DeepSpeedEngine:
     """torch AdamW (fused on CPU) as DeepSpeed's client optimizer (no compiled optimizer ops
     needed), a linear schedule, gradient clipping, ZeRO ``stage`` 0-3."""
@@ -27,6 +72,7 @@ class DeepSpeedEngine:
 
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage must be 0-3, got {zero_stage}")
+        skip_inference_comm_op()
         trainable = [p for p in params if p.requires_grad]
         optimizer = adamw(trainable, learning_rate=learning_rate, weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_ratio))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -37,11 +38,13 @@ from deftx.config import PhaseConfig
 from deftx.distributed import distributed_select_masks, plan_shards
 from deftx.selection import MaskScorer, SelectionReport
 from deftx.training.batches import IGNORE_INDEX
+from deftx.errors import DeftxError
 from deftx.training.deepspeed_engine import (
     DeepSpeedEngine,
     DeepSpeedValueAccess,
     gather_owned,
     project_outside_mask,
+    use_weights_only_loading,
 )
 from deftx.training.phase import LossFn
 from deftx.training.runtime import PHASE_ORDER, BatchAt, ModelBuilder, ResumeState, load_values
@@ -53,6 +56,10 @@ HEAD_FILE = "deftx_head.safetensors"
 ENGINE_DIR = "engine"
 ENGINE_TAG = "ckpt"
 WEIGHT_KEY = "_shard_weight"
+
+
+class CheckpointError(DeftxError):
+    """A checkpoint cannot be resumed from (e.g. it holds more than data)."""
 
 
 class CheckpointSink(Protocol):
@@ -236,12 +243,19 @@ class DeepSpeedRuntime:
         if state is None or state.phase != phase:
             return 0
         if state.engine_state is not None:
-            path, _ = engine.engine.load_checkpoint(state.engine_state, tag=ENGINE_TAG, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+            use_weights_only_loading(engine.engine)   # a checkpoint is data: never unpickle code from it
+            try:
+                path, _ = engine.engine.load_checkpoint(state.engine_state, tag=ENGINE_TAG,
+                                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            except pickle.UnpicklingError as exc:
+                lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line]
+                raise CheckpointError(f"refusing to load the checkpoint in {state.engine_state}: it holds objects "
+                                      f"other than tensors and DeepSpeed state "
+                                      f"({lines[0] if lines else str(exc).splitlines()[0]})") from None
             if path is None:
                 raise RuntimeError(f"could not load the engine checkpoint in {state.engine_state}")
             rng = Path(state.engine_state) / f"rng-rank{self.rank}.pt"
-            torch.set_rng_state(torch.load(rng))
+            torch.set_rng_state(torch.load(rng, weights_only=True))
         return state.step
 
     def step_hook(self, engine: DeepSpeedEngine | None, phase: str,

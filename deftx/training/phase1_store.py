@@ -22,10 +22,13 @@ from typing import Any
 import torch
 
 from deftx.errors import DeftxError
-from deftx.io import atomic_directory, write_json
+from deftx.io import OutputKind, atomic_directory, write_json
 
 THETA1_FILE, HEAD_FILE, INFO_FILE = "phase1.safetensors", "head_start.safetensors", "phase1.json"
 HEAD_END_FILE = "head_end.safetensors"
+FORMAT_NAME = "deftx-phase1"
+PHASE1_OUTPUT = OutputKind("a phase-1 store", INFO_FILE,
+                           lambda doc: doc.get("format") == FORMAT_NAME or {"digest", "phases", "tensors"} <= set(doc))
 
 
 @dataclass
@@ -72,11 +75,11 @@ class Phase1Store:
     def save(self, state: Phase1State) -> None:
         from safetensors.torch import save_file
 
-        with atomic_directory(self.directory, overwrite=True) as tmp:
+        with atomic_directory(self.directory, overwrite=True, kind=PHASE1_OUTPUT) as tmp:
             save_file({n: v.detach().float().contiguous() for n, v in state.theta1.items()}, str(tmp / THETA1_FILE))
             if state.head_start:
                 save_file({n: v.detach().contiguous() for n, v in state.head_start.items()}, str(tmp / HEAD_FILE))
             if state.head_end:
                 save_file({n: v.detach().contiguous() for n, v in state.head_end.items()}, str(tmp / HEAD_END_FILE))
-            write_json(tmp / INFO_FILE, {"digest": self.digest, "phases": state.phases,
+            write_json(tmp / INFO_FILE, {"format": FORMAT_NAME, "digest": self.digest, "phases": state.phases,
                                          "tensors": len(state.theta1)})

@@ -4,7 +4,6 @@
 set -euo pipefail
 
 STATE="${DEFTX_INFRA_DIR:-$PWD/.deftx-infra}"
-export RAY_AUTH_MODE=token
 
 stop_pid() {  # pid file, name
   if [[ -f "$1" ]]; then
@@ -24,14 +23,38 @@ stop_pid "$STATE/mlflow.pid" "the MLflow server"
 # mlflow server runs its app in child processes: stop whatever still serves the store
 pkill -f "mlflow.*--backend-store-uri sqlite:///$STATE/mlflow.db" 2>/dev/null || true
 
-if [[ -f "$STATE/ray.pid" ]]; then
-  if command -v ray >/dev/null; then
-    ray stop --force >/dev/null 2>&1 || true   # stops the Ray processes of this machine
+# Ray: only the processes of the head up.sh started (its own session, recorded in ray.sid), in the
+# order `ray stop` uses (raylet, then the rest, then the GCS), SIGKILL for what outlives the grace
+# period. `ray stop` would stop every Ray on the machine, including other users' and embedded ones.
+descendants() { local child; for child in $(pgrep -P "$1" || true); do echo "$child"; descendants "$child"; done; }
+alive_of() { local pid; for pid in $1; do if kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi; done; }
+stop_all() {  # pids, seconds to wait
+  [[ -n "${1// }" ]] || return 0
+  kill -TERM $1 2>/dev/null || true
+  for _ in $(seq 1 $(( $2 * 2 ))); do [[ -z "$(alive_of "$1")" ]] && return 0; sleep 0.5; done
+}
+if [[ -f "$STATE/ray.sid" ]]; then
+  SID="$(cat "$STATE/ray.sid")"
+  if [[ "$SID" =~ ^[0-9]+$ ]] && [[ -n "$(pgrep -s "$SID" || true)" ]]; then
+    MEMBERS="$(pgrep -s "$SID" || true)"
+    ALL="$(for pid in $MEMBERS; do echo "$pid"; descendants "$pid"; done | sort -un | tr '\n' ' ')"
+    RAYLET="$(pgrep -s "$SID" -f 'raylet/raylet ' || true)"
+    GCS="$(pgrep -s "$SID" -f 'gcs/gcs_server ' || true)"
+    stop_all "$RAYLET" 15
+    stop_all "$(for pid in $(alive_of "$ALL"); do [[ " $GCS " == *" $pid "* ]] || echo "$pid"; done | tr '\n' ' ')" 15
+    stop_all "$GCS" 15
+    LEFT="$(alive_of "$ALL" | tr '\n' ' ')"
+    [[ -n "${LEFT// }" ]] && kill -KILL $LEFT 2>/dev/null || true
     echo "stopped the Ray head ($(cat "$STATE/ray.address" 2>/dev/null || echo local))"
-  else
-    echo "down.sh: 'ray' not on PATH; stopping the GCS by its pid only" >&2
-    stop_pid "$STATE/ray.pid" "the Ray GCS"
   fi
-  rm -f "$STATE/ray.pid" "$STATE/ray.address"
+  # `ray start` recorded this head as the machine's current cluster (what `ray.init()` without an
+  # address joins); forget it, as `ray stop` does, unless another head was started since
+  CURRENT="${RAY_TMPDIR:-${TMPDIR:-/tmp}}/ray/ray_current_cluster"
+  if [[ -f "$CURRENT" && -f "$STATE/ray.address" && "$(cat "$CURRENT")" == "$(cat "$STATE/ray.address")" ]]; then
+    rm -f "$CURRENT"
+  fi
+elif [[ -f "$STATE/ray.pid" ]]; then   # a head started by an older up.sh: its GCS pid only
+  stop_pid "$STATE/ray.pid" "the Ray GCS"
 fi
+rm -f "$STATE/ray.pid" "$STATE/ray.sid" "$STATE/ray.address"
 echo "down"

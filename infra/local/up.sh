@@ -12,7 +12,10 @@ RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 NUM_CPUS="${RAY_NUM_CPUS:-$(nproc)}"
-export RAY_AUTH_MODE=token   # ray start, the job CLI and ray.init must agree (notes/stack.md)
+export RAY_AUTH_MODE=token   # ray start, the job CLI and ray.init must agree
+# Keep 127.0.0.1 as the node address (on Linux Ray otherwise swaps in the machine's routable address):
+# every Ray server then listens on loopback only, and clients can dial 127.0.0.1 (see deftx/ray_env.py).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
 for tool in ray mlflow curl; do
   command -v "$tool" >/dev/null || { echo "up.sh: '$tool' not found on PATH (activate the deftx virtualenv)" >&2; exit 2; }
@@ -36,11 +39,15 @@ if alive "$STATE/ray.pid" && ray status --address "127.0.0.1:$RAY_PORT" >/dev/nu
   echo "Ray head already running at 127.0.0.1:$RAY_PORT"
 else
   "$(dirname "$0")/ensure-ray-token.sh"
-  ray start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" \
+  # its own session (setsid): down.sh stops exactly the processes of this head, no other Ray
+  setsid -w ray start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-    --num-cpus="$NUM_CPUS" --disable-usage-stats >"$STATE/ray-start.log" 2>&1 \
+    --num-cpus="$NUM_CPUS" --disable-usage-stats >"$STATE/ray-start.log" 2>&1 </dev/null \
     || { echo "up.sh: ray start failed:" >&2; tail -20 "$STATE/ray-start.log" >&2; exit 1; }
-  pgrep -f "gcs_server.*--gcs_server_port=$RAY_PORT" | head -1 >"$STATE/ray.pid"
+  GCS_PID="$(pgrep -f "gcs_server.*--gcs_server_port=$RAY_PORT" | head -1)"
+  [[ -n "$GCS_PID" ]] || { echo "up.sh: no GCS process after ray start (log: $STATE/ray-start.log)" >&2; exit 1; }
+  echo "$GCS_PID" >"$STATE/ray.pid"
+  ps -o sid= -p "$GCS_PID" | tr -d ' ' >"$STATE/ray.sid"
   echo "127.0.0.1:$RAY_PORT" >"$STATE/ray.address"
   wait_http "http://127.0.0.1:$DASHBOARD_PORT/api/version" 60 "the Ray dashboard"
   echo "Ray head started at 127.0.0.1:$RAY_PORT (dashboard http://127.0.0.1:$DASHBOARD_PORT)"
@@ -62,6 +69,7 @@ fi
 cat <<ENV
 # use them with:
 export RAY_AUTH_MODE=token
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0   # for ray CLI commands given --address 127.0.0.1:$RAY_PORT
 export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT   # ray job submit / ray job status
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 ENV

@@ -1,0 +1,114 @@
+"""What a user's machine exposes: run outside the tests' loopback-only namespace (on the network the
+session started on), the embedded Ray that deftx starts and the head of infra/local/up.sh listen on
+127.0.0.1 only (every TCP listener and UDP socket of their processes, including torch's rendezvous
+store on the rank-0 Ray Train worker), nothing answers at the machine's other addresses, and
+infra/local/down.sh stops its own head and no other Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from loopback import on_host_network
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = Path(__file__).with_name("listener_probe.py")
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+PORTS = {"RAY_PORT": "6412", "RAY_DASHBOARD_PORT": "8312", "MLFLOW_PORT": "5012"}
+
+pytestmark = pytest.mark.slow
+
+
+def _user_env(home: Path) -> dict[str, str]:
+    """The environment of a user who has never configured Ray: no RAY_* variables, an empty HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return env
+
+
+def _exposed(report: dict) -> list[str]:
+    return [f"{r['proto']} {r['address']}:{r['port']} ({r['process'][:60]})" for r in report["listeners"]
+            if r["address"] not in LOOPBACK]
+
+
+def test_embedded_ray_listens_on_loopback_only(tmp_path):
+    out = tmp_path / "embedded.json"
+    home = tmp_path / "home"
+    home.mkdir()
+    done = subprocess.run([sys.executable, str(PROBE), "embedded", str(out)], env=_user_env(home), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, **on_host_network())
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    training = report["training"]
+    assert training and training["world"] == 2, "the probe did not look while the workers trained"
+    ports = {r["port"] for r in report["listeners"]}
+    assert training["master_port"] in ports            # torch's rendezvous store was among them
+    assert len(report["listeners"]) >= 10              # GCS, raylet, workers, agents, dashboard, metrics
+    assert _exposed(report) == []
+    assert report["reachable_from_outside"] == []
+
+
+def test_up_sh_head_listens_on_loopback_only_and_down_sh_stops_only_it(tmp_path):
+    state = tmp_path / "infra"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**_user_env(home), **PORTS, "DEFTX_INFRA_DIR": str(state)}
+    net = on_host_network()
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    sid = None
+    # another Ray on the machine (an embedded one, as a running `deftx pipeline` has)
+    other = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, pathlib\n"
+        "from deftx.config import ClusterConfig\nfrom deftx.ray_train import connect\n"
+        "connect(ClusterConfig(), log=lambda line: None)\nimport ray\n"
+        "pathlib.Path(sys.argv[1], 'up').write_text(str(ray._private.worker._global_node.all_processes"
+        "['gcs_server'][0].process.pid))\n"
+        "while not pathlib.Path(sys.argv[1], 'stop').exists(): time.sleep(0.2)\nray.shutdown()\n"), str(other_dir)],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **net)
+    try:
+        deadline = time.time() + 180
+        while not (other_dir / "up").exists():
+            assert other.poll() is None and time.time() < deadline, other.stderr.read()[-2000:]
+            time.sleep(0.5)
+        other_gcs = int((other_dir / "up").read_text())
+
+        up = subprocess.run([str(ROOT / "infra/local/up.sh")], env=env, capture_output=True, text=True, timeout=300,
+                            **net)
+        assert up.returncode == 0, up.stderr + up.stdout
+        sid = int((state / "ray.sid").read_text())
+        mlflow_pid = (state / "mlflow.pid").read_text().strip()
+        for mode, target in (("session", str(sid)), ("pids", mlflow_pid)):
+            out = tmp_path / f"{mode}.json"
+            probe = subprocess.run([sys.executable, str(PROBE), mode, target, str(out)], env=env, capture_output=True,
+                                   text=True, timeout=120, **net)
+            assert probe.returncode == 0, probe.stderr[-2000:]
+            report = json.loads(out.read_text())
+            assert report["listeners"], f"no listener found for {mode} {target}"
+            assert _exposed(report) == []
+            assert report["reachable_from_outside"] == []
+            if mode == "session":
+                assert any(r["port"] == int(PORTS["RAY_PORT"]) for r in report["listeners"])
+    finally:
+        down = subprocess.run([str(ROOT / "infra/local/down.sh")], env=env, capture_output=True, text=True,
+                              timeout=180, **net)
+    try:
+        assert down.returncode == 0, down.stderr
+        assert sid is not None and "stopped the Ray head" in down.stdout
+        left = subprocess.run(["pgrep", "-s", str(sid)], capture_output=True, text=True).stdout.split()
+        assert left == [], f"processes of the up.sh head still running: {left}"
+        current = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+        assert not (current.is_file() and current.read_text() == f"127.0.0.1:{PORTS['RAY_PORT']}")
+        os.kill(other_gcs, 0)        # the other Ray is untouched
+        assert other.poll() is None
+    finally:
+        (other_dir / "stop").touch()
+        try:
+            other.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            other.kill()
