@@ -195,8 +195,8 @@ class DataConfig:
         if self.source not in ("bundled", "hub") and not Path(self.source).is_dir():
             raise _fail(f"{key}.source", f"{self.source!r} is not 'bundled', 'hub' or an existing directory")
         if self.dataset == "americasnli" and self.source == "bundled":
-            raise _fail(f"{key}.source", "AmericasNLI is not bundled: give the AmericasNLI directory (laid out like "
-                        "/work/shared/data/americasnli) or 'hub'")
+            raise _fail(f"{key}.source", "AmericasNLI is not bundled: give the AmericasNLI directory (the layout is "
+                        "described in deftx/data/americasnli.py) or 'hub'")
 
 
 BACKENDS = ("ray", "local")

@@ -42,8 +42,14 @@ SETUP_HOOK = "deftx.ray_env.loopback_rendezvous"
 def host_of(address: str) -> str | None:
     """``HOST:PORT``, ``ray://HOST:PORT`` or ``http://HOST:PORT`` -> HOST (None if there is none)."""
     rest = address.split("://", 1)[1] if "://" in address else address
-    host = rest.rsplit(":", 1)[0] if ":" in rest else rest
-    return host.strip("[]") or None
+    rest = rest.split("/", 1)[0]
+    if rest.startswith("[") and "]" in rest:          # [IPv6]:PORT
+        host = rest[1:rest.index("]")]
+    elif rest.count(":") == 1:                         # HOST:PORT
+        host = rest.split(":", 1)[0]
+    else:                                              # HOST, or a bare IPv6 address
+        host = rest
+    return host or None
 
 
 def is_loopback(address: str | None) -> bool:
@@ -98,7 +104,8 @@ def loopback_rendezvous() -> None:
         return
 
     def create_store(hostname, port, rank, world_size, timeout, use_libuv=True):
-        if rank != 0 or not is_loopback(hostname) or rendezvous._torchelastic_use_agent_store():
+        ipv4_loopback = hostname == "localhost" or str(hostname).startswith("127.")
+        if rank != 0 or not ipv4_loopback or rendezvous._torchelastic_use_agent_store():
             return original(hostname, port, rank, world_size, timeout, use_libuv)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -24,7 +24,7 @@ from typing import Any
 
 from deftx.config import ClusterConfig, PipelineConfig
 from deftx.errors import DeftxError
-from deftx.pipeline import LocalExecutor, Log, make_executor, start_run
+from deftx.pipeline import LocalExecutor, Log, check_run_outputs, make_executor, start_run
 from deftx.registry import PendingRegistration, Registry, composed_model_name
 from deftx.sweep import (
     SharedWork,
@@ -234,6 +234,7 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
 
     started = time.perf_counter()
     languages = check_sweep(cfg, space, languages, num_samples)
+    check_run_outputs(cfg)
     name = name or f"{Path(cfg.output_dir).name}-sweep"
     from deftx.ray_train import connect
 

@@ -434,8 +434,12 @@ class Registry:
 
         destination = Path(destination)
         destination.mkdir(parents=True, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination),
-                                                    tracking_uri=self.tracker.uri)
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination),
+                                                        tracking_uri=self.tracker.uri)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing or unreadable artifact
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RegistryError(f"cannot download {uri} from {self.tracker.uri}: {first}") from None
         return Path(local)
 
     def fetch_sfts(self, ref: ModelRef | str, destination: str | Path) -> tuple[VersionInfo, Path, Path | None]:
@@ -480,7 +484,8 @@ def sync_pending(registry: Registry, output_dirs: list[str | Path], log=print) -
             pending.check()
         except DeftxError as exc:
             left += 1
-            log(f"still pending: {path}: {str(exc).splitlines()[0]}")
+            reason = str(exc).splitlines()[0].removeprefix(f"{path}: ")
+            log(f"still pending: {path}: {reason}")
             continue
         attempt = Registry(Tracker(registry.tracker.uri, log=lambda line: None, training=False))
         if attempt.tracker.offline:

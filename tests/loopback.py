@@ -1,4 +1,4 @@
-"""Run the test session in a loopback-only network namespace (what `../shared/tools/loopback-only`
+"""Run the test session in a loopback-only network namespace (what `unshare --net` with `lo` up
 does for a command, done here for the pytest process itself), so that every server the tests start
 (Ray, torch's rendezvous store, gloo, MLflow) is reachable from 127.0.0.1 alone.
 

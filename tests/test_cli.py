@@ -46,6 +46,98 @@ def test_user_errors_are_one_line_with_exit_2(argv, message, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["pipeline", "--set", "task_sft.full.epochs=nan"], "task_sft.full.epochs: must be a finite number, got 'nan'"),
+    (["pipeline", "--set", "task_sft.full.max_grad_norm=.nan"], "task_sft.full.max_grad_norm: must be a finite"),
+    (["pipeline", "--set", "task_sft.full.weight_decay=inf"], "task_sft.full.weight_decay: must be a finite"),
+    (["pipeline", "--set", "language_sft.sparse.l1_reg=-.inf"], "language_sft.sparse.l1_reg: must be a finite"),
+    (["pipeline", "--set", "task_sft.sparse.learning_rate=.inf"], "task_sft.sparse.learning_rate: must be a finite"),
+    (["pipeline", "--set", "language_sft.mlm_probability=nan"], "language_sft.mlm_probability: must be a finite"),
+    (["train-task", "--config", "{dir}", "--out", "{dir}/t"], "config file {dir} is a directory, not a YAML file"),
+    (["pipeline", "--output-dir", "{file}"], "{file} exists and is a file, not a directory"),
+    (["pipeline", "--set", "cluster.storage_path={file}/ray"], "cannot write to {file}/ray: {file} is a file"),
+    (["train-lang", "--lang", "jav", "--out", "{file}/sft"], "cannot write to {dir}/file: {file} is a file"),
+    (["registry", "get", "x@champion", "--out", "{victim}"], "{victim} already exists (use --overwrite to replace it)"),
+    (["sft", "compose", "--task", "t", "--out", "{victim}", "--overwrite"],
+     "refusing to replace {victim}: it is not a composed model directory written by deftx"),
+    (["registry", "get", "x@champion", "--out", "{victim}", "--overwrite"],
+     "refusing to replace {victim}: it is not a composed model directory written by deftx"),
+    (["train-lang", "--lang", "jav", "--out", "{victim}", "--overwrite"],
+     "refusing to replace {victim}: it is not an SFT directory written by deftx"),
+    (["train-task", "--out", ".", "--overwrite"], "refusing to write an SFT directory to {dir}: it is the current"),
+    (["sft", "compose", "--task", "t", "--out", "{dir}/..", "--overwrite"], "it is the current directory or one"),
+], ids=["epochs-nan", "grad-norm-nan", "decay-inf", "l1-minus-inf", "lr-inf", "mlm-nan", "config-dir", "output-file",
+        "storage-under-file", "out-under-file", "get-existing", "compose-foreign", "get-foreign", "train-foreign",
+        "out-cwd", "out-parent"])
+def test_bad_inputs_fail_before_any_work_with_one_line(argv, message, tmp_path, monkeypatch, capsys):
+    """Each fails with one line and exit 2 before a model is loaded or anything is downloaded, and
+    leaves what it was pointed at as it was."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("the user's own file")
+    (tmp_path / "file").write_text("a file")
+    monkeypatch.chdir(tmp_path)
+    values = {"dir": str(tmp_path), "file": str(tmp_path / "file"), "victim": str(victim)}
+    assert main([a.format(**values) for a in argv]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("deftx: error: ") and message.format(**values) in last, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "victim"]
+    assert (victim / "notes.txt").read_text() == "the user's own file"
+
+
+def test_output_cut_short_by_the_reader_ends_quietly(tmp_path):
+    """`deftx sft inspect DIR | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    from helpers import make_sft
+
+    from deftx.models import load_classifier
+
+    sft = make_sft(load_classifier(str(_tiny_base(tmp_path)), ["a", "b"]), "task", seed=1)
+    sft.save(tmp_path / "sft")
+    proc = subprocess.Popen([sys.executable, "-m", "deftx", "sft", "inspect", str(tmp_path / "sft")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()                     # like `| head` that has read what it wanted
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def _tiny_base(tmp_path):
+    from helpers import build_tiny_model
+
+    return build_tiny_model(tmp_path / "base")
+
+
+def test_a_cluster_address_that_is_not_ray_fails_fast(tmp_path):
+    """--address pointing at another service (an HTTP server here, as a dashboard or MLflow port
+    would be): one line naming the address, not minutes of GCS connection retries."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import time
+
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        done = subprocess.run([sys.executable, "-m", "deftx", "train-task", "--address", f"127.0.0.1:{port}",
+                               "--out", str(tmp_path / "t"), "--set", f"output_dir={tmp_path / 'run'}"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        server.kill()
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"deftx: error: 127.0.0.1:{port} answers, but not as a Ray cluster"), done.stderr
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+
+
 def test_sft_inspect_bad_file_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -111,6 +203,16 @@ def test_tiny_pipeline_end_to_end_via_cli(tiny_model_dir, tmp_path, method, caps
     assert main(argv) == 0  # a re-run with the same settings trains nothing
     err = capsys.readouterr().err
     assert err.count("reusing ") == 4 and "phase 1/2" not in err and "warm-up] step" not in err  # head + 3 SFTs
+
+    if method == "lt_sft":   # a corrupt cached MLM head is verified like an SFT: retrained, not a traceback
+        head = out / "mlm-head" / "head.safetensors"
+        data = bytearray(head.read_bytes())
+        data[-1] ^= 0xFF
+        head.write_bytes(bytes(data))
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert "mlm-head: unusable (head.safetensors does not match its checksum" in err and "Traceback" not in err
+        assert "[mlm head warm-up]" in err and err.count("reusing ") == 3
 
 
 def _closed_port() -> int:

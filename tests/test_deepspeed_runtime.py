@@ -100,7 +100,7 @@ def _run(tmp_path, name: str, model_dir, kind: str, stage: int, crash_at=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_resumed_task_sft_equals_uninterrupted_run(tmp_path, tiny_model_dir, stage):
     """Stopped in the middle of phase 2 (after the checkpoint at step 2), resumed from it."""
     whole = _run(tmp_path, "whole", tiny_model_dir, "task", stage)
@@ -149,3 +149,87 @@ def test_phase1_store_reuse_under_zero3_gives_the_sft_of_a_full_run(tmp_path, ti
     assert reused.metadata.training["phase1_reused_from"] == str(tmp_path / "phase1")
     assert reused.nnz > 0
     assert_same_sft(reused, scratch)
+
+
+# -- checkpoints are data ------------------------------------------------------------------------
+
+
+class _RunsCode:
+    """What a tampered checkpoint file could hold: unpickling it runs a command."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_files_are_read_as_data_only(tmp_path):
+    """deftx reads DeepSpeed checkpoint files with torch.load(weights_only=True) and an explicit
+    list of DeepSpeed classes: its own state loads, an object that would run code is refused.
+    (The control: DeepSpeed's default reader, weights_only=False, runs it.)"""
+    import pickle
+
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from deftx.training.deepspeed_engine import weights_only_load
+
+    good = tmp_path / "good.pt"
+    state = {"module": {"w": torch.arange(4.0)}, "zero_stage": ZeroStageEnum.gradients,
+             "loss_scaler": LossScaler(1.0), "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}]}
+    torch.save(state, good)
+    loaded = weights_only_load(str(good))
+    assert torch.equal(loaded["module"]["w"], state["module"]["w"]) and loaded["zero_stage"] == ZeroStageEnum.gradients
+    marker = tmp_path / "code-ran"
+    bad = tmp_path / "bad.pt"
+    torch.save({"module": _RunsCode(str(marker))}, bad)
+    with pytest.raises(pickle.UnpicklingError, match="GLOBAL posix.system"):
+        weights_only_load(str(bad))
+    assert not marker.exists()
+    torch.load(bad, weights_only=False)
+    assert marker.exists()
+
+
+def _tamper_worker(rank: int, world: int, store: str, path: str, out: str, marker: str) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from deftx.training.deepspeed_runtime import CheckpointError, DirectoryCheckpointSink
+
+    with loopback_group(rank, world, store):
+        try:
+            _train(rank, path, "task", 2, f"{out}/checkpoints", ("sparse", 3), resume=False)
+        except Interrupted:
+            pass
+        dist.barrier()
+        if rank == 0:
+            latest = DirectoryCheckpointSink(f"{out}/checkpoints").latest()
+            files = list((latest / "engine").rglob("*model_states.pt"))
+            assert files
+            for f in files:
+                torch.save({"module": _RunsCode(marker)}, f)
+        dist.barrier()
+        try:
+            _train(rank, path, "task", 2, f"{out}/checkpoints", None, resume=True)
+        except CheckpointError as exc:
+            Path(out, f"error-{rank}.txt").write_text(str(exc))
+
+
+@pytest.mark.slow
+def test_resuming_from_a_tampered_checkpoint_runs_no_code(tmp_path, tiny_model_dir):
+    """A checkpoint file replaced by one that would run a command when unpickled: the resume is
+    refused on every rank with one line, and the command never runs."""
+    marker = tmp_path / "code-ran"
+    mp.spawn(_tamper_worker, args=(2, str(tmp_path / "store"), str(tiny_model_dir), str(tmp_path), str(marker)),
+             nprocs=2, join=True)
+    for rank in (0, 1):
+        message = (tmp_path / f"error-{rank}.txt").read_text()
+        assert message.startswith("refusing to load the checkpoint in") and "GLOBAL posix.system" in message
+        assert "\n" not in message
+    assert not marker.exists()

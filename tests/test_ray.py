@@ -164,12 +164,33 @@ def _kill_in_phase_2(status: Path, killed: dict) -> None:
         time.sleep(0.02)
 
 
-def test_killed_worker_resumes_and_ends_with_the_same_sft(head, tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def whole_sft(head, tiny_model_dir, tmp_path_factory):
+    """The task SFT of an uninterrupted 2-worker run (ZeRO-2), the reference of the tests below."""
+    root = tmp_path_factory.mktemp("whole")
+    _executor(head).run(_task_job(tiny_model_dir, root / "whole"), root / "whole-sft", print)
+    return root / "whole-sft"
+
+
+def test_the_ray_path_is_deterministic_run_to_run(head, tiny_model_dir, tmp_path, whole_sft):
+    """A second run of the same job (a new Ray Train run, new worker processes) gives the same SFT
+    bit for bit, and the same validation score: the Ray + DeepSpeed path is deterministic."""
+    from helpers import assert_same_sft
+
+    from deftx.sft import SparseFineTuning
+
+    _executor(head).run(_task_job(tiny_model_dir, tmp_path / "again"), tmp_path / "again-sft", print)
+    first, second = SparseFineTuning.load(whole_sft), SparseFineTuning.load(tmp_path / "again-sft")
+    assert first.nnz > 0
+    assert_same_sft(first, second)
+    assert first.metadata.metrics == second.metadata.metrics
+
+
+def test_killed_worker_resumes_and_ends_with_the_same_sft(head, tiny_model_dir, tmp_path, whole_sft):
     """SIGKILL one worker in the middle of phase 2: Ray Train restarts the group from the latest
     checkpoint (FailureConfig max_failures=1) and the SFT equals an uninterrupted run's, bit for bit."""
     from deftx.sft import SparseFineTuning
 
-    _executor(head).run(_task_job(tiny_model_dir, tmp_path / "whole"), tmp_path / "whole-sft", print)
     status = tmp_path / "status"
     killed: dict = {}
     killer = threading.Thread(target=_kill_in_phase_2, args=(status, killed), daemon=True)
@@ -178,7 +199,7 @@ def test_killed_worker_resumes_and_ends_with_the_same_sft(head, tiny_model_dir, 
                                                 tmp_path / "killed-sft", print)
     killer.join(timeout=5)
     assert killed, "the worker was not killed in phase 2 (it finished first?)"
-    whole, resumed = SparseFineTuning.load(tmp_path / "whole-sft"), SparseFineTuning.load(tmp_path / "killed-sft")
+    whole, resumed = SparseFineTuning.load(whole_sft), SparseFineTuning.load(tmp_path / "killed-sft")
     assert resumed.metadata.training["resumed_from"]["phase"] == "sparse"
     assert resumed.metadata.training["resumed_from"]["step"] <= killed["step"]
     assert whole.nnz > 0 and set(whole.diffs) == set(resumed.diffs)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +253,166 @@ def test_concurrent_registrations_lose_no_version(tmp_path, sfts):
     versions = registry.client.search_model_versions("name='deftx-nusax_senti-jav'")
     assert sorted(float(v.tags["score"]) for v in versions) == [0.1, 0.3, 0.5, 0.7, 0.9]
     assert float(registry.resolve("deftx-nusax_senti-jav@champion").tags["score"]) == 0.9
+
+
+# -- what a lookup may run: data only ---------------------------------------------------------------
+
+OLD_LAYOUT_MODEL = '''
+import mlflow.models
+import mlflow.pyfunc
+
+
+class ComposedSFTModel(mlflow.pyfunc.PythonModel):
+    """The layout earlier deftx releases registered: the model file is code, stored with the model."""
+
+    def load_context(self, context):
+        from deftx.mlflow_model import ComposedPredictor
+
+        self.predictor = ComposedPredictor(context.artifacts["task_sft"], context.artifacts["language_sft"])
+
+    def predict(self, context, model_input, params=None):
+        return self.predictor.predict(model_input)
+
+
+mlflow.models.set_model(ComposedSFTModel())
+'''
+
+
+def _stored_dir(registry: Registry, ref: str) -> Path:
+    """Where the local store keeps a version's files (its source is a file: URI)."""
+    from urllib.parse import urlparse
+
+    return Path(urlparse(registry.resolve(ref).source).path)
+
+
+def _register_old_layout(registry: Registry, sfts, tmp_path: Path) -> str:
+    """A composed model registered as earlier deftx releases did (models-from-code)."""
+    import mlflow.pyfunc
+
+    from deftx.registry import sft_tags
+
+    code = tmp_path / "deftx_composed_model.py"
+    code.write_text(OLD_LAYOUT_MODEL)
+    local = tmp_path / "old-model"
+    mlflow.pyfunc.save_model(str(local), python_model=str(code), pip_requirements=["deftx"],
+                             artifacts={"task_sft": str(sfts["task"]), "language_sft": str(sfts["lang-a"])})
+    client = registry.client
+    name = "deftx-nusax_senti-sun"
+    client.create_registered_model(name)
+    with registry.tracker.run("deftx-test", "old-layout") as run:
+        client.log_artifacts(run.run_id, str(local), "composed-model")
+        tags = {"task.weights_sha256": sft_tags(sfts["task"])["weights_sha256"],
+                "language.weights_sha256": sft_tags(sfts["lang-a"])["weights_sha256"]}
+        version = client.create_model_version(name, source=f"{run.artifact_uri}/composed-model", run_id=run.run_id,
+                                              tags=tags)
+    return f"{name}/{version.version}"
+
+
+def _predict(uri: str, ref: str, capsys) -> tuple[int, str, str]:
+    from deftx.cli import main
+
+    code = main(["predict", ref, *TEXTS, "--tracking-uri", uri])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_registered_models_store_no_code_and_predict_runs_none(tmp_path, sfts, monkeypatch, capsys):
+    """A composed model's files are data (MLmodel names the installed deftx.mlflow_model by
+    module); `deftx predict` builds the model from the two verified SFTs whatever code the store
+    holds: code appended to the model file of an old-layout version, or an MLmodel rewritten to
+    ship its own 'deftx' package, never runs. mlflow.pyfunc.load_model, by design, does run the
+    tampered file (the control that shows the tampering is real)."""
+    import mlflow.pyfunc
+    import yaml
+
+    tracker = _tracker(tmp_path)
+    registry = Registry(tracker)
+    registry.submit(_pending(sfts, "lang-a", 0.5))
+    new_dir = _stored_dir(registry, "deftx-nusax_senti-jav@champion")
+    assert sorted(p.name for p in new_dir.rglob("*.py")) == []
+    mlmodel = yaml.safe_load((new_dir / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "deftx.mlflow_model"
+    assert (new_dir / "data" / "sfts" / "task_sft" / "sft.safetensors").is_file()
+    code, expected, err = _predict(tracker.uri, "deftx-nusax_senti-jav@champion", capsys)
+    assert code == 0, err
+
+    marker = tmp_path / "code-ran"
+    payload = f"\nopen({str(marker)!r}, 'w').write('ran')\n"
+    # the new layout: ship a 'deftx' package with the model and point MLmodel at it
+    shipped = new_dir / "code" / "deftx"
+    shipped.mkdir(parents=True)
+    (shipped / "__init__.py").write_text(payload)
+    (shipped / "mlflow_model.py").write_text(payload + "def _load_pyfunc(path):\n    raise SystemExit(3)\n")
+    mlmodel["flavors"]["python_function"]["code"] = "code"
+    (new_dir / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    assert _predict(tracker.uri, "deftx-nusax_senti-jav@champion", capsys)[:2] == (0, expected)
+    assert not marker.exists()
+
+    # the old layout: the model file itself is code
+    old_ref = _register_old_layout(registry, sfts, tmp_path)
+    old_file = next(_stored_dir(registry, old_ref).glob("*.py"))
+    with old_file.open("a") as f:
+        f.write(payload)
+    assert _predict(tracker.uri, old_ref, capsys)[:2] == (0, expected)
+    assert not marker.exists()
+    mlflow.set_tracking_uri(tracker.uri)
+    mlflow.set_registry_uri(tracker.uri)
+    mlflow.pyfunc.load_model(f"models:/{old_ref}")
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("tamper,message", [
+    (lambda d: (d / "sft.safetensors").write_bytes(b"\0" * 64), "checksum mismatch"),
+    ("swap", "is not the one registered"),
+    ("escape", "leaves the model directory"),
+])
+def test_predict_verifies_what_it_downloads(tmp_path, sfts, capsys, tamper, message):
+    import yaml
+
+    tracker = _tracker(tmp_path)
+    registry = Registry(tracker)
+    registry.submit(_pending(sfts, "lang-a", 0.5))
+    model_dir = _stored_dir(registry, "deftx-nusax_senti-jav@champion")
+    language = model_dir / "data" / "sfts" / "language_sft"
+    if tamper == "swap":       # a valid SFT, but not the registered one
+        for name in ("sft.safetensors", "sft.json"):
+            (language / name).write_bytes((sfts["lang-b"] / name).read_bytes())
+    elif tamper == "escape":
+        doc = yaml.safe_load((model_dir / "MLmodel").read_text())
+        doc["flavors"]["python_function"]["data"] = "../../../../outside"
+        (model_dir / "MLmodel").write_text(yaml.safe_dump(doc))
+    else:
+        tamper(language)
+    code, out, err = _predict(tracker.uri, "deftx-nusax_senti-jav@champion", capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("deftx: error: ") and message in err and err.count("\n") == 1
+
+
+def test_sync_handles_each_record_on_its_own(tmp_path, sfts):
+    """A malformed record, and one whose SFT is gone, are reported with their own problem and left
+    in place; the records around them are registered; nothing speaks of training."""
+    lines: list[str] = []
+    down = Tracker(f"http://127.0.0.1:{_free_port()}", log=lambda line: None)
+    run_dir = tmp_path / "run"
+    first = Registry(down).submit(_pending(sfts, "lang-a", 0.5), output_dir=run_dir)
+    assert first is None
+    pending = run_dir / "registry-pending"
+    (pending / "0-garbage.json").write_text("{not json")
+    (pending / "1-wrong-type.json").write_text(json.dumps({"experiment": "x", "run_name": 5}))
+    gone = _pending(sfts, "lang-b", 0.6)
+    gone.language_sft = str(tmp_path / "deleted-sft")
+    gone.save(run_dir)
+    Registry(down).submit(_pending(sfts, "lang-c", 0.7), output_dir=run_dir)
+    assert len(list(pending.glob("*.json"))) == 5
+
+    registry = Registry(_tracker(tmp_path))
+    assert sync_pending(registry, [run_dir], log=lines.append) == (2, 3)
+    text = "\n".join(lines)
+    assert "0-garbage.json: unreadable registration record" in text
+    assert "1-wrong-type.json: 'run_name' has the wrong type" in text
+    assert "deleted-sft: not a directory" in text
+    registered = [line for line in lines if line.startswith("registered")]
+    assert len(registered) == 2 and all("garbage" not in line and "deleted" not in line for line in registered)
+    assert "Training goes on" not in text and "tracking is off" not in text
+    assert len(list(pending.glob("*.json"))) == 3
+    assert registry.resolve("deftx-nusax_senti-jav@champion").tags["score"] == repr(0.7)

@@ -324,6 +324,22 @@ def test_task_sft_head_on_mlm_model_is_rejected(task_sft, mlm):
     assert differing_tensors(mlm, theta0) == []
 
 
+@pytest.mark.parametrize("body_name", [f"bert.{WORDS}", "bert.embeddings.LayerNorm.weight",
+                                       f"bert.{QUERY}"])
+def test_a_head_may_not_set_a_body_weight(task_sft, classifier, body_name):
+    """Built in memory (so the load-time check is bypassed): apply still refuses a head tensor that
+    names a body weight, and the model is untouched; the base fingerprint alone would not notice."""
+    params = dict(classifier.named_parameters())
+    head = {**task_sft.head, body_name: torch.zeros_like(params[body_name])}
+    sft = SparseFineTuning(task_sft.diffs, head, task_sft.metadata)
+    theta0 = snapshot(classifier)
+    with pytest.raises(SFTFormatError) as err:
+        sft.apply(classifier)
+    message = _one_line(err)
+    assert f"head tensor '{body_name}' names a body or frozen weight" in message
+    assert differing_tensors(classifier, theta0) == []
+
+
 def test_language_sft_with_head_on_classifier_is_rejected(lang_sft, classifier):
     theta0 = snapshot(classifier)
     with pytest.raises(SFTFormatError) as err:
@@ -402,8 +418,42 @@ def _huge_header_weights(d: Path):
     return d / WEIGHTS_FILE, "not a readable safetensors file"
 
 
+def _doc_edit(key, value, fragment):
+    """A case that sets ``key`` of sft.json (``tensors.<first>.nnz`` reaches into the table)."""
+    def corrupt(d: Path):
+        doc = read_doc(d)
+        if key == "tensors.nnz":
+            doc["tensors"][next(iter(doc["tensors"]))]["nnz"] = value
+        elif value is _DELETE:
+            del doc[key]
+        else:
+            doc[key] = value
+        write_doc(d, doc)
+        return d / METADATA_FILE, fragment
+    corrupt.__name__ = f"_{key.replace('.', '_')}_{'deleted' if value is _DELETE else type(value).__name__}"
+    return corrupt
+
+
+_DELETE = object()
+SCHEMA_CASES = [
+    _doc_edit("base_fingerprint", 12345, "'base_fingerprint' must be a string"),
+    _doc_edit("label_names", 3, "'label_names' must be a list or null"),
+    _doc_edit("label_names", "pos", "'label_names' must be a list or null"),
+    _doc_edit("label_names", ["pos", "pos"], "distinct non-empty strings"),
+    _doc_edit("label_names", ["pos", 3], "distinct non-empty strings"),
+    _doc_edit("tensors.nnz", "55", "needs an integer 'nnz'"),
+    _doc_edit("tensors.nnz", True, "needs an integer 'nnz'"),
+    _doc_edit("nnz", "55", "'nnz' must be an integer"),
+    _doc_edit("weights_sha256", _DELETE, "no 'weights_sha256'"),
+    _doc_edit("weights_sha256", 7, "'weights_sha256' must be 64 lowercase hex digits"),
+    _doc_edit("weights_file", "../elsewhere.safetensors", "'weights_file' must be 'sft.safetensors'"),
+    _doc_edit("selection", ["lt_sft"], "'selection' must be an object"),
+    _doc_edit("language", 5, "'language' must be a string or null"),
+    _doc_edit("metrics", "good", "'metrics' must be an object"),
+]
+
 FILE_CASES = [_remove_dir, _remove_json, _json_garbage, _wrong_format, _json_not_object, _future_version,
-              _bad_kind, _remove_weights, _truncate_weights, _garbage_weights, _huge_header_weights]
+              _bad_kind, _remove_weights, _truncate_weights, _garbage_weights, _huge_header_weights, *SCHEMA_CASES]
 
 
 @pytest.mark.parametrize("corrupt", FILE_CASES, ids=[f.__name__.strip("_") for f in FILE_CASES])
@@ -518,9 +568,30 @@ def _c_bad_shape_entry(t, doc, T, H):
     return "invalid shape"
 
 
+def _c_total_nnz(t, doc, T, H):
+    doc["nnz"] += 1
+    return f"{METADATA_FILE} says"
+
+
+def _c_head_is_word_embeddings(t, doc, T, H):
+    """A head tensor named after a body weight would overwrite it on apply."""
+    name = f"bert.{WORDS}"
+    t[f"head/{name}"] = torch.zeros(4, 2)
+    doc["head"][name] = {"shape": [4, 2]}
+    return f"head tensor '{name}' names a body weight"
+
+
+def _c_head_is_a_layer_norm(t, doc, T, H):
+    name = "bert.embeddings.LayerNorm.weight"
+    t[f"head/{name}"] = torch.zeros(2)
+    doc["head"][name] = {"shape": [2]}
+    return f"head tensor '{name}' names a body weight"
+
+
 CRAFTED = [_c_out_of_bounds, _c_negative, _c_duplicate, _c_unsorted, _c_int32, _c_2d_indices, _c_float64,
            _c_length_mismatch, _c_nnz_mismatch, _c_head_shape, _c_head_float64, _c_missing_values,
-           _c_missing_indices, _c_missing_head, _c_extra_tensor, _c_nan, _c_inf, _c_bad_shape_entry]
+           _c_missing_indices, _c_missing_head, _c_extra_tensor, _c_nan, _c_inf, _c_bad_shape_entry, _c_total_nnz,
+           _c_head_is_word_embeddings, _c_head_is_a_layer_norm]
 
 
 @pytest.mark.parametrize("corrupt", CRAFTED, ids=[f.__name__[3:] for f in CRAFTED])
@@ -537,7 +608,7 @@ def test_crafted_weights_are_rejected(corrupt_dir, corrupt):
     message = _one_line(err)
     assert str(corrupt_dir / WEIGHTS_FILE) in message
     assert fragment in message
-    if corrupt is not _c_extra_tensor:
+    if corrupt not in (_c_extra_tensor, _c_total_nnz, _c_head_is_word_embeddings, _c_head_is_a_layer_norm):
         assert f"'{H}'" in message if "head" in corrupt.__name__ else f"'{T}'" in message
 
 

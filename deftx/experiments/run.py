@@ -81,8 +81,13 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
     from deftx import __version__
     from deftx.tracking import Tracker
 
+    from deftx.io import check_output_location
+    from deftx.pipeline import check_run_outputs
+
     started = time.perf_counter()
     directory = Path(results_dir or Path(cfg.results_dir) / f"{cfg.dataset}-{cfg.preset}")
+    check_run_outputs(cfg.pipeline)        # before hours of training, not when the report is written
+    check_output_location(directory)
     tracker = Tracker(cfg.pipeline.tracking.uri, enabled=cfg.pipeline.tracking.enabled, log=log)
     experiment = cfg.pipeline.tracking.experiment or f"deftx-experiment-{cfg.dataset}"
     run = tracker.start_run(experiment, f"{cfg.dataset}-{cfg.preset}", params=asdict(cfg),

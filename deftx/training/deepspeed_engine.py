@@ -31,16 +31,16 @@ def skip_inference_comm_op() -> None:
 
 
 def checkpoint_safe_globals() -> list:
-    """The classes, besides tensors and plain containers, that a deftx DeepSpeed checkpoint holds
-    (found by loading real ZeRO 0-3 checkpoints with ``weights_only=True``); nothing else may be
-    rebuilt when a checkpoint is read."""
+    """The classes, besides tensors and plain containers, that a deftx DeepSpeed checkpoint holds:
+    ZeRO 1-3 optimizer states need the stage enum, the loss scaler and the fragment addresses
+    (found by resuming real ZeRO 0-3 checkpoints with ``weights_only=True``; ZeRO-0 needs none).
+    ``DynamicLossScaler`` is the scaler DeepSpeed keeps under fp16. Nothing else may be rebuilt
+    when a checkpoint is read."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    import os
-    keep = os.environ.get('PROBE_GLOBALS', '').split(',')
-    return [c for c in [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address] if c.__name__ in keep]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def weights_only_load(path: str, map_location=None):
