@@ -21,7 +21,6 @@ sweep did not spend. Default: the offline e5-small with the demo preset's langua
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from dataclasses import asdict

@@ -141,8 +141,7 @@ def cmd_train_subnetworks(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from deftx.data import check_language
-    from deftx.pipeline import SFTJob, absolute_paths, config_digest, make_executor
-    from deftx.pipeline import check_run_outputs
+    from deftx.pipeline import SFTJob, absolute_paths, check_run_outputs, config_digest, make_executor
     from deftx.sft import SparseFineTuning
     from deftx.subnetworks.artifact import SUBNETWORK_OUTPUT, SubnetworkModel
 
@@ -625,7 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = (signal.signal(signal.SIGTERM, _raise_terminated)
                 if threading.current_thread() is threading.main_thread() else None)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()   # a closed pipe shows here, inside the handlers below, not at interpreter exit
+        return code
     except DeftxError as exc:
         print(f"deftx: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE

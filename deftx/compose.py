@@ -21,7 +21,6 @@ from deftx.errors import SFTFormatError
 from deftx.io import OutputKind, atomic_directory
 from deftx.sft import SparseFineTuning
 
-
 PROVENANCE_FILE = "deftx_composition.json"
 COMPOSED_OUTPUT = OutputKind("a composed model directory", PROVENANCE_FILE,
                              lambda doc: str(doc.get("created_by", "")).startswith("deftx "))

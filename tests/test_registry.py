@@ -355,6 +355,7 @@ def test_registered_models_store_no_code_and_predict_runs_none(tmp_path, sfts, m
         f.write(payload)
     assert _predict(tracker.uri, old_ref, capsys)[:2] == (0, expected)
     assert not marker.exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)   # set_tracking_uri exports it: restore it after
     mlflow.set_tracking_uri(tracker.uri)
     mlflow.set_registry_uri(tracker.uri)
     mlflow.pyfunc.load_model(f"models:/{old_ref}")

@@ -79,10 +79,9 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
     """Run the experiment (or, ``report_only``, collect what is finished), write the report and log
     it to MLflow."""
     from deftx import __version__
-    from deftx.tracking import Tracker
-
     from deftx.io import check_output_location
     from deftx.pipeline import check_run_outputs
+    from deftx.tracking import Tracker
 
     started = time.perf_counter()
     directory = Path(results_dir or Path(cfg.results_dir) / f"{cfg.dataset}-{cfg.preset}")

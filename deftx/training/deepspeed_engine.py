@@ -15,7 +15,6 @@ from torch import nn
 
 from deftx.training.engine import adamw, linear_schedule
 
-
 SHM_COMM_OP = "deepspeed_shm_comm"
 
 

@@ -36,9 +36,9 @@ from torch import nn
 
 from deftx.config import PhaseConfig
 from deftx.distributed import distributed_select_masks, plan_shards
+from deftx.errors import DeftxError
 from deftx.selection import MaskScorer, SelectionReport
 from deftx.training.batches import IGNORE_INDEX
-from deftx.errors import DeftxError
 from deftx.training.deepspeed_engine import (
     DeepSpeedEngine,
     DeepSpeedValueAccess,
