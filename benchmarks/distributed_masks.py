@@ -85,9 +85,9 @@ def _worker(rank: int, world: int, store: str, model: str, strategy: str, out: s
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     import deepspeed
 
+    from deftx.core.scoring import make_scorer, select_masks
+    from deftx.core.topk import resolve_budget
     from deftx.distributed import distributed_select_masks, plan_shards
-    from deftx.masks import resolve_budget
-    from deftx.selection import make_scorer, select_masks
     from deftx.training.deepspeed_engine import gather_owned
 
     shapes = body_shapes(**SHAPES[model])

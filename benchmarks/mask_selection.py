@@ -10,7 +10,7 @@ Methods, each run in its own fresh child process so that peak memory is not poll
                     tensor ``|theta1 - theta0|[~mask].tolist()`` appended to one Python list,
                     ``np.partition(list, len - K)`` for the K-th largest, then per tensor
                     ``mask |= (|delta| >= thresh) & ~mask`` (masks start all-False, as after ``freeze()``).
-* ``lt_sft``        ``deftx.selection.select_masks(theta0, theta1, K, change_magnitude)``.
+* ``lt_sft``        ``deftx.core.scoring.select_masks(theta0, theta1, K, change_magnitude)``.
 * ``deftx_energy``  ``select_masks`` with ``DenoisedChangeScorer(energy=E)`` (DeFT-X; E=0.9).
 * ``deftx_rank``    ``select_masks`` with ``DenoisedChangeScorer(rank=R)`` (R=8).
 
@@ -115,8 +115,9 @@ def run_child(args) -> dict:
     import numpy as np
     import torch
 
-    from deftx.masks import embedding_parameter_names, maskable_parameters, resolve_budget
-    from deftx.selection import DenoisedChangeScorer, change_magnitude, select_masks
+    from deftx.core.roles import embedding_parameter_names, maskable_parameters
+    from deftx.core.scoring import DenoisedChangeScorer, change_magnitude, select_masks
+    from deftx.core.topk import resolve_budget
 
     method = args.child
     if args.threads:

@@ -130,7 +130,7 @@ def random_sft(maskable, k: int, seed: int):
     import numpy as np
     import torch
 
-    from deftx.sft import SFTMetadata, SparseDelta, SparseFineTuning
+    from deftx.core.sft import SFTMetadata, SparseDelta, SparseFineTuning
 
     names = sorted(maskable)
     sizes = [maskable[n].numel() for n in names]
@@ -178,14 +178,15 @@ def main() -> None:
 
     import torch
 
-    from deftx.masks import maskable_parameters, resolve_budget
+    from deftx.core.roles import maskable_parameters
+    from deftx.core.topk import resolve_budget
 
     # the reference code paths trigger these (sparse invariant checks off; torch Tensor.__array__ copy kw)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*__array__.*")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from deftx.sft import SparseFineTuning
+    from deftx.core.sft import SparseFineTuning
 
     t_start = time.perf_counter()
     print("== SFT file I/O benchmark (benchmarks/sft_io.py) ==")

@@ -29,8 +29,9 @@ LANGS = ("ind", "jav", "sun")
 
 def measure(model_path: str, variant: str, steps: int) -> float:
     """Seconds per optimizer step of ``variant`` (after the warm-up)."""
+    from deftx.core.roles import embedding_parameter_names, parameter_roles
+    from deftx.core.topk import global_top_k
     from deftx.data import NUSAX_LABELS, load_nusax_senti
-    from deftx.masks import embedding_parameter_names, global_top_k, parameter_roles
     from deftx.models import load_classifier, load_tokenizer
     from deftx.subnetworks.meta import MetaStream, meta_loss
     from deftx.subnetworks.update import LanguageMaskedUpdate

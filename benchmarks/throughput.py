@@ -28,8 +28,8 @@ WARMUP = 2
 
 def measure(model_path: str, steps: int, distributed: bool, stage: int = 2) -> dict:
     """Build the model and batches, run ``steps`` full-phase steps, return the timing."""
+    from deftx.core.roles import parameter_roles
     from deftx.data import NUSAX_LABELS, load_nusax_senti
-    from deftx.masks import parameter_roles
     from deftx.models import load_classifier, load_tokenizer
     from deftx.training.batches import classification_stream
     from deftx.training.objectives import classification_loss

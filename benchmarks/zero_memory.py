@@ -26,9 +26,9 @@ def _worker(rank: int, world: int, store: str, stage: int, model_path: str, step
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     from deftx.config import PhaseConfig, SelectionConfig, SFTConfig
+    from deftx.core.sft import SFTMetadata
     from deftx.data import NUSAX_LABELS, load_nusax_senti
     from deftx.models import load_classifier, load_tokenizer
-    from deftx.sft import SFTMetadata
     from deftx.training.batches import classification_stream
     from deftx.training.deepspeed_runtime import DeepSpeedRuntime
     from deftx.training.lt_sft import train_sparse_fine_tuning

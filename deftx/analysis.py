@@ -26,9 +26,9 @@ matplotlib.use("Agg")  # as in deftx.plots: no display needed
 import matplotlib.pyplot as plt
 import torch
 
-from deftx.denoise import select_rank
+from deftx.core.denoise import select_rank
+from deftx.core.sft import SparseFineTuning
 from deftx.plots import layer_of
-from deftx.sft import SparseFineTuning
 
 LAYER_TYPES = ("query", "key", "value", "attention output", "ffn in", "ffn out", "embeddings", "other")
 
@@ -171,7 +171,7 @@ def mean_normalised_spectrum(spectra: Iterable[torch.Tensor], length: int | None
 
 def energy_rank(values: torch.Tensor, energy: float) -> int:
     """Smallest r with sum(s[:r]^2) >= energy * sum(s^2), for ``s`` sorted descending; 0 for an
-    all-zero or empty spectrum. ``energy`` must be in (0, 1]. Uses ``deftx.denoise.select_rank``
+    all-zero or empty spectrum. ``energy`` must be in (0, 1]. Uses ``deftx.core.denoise.select_rank``
     (with its 1e-6 relative tolerance), so it agrees with DeFT-X's energy rule."""
     if not 0.0 < energy <= 1.0:
         raise ValueError(f"energy must be in (0, 1], got {energy}")

@@ -74,8 +74,8 @@ def _run_one_job(cfg, kind: str, language: str, out: Path, language_sft_path: st
     """Train one SFT with the configured executor (Ray workers or this process) into ``out``."""
     from dataclasses import asdict
 
+    from deftx.core.sft import SparseFineTuning
     from deftx.pipeline import SFTJob, absolute_paths, check_run_outputs, config_digest, make_executor
-    from deftx.sft import SparseFineTuning
 
     check_run_outputs(cfg)
     cfg = absolute_paths(cfg)
@@ -101,8 +101,8 @@ def cmd_train_lang(args: argparse.Namespace) -> int:
 
 
 def cmd_train_task(args: argparse.Namespace) -> int:
+    from deftx.core.sft import SparseFineTuning
     from deftx.data import check_language
-    from deftx.sft import SparseFineTuning
 
     cfg = _load_config(args)
     source = check_language(args.source_lang or cfg.source_language, cfg.data.dataset)
@@ -140,9 +140,9 @@ def _pairs(items: list[str], option: str) -> dict[str, str]:
 def cmd_train_subnetworks(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from deftx.core.sft import SparseFineTuning
     from deftx.data import check_language
     from deftx.pipeline import SFTJob, absolute_paths, check_run_outputs, config_digest, make_executor
-    from deftx.sft import SparseFineTuning
     from deftx.subnetworks.artifact import SUBNETWORK_OUTPUT, SubnetworkModel
 
     cfg = _load_config(args)
@@ -199,7 +199,7 @@ def cmd_subnetworks_export(args: argparse.Namespace) -> int:
 
 
 def _sft_kind():
-    from deftx.sft import SFT_OUTPUT
+    from deftx.core.sft import SFT_OUTPUT
 
     return SFT_OUTPUT
 
@@ -207,15 +207,15 @@ def _sft_kind():
 def _fresh_output(out: str, overwrite: bool, kind) -> Path:
     """``--out``, checked before any work: new, or (``--overwrite``) a directory of ``kind`` that
     deftx wrote, in a writable folder."""
-    from deftx.io import check_output_dir
+    from deftx.core.io import check_output_dir
 
     return check_output_dir(out, overwrite, kind)
 
 
 def _composition_and_model(task_dir: str, lang_dir: str | None, model: str | None):
-    from deftx.compose import Composition
+    from deftx.core.compose import Composition
+    from deftx.core.sft import SparseFineTuning
     from deftx.models import load_classifier, load_tokenizer, resolve_model_path
-    from deftx.sft import SparseFineTuning
 
     task = SparseFineTuning.load(task_dir)
     lang = SparseFineTuning.load(lang_dir) if lang_dir else None
@@ -255,7 +255,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sft_inspect(args: argparse.Namespace) -> int:
-    from deftx.sft import SparseFineTuning
+    from deftx.core.sft import SparseFineTuning
 
     sft = SparseFineTuning.load(args.path)
     meta = sft.metadata
@@ -289,7 +289,7 @@ def cmd_sft_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_sft_compose(args: argparse.Namespace) -> int:
-    from deftx.compose import COMPOSED_OUTPUT, export_hf_model
+    from deftx.core.compose import COMPOSED_OUTPUT, export_hf_model
 
     _fresh_output(args.out, args.overwrite, COMPOSED_OUTPUT)
     composition, model, tokenizer = _composition_and_model(args.task, args.lang, args.model)
@@ -404,7 +404,7 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_get(args: argparse.Namespace) -> int:
-    from deftx.compose import COMPOSED_OUTPUT
+    from deftx.core.compose import COMPOSED_OUTPUT
     from deftx.registry import compose_from_registry
 
     _fresh_output(args.out, args.overwrite, COMPOSED_OUTPUT)

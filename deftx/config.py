@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from deftx.denoise import SVD_SOLVERS, SVD_TARGETS
+from deftx.core.denoise import SVD_SOLVERS, SVD_TARGETS
 from deftx.errors import ConfigError
 
 METHODS = ("lt_sft", "deft_x")

@@ -2,9 +2,9 @@
 
 Each rank owns some of the maskable tensors (assigned by estimated scoring cost, not round-robin),
 scores only those, and the ranks agree on the exact global K-th score by summing radix histograms
-(``deftx.masks.find_threshold`` with an all-reduce). Ties at the threshold are allocated in the
+(``deftx.core.topk.find_threshold`` with an all-reduce). Ties at the threshold are allocated in the
 canonical order of the single-process selection, and the bit-packed boolean masks are all-gathered
-so every rank ends with the full mask set. The result equals ``deftx.selection.select_masks`` bit
+so every rank ends with the full mask set. The result equals ``deftx.core.scoring.select_masks`` bit
 for bit for any world size.
 
 Only torch.distributed collectives are used here (no Ray, no DeepSpeed): the caller provides the
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from deftx.masks import allocate_ties, find_threshold, mask_from_keys, score_keys
-from deftx.selection import MaskScorer, SelectionReport
+from deftx.core.scoring import MaskScorer, SelectionReport
+from deftx.core.topk import allocate_ties, find_threshold, mask_from_keys, score_keys
 
 
 def scoring_cost(shape: tuple[int, ...], denoised: bool) -> float:

@@ -71,7 +71,7 @@ class ClassifierScorer:
         ``check_base=False`` (one task SFT only) allows weights that are no longer theta0 (see
         :meth:`weights`)."""
         if check_base:
-            from deftx.compose import Composition
+            from deftx.core.compose import Composition
 
             with Composition(task, language).applied(self.model):
                 yield self.model
@@ -84,8 +84,8 @@ class ClassifierScorer:
     @contextlib.contextmanager
     def weights(self, values: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
         """The trainable tensors named in ``values`` (maskable body and head names, as
-        ``deftx.masks.parameter_roles(model, "task")``) replaced for the block."""
-        from deftx.masks import parameter_roles
+        ``deftx.core.roles.parameter_roles(model, "task")``) replaced for the block."""
+        from deftx.core.roles import parameter_roles
         from deftx.training.runtime import load_values
 
         roles = parameter_roles(self.model, "task")

@@ -57,10 +57,10 @@ class ComposedPredictor:
 
     def __init__(self, task_dir: str | Path, language_dir: str | Path | None = None,
                  base_model: str | None = None) -> None:
-        from deftx.compose import Composition
+        from deftx.core.compose import Composition
+        from deftx.core.sft import SparseFineTuning
         from deftx.errors import SFTFormatError
         from deftx.models import load_classifier, load_tokenizer, resolve_model_path
-        from deftx.sft import SparseFineTuning
 
         task = SparseFineTuning.load(task_dir)
         language = SparseFineTuning.load(language_dir) if language_dir is not None else None

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deftx.core.roles import untie_and_freeze_decoder
 from deftx.errors import ModelError
-from deftx.masks import untie_and_freeze_decoder
 
 
 def _quiet_transformers() -> None:

@@ -40,8 +40,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from deftx.core.io import process_alive
 from deftx.errors import ModelError
-from deftx.io import process_alive
 
 OFFLINE_E5_ID = "offline:multilingual-e5-small"
 _DIRNAME = "multilingual-e5-small-q4"

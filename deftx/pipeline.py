@@ -24,12 +24,12 @@ import torch
 
 from deftx import __version__
 from deftx.config import PipelineConfig, SFTConfig, from_dict
+from deftx.core.io import OutputKind, atomic_directory, sha256_file, write_json
+from deftx.core.roles import parameter_roles
+from deftx.core.sft import SFT_OUTPUT, SFTMetadata, SparseFineTuning, current_base_fingerprint, read_metadata
 from deftx.errors import DeftxError
 from deftx.evaluation import ClassifierScorer
-from deftx.io import OutputKind, atomic_directory, sha256_file, write_json
-from deftx.masks import parameter_roles
 from deftx.models import load_classifier, load_masked_lm, load_tokenizer, resolve_model_path
-from deftx.sft import SFT_OUTPUT, SFTMetadata, SparseFineTuning, current_base_fingerprint, read_metadata
 from deftx.tasks import task_spec
 from deftx.training.batches import classification_stream, masked_lm_stream
 from deftx.training.lt_sft import train_head_only, train_sparse_fine_tuning
@@ -693,9 +693,9 @@ def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list
 
 def check_run_outputs(cfg: PipelineConfig, *more: str | Path | None) -> None:
     """Before any work: the output directory, the checkpoint storage and ``more`` are directories
-    (or can be created) and writable; a one-line :class:`deftx.io.OutputError` otherwise. (The
+    (or can be created) and writable; a one-line :class:`deftx.core.io.OutputError` otherwise. (The
     MLflow store is not checked: tracking turns itself off with a warning when it cannot write.)"""
-    from deftx.io import check_output_location
+    from deftx.core.io import check_output_location
 
     for path in (cfg.output_dir, cfg.cluster.storage_path, cfg.cluster.status_dir, *more):
         if path:

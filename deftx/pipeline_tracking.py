@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from deftx.core.sft import read_metadata
 from deftx.plots import close, mask_density_per_layer, singular_spectra
-from deftx.sft import read_metadata
 from deftx.tracking import RunHandle, Tracker
 
 

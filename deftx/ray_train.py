@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from deftx.config import ClusterConfig
+from deftx.core.io import atomic_directory
 from deftx.errors import DeftxError
-from deftx.io import atomic_directory
 from deftx.pipeline import Log, SFTJob, job_output_kind
 from deftx.ray_env import (
     GCS_PORT_VAR,

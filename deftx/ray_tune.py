@@ -361,11 +361,11 @@ def _log_sweep_plots(tracker: Tracker, run: RunHandle, summary: LanguageResult, 
 def _log_spectra(tracker: Tracker, run: RunHandle, cfg: PipelineConfig, shared: SharedWork, lang: str,
                  summary: LanguageResult) -> None:
     """Singular values of the stored phase-1 change, with the best trial's DeFT-X ranks marked."""
-    from deftx.masks import parameter_roles
+    from deftx.core.roles import parameter_roles
+    from deftx.core.sft import read_metadata
     from deftx.models import load_classifier, load_masked_lm, resolve_model_path
     from deftx.pipeline_tracking import spectra_figure
     from deftx.plots import close
-    from deftx.sft import read_metadata
 
     best_dir = summary.best_trial_dir
     ranks = {}
@@ -376,8 +376,8 @@ def _log_spectra(tracker: Tracker, run: RunHandle, cfg: PipelineConfig, shared: 
         store, kind = shared.phase1[lang][0], "language"
         model = load_masked_lm(path, seed=cfg.seed)[0]
     else:   # the task SFT starts at theta0 + the source-language SFT
+        from deftx.core.sft import SparseFineTuning
         from deftx.data import NUSAX_LABELS
-        from deftx.sft import SparseFineTuning
 
         store, kind = shared.phase1["task"][0], "task"
         model = load_classifier(path, NUSAX_LABELS, seed=cfg.seed)

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from deftx import __version__
+from deftx.core.sft import read_metadata
 from deftx.errors import DeftxError
-from deftx.sft import read_metadata
 from deftx.tracking import RunHandle, Tracker, flatten_params
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -160,7 +160,7 @@ class PendingRegistration:
 
     def check(self) -> None:
         """The SFT directories it names still load (checksums included)."""
-        from deftx.sft import SparseFineTuning
+        from deftx.core.sft import SparseFineTuning
 
         for part in (self.task_sft, self.language_sft):
             if part:
@@ -512,10 +512,10 @@ def compose_from_registry(registry: Registry, ref: ModelRef | str, out_dir: str 
                           base_model: str | None = None, overwrite: bool = False, log=print) -> Path:
     """``deftx registry get``: download a composed model (or a task SFT), verify the base
     fingerprint, compose into a standalone Hugging Face model directory at ``out_dir``."""
-    from deftx.compose import COMPOSED_OUTPUT, Composition, export_hf_model
-    from deftx.io import check_output_dir
+    from deftx.core.compose import COMPOSED_OUTPUT, Composition, export_hf_model
+    from deftx.core.io import check_output_dir
+    from deftx.core.sft import SparseFineTuning
     from deftx.models import load_classifier, load_tokenizer, resolve_model_path
-    from deftx.sft import SparseFineTuning
 
     version = registry.resolve(ref)
     if version.tags.get("kind") == "language":
@@ -533,7 +533,7 @@ def compose_from_registry(registry: Registry, ref: ModelRef | str, out_dir: str 
         base = base_model or task.metadata.base_model
         path = resolve_model_path(base, log=log)
         model = load_classifier(path, task.metadata.label_names or [])
-        from deftx.sft import current_base_fingerprint
+        from deftx.core.sft import current_base_fingerprint
 
         found = current_base_fingerprint(model)
         if task.metadata.base_fingerprint and found != task.metadata.base_fingerprint:
@@ -589,7 +589,7 @@ def composed_sft_dirs(model_dir: str | Path) -> tuple[str, str]:
 def _verify_sft(directory: Path, version: VersionInfo, registered_sha: str | None, part: str = "SFT") -> None:
     """The downloaded SFT loads (its own checksum, shapes, indices) and its weights are those the
     registry recorded for this version when it was registered."""
-    from deftx.sft import SparseFineTuning
+    from deftx.core.sft import SparseFineTuning
 
     sft = SparseFineTuning.load(directory)
     found = read_metadata(directory).get("weights_sha256")

@@ -154,9 +154,9 @@ def composed_parts(shared: SharedWork, lang: str, trial_sft: str) -> tuple[str, 
 def score_composition(cfg: PipelineConfig, task_dir: str, lang_dir: str, lang: str, split: str) -> dict[str, float]:
     """macro-F1 and accuracy of theta0 + phi_task + phi_lang on the objective's split:
     ``target_valid`` (``lang``'s validation examples) or ``source_valid``."""
+    from deftx.core.sft import SparseFineTuning
     from deftx.evaluation import ClassifierScorer
     from deftx.models import resolve_model_path
-    from deftx.sft import SparseFineTuning
 
     eval_lang = lang if split == "target_valid" else cfg.source_language
     scorer = ClassifierScorer(resolve_model_path(cfg.model.name_or_path, log=lambda line: None), NUSAX_LABELS,

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from deftx.config import METHODS, SelectionConfig, read_yaml
+from deftx.core.denoise import SVD_TARGETS
 from deftx.data import check_language
-from deftx.denoise import SVD_TARGETS
 from deftx.errors import ConfigError, DataError
 
 KINDS = ("choice", "uniform", "loguniform", "randint")

@@ -11,11 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deftx.data.nusax import load_nusax_mt_text
-from deftx.io import sha256_file
-from deftx.masks import body_parameters, maskable_parameters, parameter_roles
-from deftx.models import create_tiny_model
-from deftx.sft import (
+from deftx.core.io import sha256_file
+from deftx.core.roles import body_parameters, maskable_parameters, parameter_roles
+from deftx.core.sft import (
     METADATA_FILE,
     WEIGHTS_FILE,
     SFTMetadata,
@@ -23,6 +21,8 @@ from deftx.sft import (
     SparseFineTuning,
     current_base_fingerprint,
 )
+from deftx.data.nusax import load_nusax_mt_text
+from deftx.models import create_tiny_model
 
 LABELS = ["negative", "neutral", "positive"]
 

@@ -19,8 +19,8 @@ from deftx.analysis import (
     mean_normalised_spectrum,
     spectra_by_type_figure,
 )
+from deftx.core.sft import SFTMetadata, SparseDelta, SparseFineTuning
 from deftx.plots import close
-from deftx.sft import SFTMetadata, SparseDelta, SparseFineTuning
 
 Q = "encoder.layer.0.attention.self.query.weight"
 FFN_OUT = "encoder.layer.0.output.dense.weight"

@@ -1,4 +1,4 @@
-"""Exact properties of composing a task SFT with a language SFT (deftx.compose) and of the exported
+"""Exact properties of composing a task SFT with a language SFT (deftx.core.compose) and of the exported
 standalone Hugging Face model."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 
-from deftx.compose import Composition, export_hf_model
+from deftx.core.compose import Composition, export_hf_model
+from deftx.core.roles import maskable_parameters
+from deftx.core.sft import SFTMetadata, SparseDelta, SparseFineTuning
 from deftx.data.nusax import load_nusax_senti
 from deftx.errors import SFTFormatError
-from deftx.masks import maskable_parameters
 from deftx.models import load_classifier, load_masked_lm, load_tokenizer
-from deftx.sft import SFTMetadata, SparseDelta, SparseFineTuning
 
 try:
     from helpers import LABELS, differing_tensors, make_sft, random_delta, snapshot
@@ -134,7 +134,7 @@ def test_composition_rejects_wrong_kinds(task_sft, lang_sft, task_slot, lang_slo
 
 
 def test_composition_rejects_different_base_fingerprints(other_base_dir, task_sft, lang_sft):
-    from deftx.sft import current_base_fingerprint
+    from deftx.core.sft import current_base_fingerprint
 
     other_fp = current_base_fingerprint(fresh_classifier(other_base_dir))
     assert other_fp != task_sft.metadata.base_fingerprint
@@ -149,7 +149,7 @@ def test_composition_rejects_different_base_fingerprints(other_base_dir, task_sf
 
 def test_composition_of_foreign_pair_fails_on_apply_and_leaves_model_untouched(other_base_dir, task_sft,
                                                                                   lang_sft, classifier):
-    from deftx.sft import current_base_fingerprint
+    from deftx.core.sft import current_base_fingerprint
 
     other_fp = current_base_fingerprint(fresh_classifier(other_base_dir))
     comp = Composition(_relabel(task_sft, base_fingerprint=other_fp), _relabel(lang_sft, base_fingerprint=other_fp))

@@ -18,10 +18,10 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
            resume: bool, phase1: tuple[str, str] | None = None, stop_after_phase1: bool = False,
            density: float = 0.05):
     from deftx.config import PhaseConfig, SelectionConfig, SFTConfig
+    from deftx.core.roles import embedding_parameter_names
+    from deftx.core.sft import SFTMetadata
     from deftx.data import NUSAX_LABELS, load_nusax_mt_text, load_nusax_senti
-    from deftx.masks import embedding_parameter_names
     from deftx.models import load_classifier, load_masked_lm, load_tokenizer
-    from deftx.sft import SFTMetadata
     from deftx.training.batches import classification_stream, masked_lm_stream
     from deftx.training.deepspeed_runtime import DeepSpeedRuntime, DirectoryCheckpointSink
     from deftx.training.lt_sft import train_sparse_fine_tuning
@@ -94,7 +94,7 @@ def _run(tmp_path, name: str, model_dir, kind: str, stage: int, crash_at=None):
     out.mkdir()
     mp.spawn(_worker, args=(2, str(out / "store"), str(model_dir), kind, stage, str(out), crash_at), nprocs=2,
              join=True)
-    from deftx.sft import SparseFineTuning
+    from deftx.core.sft import SparseFineTuning
 
     return SparseFineTuning.load(out / "sft")
 
@@ -141,7 +141,7 @@ def _phase1_worker(rank: int, world: int, store: str, path: str, stage: int, out
 def test_phase1_store_reuse_under_zero3_gives_the_sft_of_a_full_run(tmp_path, tiny_model_dir):
     """Under ZeRO-3 a trial that reads warm-up + phase 1 from the store (plain tensors, not
     partitions) ends with the SFT of a run that trains everything, bit for bit."""
-    from deftx.sft import SparseFineTuning
+    from deftx.core.sft import SparseFineTuning
 
     mp.spawn(_phase1_worker, args=(2, str(tmp_path / "store"), str(tiny_model_dir), 3, str(tmp_path)), nprocs=2,
              join=True)

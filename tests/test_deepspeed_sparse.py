@@ -16,7 +16,7 @@ def _tiny_task_model():
     """A 2-layer BERT classifier from a config (seeded) and its parameter roles, frozen ones frozen."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from deftx.masks import parameter_roles
+    from deftx.core.roles import parameter_roles
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(
@@ -88,9 +88,9 @@ def test_sparse_phase_keeps_entries_outside_mask_bit_identical(tmp_path, stage, 
 def _selection_worker(rank: int, world: int, store: str, stage: int, method: str, out: str) -> None:
     with loopback_group(rank, world, store):
 
+        from deftx.core.roles import embedding_parameter_names
+        from deftx.core.scoring import make_scorer
         from deftx.distributed import distributed_select_masks, plan_shards
-        from deftx.masks import embedding_parameter_names
-        from deftx.selection import make_scorer
         from deftx.training.deepspeed_engine import DeepSpeedEngine, gather_owned
 
         model, roles = _tiny_task_model()
@@ -120,7 +120,7 @@ def _selection_worker(rank: int, world: int, store: str, stage: int, method: str
 def test_distributed_selection_under_zero_equals_single_process(tmp_path, stage, method):
     """Each rank scores only the matrices it owns (gathered from ZeRO partitions one at a time);
     the all-gathered masks equal the single-process selection on the same phase-1 weights."""
-    from deftx.selection import make_scorer, select_masks
+    from deftx.core.scoring import make_scorer, select_masks
 
     out = str(tmp_path / "sel")
     mp.spawn(_selection_worker, args=(2, str(tmp_path / "store"), stage, method, out), nprocs=2, join=True)

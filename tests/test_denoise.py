@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deftx.denoise import denoise, denoise_with_info, prune_by_magnitude, select_rank
-from deftx.selection import DenoisedChangeScorer, change_magnitude, make_scorer, select_masks
+from deftx.core.denoise import denoise, denoise_with_info, prune_by_magnitude, select_rank
+from deftx.core.scoring import DenoisedChangeScorer, change_magnitude, make_scorer, select_masks
 
 
 def _matrix_with_spectrum(singular_values: list[float], rows: int = 12, cols: int = 9, seed: int = 0):

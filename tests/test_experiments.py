@@ -26,7 +26,7 @@ from deftx.experiments.runner import Record
 def test_xlmr_base_maskable_count_recounted_on_a_meta_model():
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
-    from deftx.masks import parameter_roles
+    from deftx.core.roles import parameter_roles
 
     config = XLMRobertaConfig(vocab_size=250002, max_position_embeddings=514, type_vocab_size=1, num_labels=3)
     with torch.device("meta"):
@@ -176,10 +176,10 @@ def test_multi_source_stream_visits_every_batch_of_every_language_once_per_epoch
 def test_multi_source_loss_equals_the_loss_and_gradient_at_the_applied_language_sft(tiny_model_dir):
     """A batch of language l is computed at theta + phi_l and its gradient reaches theta: equal,
     bit for bit, to applying phi_l in place, taking the gradient, and reverting."""
+    from deftx.core.roles import body_parameters
+    from deftx.core.sft import SFTMetadata, SparseDelta, SparseFineTuning
     from deftx.data import NUSAX_LABELS, load_nusax_senti
-    from deftx.masks import body_parameters
     from deftx.models import load_classifier, load_tokenizer
-    from deftx.sft import SFTMetadata, SparseDelta, SparseFineTuning
     from deftx.training.batches import classification_stream
     from deftx.training.multi_source import LANGUAGE_KEY, multi_source_loss
     from deftx.training.objectives import classification_loss
@@ -262,7 +262,7 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
     assert prov["units_trained"] > 0 and prov["command"].startswith("deftx experiment nusax")
 
     # each method's language SFTs share one phase 1 per language; the SFTs differ only by selection
-    from deftx.sft import read_metadata
+    from deftx.core.sft import read_metadata
 
     for lang in langs:
         reused = {read_metadata(out / "sfts" / m / f"lang-{lang}")["training"]["phase1_reused_from"]
@@ -328,7 +328,7 @@ def test_americasnli_small_experiment_leave_fold_out_end_to_end(tiny_model_dir, 
     assert {r["language"] for r in rows} == set(cfg.pipeline.target_languages)
     # per fold: full FT (once) + 3 methods x {with, without language SFT}; one held-out language per fold
     assert len(rows) == (1 + 2 * len(cfg.methods)) * 3 * 2
-    from deftx.sft import read_metadata
+    from deftx.core.sft import read_metadata
 
     for fold, lang in enumerate(cfg.pipeline.target_languages):
         meta = read_metadata(out / "sfts" / "seed1" / f"multi-lt_sft-fold{fold}")

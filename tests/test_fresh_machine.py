@@ -45,7 +45,7 @@ def test_cli_on_the_ray_backend_runs_with_an_empty_home(tiny_model_dir, tmp_path
     assert (home / ".ray" / "auth_token").stat().st_size > 0          # made by ray.init, token mode
     assert "built successfully" not in text and not (home / ".cache" / "torch_extensions").exists()
     assert "Reporting training result" not in text
-    from deftx.sft import SparseFineTuning
+    from deftx.core.sft import SparseFineTuning
 
     sft = SparseFineTuning.load(out)
     assert sft.nnz > 0 and sft.metadata.training["world_size"] == 2

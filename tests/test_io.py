@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from deftx import io as dio
-from deftx.io import (
+from deftx.core import io as dio
+from deftx.core.io import (
     OutputError,
     OutputKind,
     atomic_directory,
@@ -183,7 +183,7 @@ def test_a_read_only_location_is_found_before_any_work(tmp_path):
     namespace) does, and the check must try a real write."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    code = ("import sys\nfrom deftx.io import check_writable, OutputError\n"
+    code = ("import sys\nfrom deftx.core.io import check_writable, OutputError\n"
             "try:\n    check_writable(sys.argv[1])\nexcept OutputError as e:\n    print(e)\n")
     done = subprocess.run(["unshare", "--mount", "sh", "-c",
                            f"mount --bind -o ro {ro} {ro} && exec {sys.executable} -c \"$0\" {ro}/sft", code],

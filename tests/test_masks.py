@@ -7,15 +7,12 @@ import threading
 import pytest
 import torch
 
-from deftx.masks import (
+from deftx.core.roles import body_parameters, embedding_parameter_names, maskable_parameters, parameter_roles
+from deftx.core.topk import (
     allocate_ties,
-    body_parameters,
-    embedding_parameter_names,
     find_threshold,
     global_top_k,
     mask_from_keys,
-    maskable_parameters,
-    parameter_roles,
     resolve_budget,
     score_keys,
 )

@@ -164,8 +164,13 @@ def _embed(model, tok, texts: list[str]) -> torch.Tensor:
 def test_real_offline_e5(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from safetensors.torch import load_file
-    from transformers import (AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              BertConfig, BertModel)
+    from transformers import (
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        BertModel,
+    )
 
     d = om.ensure_offline_e5()
     assert d == om.offline_e5_dir() and om.ensure_offline_e5(log=lambda _: pytest.fail("cached")) == d

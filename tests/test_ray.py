@@ -177,7 +177,7 @@ def test_the_ray_path_is_deterministic_run_to_run(head, tiny_model_dir, tmp_path
     bit for bit, and the same validation score: the Ray + DeepSpeed path is deterministic."""
     from helpers import assert_same_sft
 
-    from deftx.sft import SparseFineTuning
+    from deftx.core.sft import SparseFineTuning
 
     _executor(head).run(_task_job(tiny_model_dir, tmp_path / "again"), tmp_path / "again-sft", print)
     first, second = SparseFineTuning.load(whole_sft), SparseFineTuning.load(tmp_path / "again-sft")
@@ -189,7 +189,7 @@ def test_the_ray_path_is_deterministic_run_to_run(head, tiny_model_dir, tmp_path
 def test_killed_worker_resumes_and_ends_with_the_same_sft(head, tiny_model_dir, tmp_path, whole_sft):
     """SIGKILL one worker in the middle of phase 2: Ray Train restarts the group from the latest
     checkpoint (FailureConfig max_failures=1) and the SFT equals an uninterrupted run's, bit for bit."""
-    from deftx.sft import SparseFineTuning
+    from deftx.core.sft import SparseFineTuning
 
     status = tmp_path / "status"
     killed: dict = {}
@@ -217,7 +217,7 @@ def test_subnetwork_job_runs_on_ray_train_workers_under_deepspeed(head, tiny_mod
     from dataclasses import asdict
 
     from deftx.config import load_pipeline_config
-    from deftx.masks import count_selected
+    from deftx.core.topk import count_selected
     from deftx.pipeline import SFTJob, absolute_paths
     from deftx.subnetworks.artifact import SubnetworkModel
 

@@ -114,10 +114,10 @@ def test_pyfunc_predicts_labels_and_get_composes_a_standalone_model(tmp_path, sf
     import mlflow.pyfunc
     from transformers import AutoModelForSequenceClassification
 
-    from deftx.compose import Composition
+    from deftx.core.compose import Composition
+    from deftx.core.sft import SparseFineTuning
     from deftx.data.examples import Example
     from deftx.evaluation import predict
-    from deftx.sft import SparseFineTuning
 
     tracker = _tracker(tmp_path)
     registry = Registry(tracker)

@@ -1,4 +1,4 @@
-"""Exact properties of the SFT artifact (deftx.sft): save/load round trip, bit-exact apply/revert,
+"""Exact properties of the SFT artifact (deftx.core.sft): save/load round trip, bit-exact apply/revert,
 extraction, compatibility checks, rejection of corrupt directories, atomic writes."""
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deftx.errors import SFTFormatError
-from deftx.fingerprint import base_fingerprint
-from deftx.masks import body_parameters, maskable_parameters, parameter_roles
-from deftx.models import load_classifier, load_masked_lm
-from deftx.sft import (
+from deftx.core.fingerprint import base_fingerprint
+from deftx.core.roles import body_parameters, maskable_parameters, parameter_roles
+from deftx.core.sft import (
     FORMAT_NAME,
     FORMAT_VERSION,
     METADATA_FILE,
@@ -24,13 +22,35 @@ from deftx.sft import (
     current_base_fingerprint,
     read_metadata,
 )
+from deftx.errors import SFTFormatError
+from deftx.models import load_classifier, load_masked_lm
 
 try:
-    from helpers import (LABELS, differing_tensors, make_sft, random_delta, read_doc,
-                         read_weights, rewrite_weights, snapshot, update_checksum, write_doc)
+    from helpers import (
+        LABELS,
+        differing_tensors,
+        make_sft,
+        random_delta,
+        read_doc,
+        read_weights,
+        rewrite_weights,
+        snapshot,
+        update_checksum,
+        write_doc,
+    )
 except ImportError:  # tests/ imported as a package
-    from tests.helpers import (LABELS, differing_tensors, make_sft, random_delta, read_doc,
-                               read_weights, rewrite_weights, snapshot, update_checksum, write_doc)
+    from tests.helpers import (
+        LABELS,
+        differing_tensors,
+        make_sft,
+        random_delta,
+        read_doc,
+        read_weights,
+        rewrite_weights,
+        snapshot,
+        update_checksum,
+        write_doc,
+    )
 
 QUERY = "encoder.layer.0.attention.self.query.weight"
 WORDS = "embeddings.word_embeddings.weight"
@@ -631,7 +651,7 @@ def test_failed_save_leaves_no_directory_and_no_temp(tmp_path, task_sft, monkeyp
     target = parent / "sft"
     with pytest.raises(OSError, match="disk full"):
         task_sft.save(target)
-    assert calls, "deftx.sft.save did not go through safetensors.torch.save_file"
+    assert calls, "deftx.core.sft.save did not go through safetensors.torch.save_file"
     assert not target.exists()
     assert sorted(os.listdir(parent)) == []
 

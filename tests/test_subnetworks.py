@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from deftx.core.roles import parameter_roles
+from deftx.core.scoring import change_magnitude, make_scorer
+from deftx.core.topk import count_selected, global_top_k
 from deftx.errors import ConfigError
-from deftx.masks import count_selected, global_top_k, parameter_roles
-from deftx.selection import change_magnitude, make_scorer
 from deftx.subnetworks.config import SubnetworkConfig
 from deftx.subnetworks.masks import select_subnetwork, target_mask, union_masks
 from deftx.subnetworks.meta import MetaStream, meta_loss, stack_batches, unstack_batch
@@ -416,8 +417,8 @@ def test_dynamic_masks_that_would_never_be_reselected_are_refused_before_any_wor
 
 
 def test_subnetwork_job_saves_a_model_whose_target_sfts_follow_the_policy(tiny_model_dir, tmp_path):
-    from deftx.compose import Composition
     from deftx.config import ModelConfig, PipelineConfig, SFTConfig, to_dict
+    from deftx.core.compose import Composition
     from deftx.models import load_classifier
     from deftx.pipeline import SFTJob, run_job
     from deftx.subnetworks.artifact import SubnetworkModel

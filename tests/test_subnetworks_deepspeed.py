@@ -21,7 +21,7 @@ LANGUAGES = 3
 def _tiny():
     from transformers import BertConfig, BertForSequenceClassification
 
-    from deftx.masks import parameter_roles
+    from deftx.core.roles import parameter_roles
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(

@@ -8,10 +8,10 @@ import torch
 from helpers import assert_same_sft
 
 from deftx.config import PhaseConfig, SelectionConfig, SFTConfig
+from deftx.core.roles import embedding_parameter_names, parameter_roles
+from deftx.core.sft import SFTMetadata, current_base_fingerprint
 from deftx.data import NUSAX_LABELS, load_nusax_mt_text, load_nusax_senti
-from deftx.masks import embedding_parameter_names, parameter_roles
 from deftx.models import load_classifier, load_masked_lm, load_tokenizer
-from deftx.sft import SFTMetadata, current_base_fingerprint
 from deftx.training.batches import classification_stream, masked_lm_stream
 from deftx.training.lt_sft import train_sparse_fine_tuning
 from deftx.training.objectives import classification_loss, masked_lm_loss

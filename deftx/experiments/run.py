@@ -34,10 +34,10 @@ def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
         mean_normalised_spectrum,
         spectra_by_type_figure,
     )
+    from deftx.core.roles import body_parameters
+    from deftx.core.sft import SparseFineTuning
     from deftx.experiments.report import system_name
-    from deftx.masks import body_parameters
     from deftx.models import load_classifier, resolve_model_path
-    from deftx.sft import SparseFineTuning
     from deftx.training.phase1_store import THETA1_FILE
 
     cfg = state.config
@@ -79,7 +79,7 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
     """Run the experiment (or, ``report_only``, collect what is finished), write the report and log
     it to MLflow."""
     from deftx import __version__
-    from deftx.io import check_output_location
+    from deftx.core.io import check_output_location
     from deftx.pipeline import check_run_outputs
     from deftx.tracking import Tracker
 

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deftx.core.sft import SparseFineTuning, read_metadata
 from deftx.errors import DeftxError
 from deftx.evaluation import ClassifierScorer
 from deftx.experiments.config import FULL_FT, ExperimentConfig
@@ -55,7 +56,6 @@ from deftx.pipeline import (
     start_run,
     train_pipeline_sfts,
 )
-from deftx.sft import SparseFineTuning, read_metadata
 from deftx.tasks import task_spec
 from deftx.training.phase1_store import Phase1Store
 

@@ -3,7 +3,7 @@
 Layout of a directory::
 
     model/                  the change training made, as a task SFT (every entry some step could
-                            change, with the classifier head): ``deftx.sft`` format
+                            change, with the classifier head): ``deftx.core.sft`` format
     masks.safetensors       each source language's final mask, bit-packed (uint8) per tensor, with
                             the shapes in the file's metadata
     subnetworks.json        languages, settings, mask sizes, re-selection history
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from deftx.core.io import OutputKind, atomic_directory, read_json, write_json
+from deftx.core.sft import SFTMetadata, SparseDelta, SparseFineTuning
 from deftx.errors import DeftxError
-from deftx.io import OutputKind, atomic_directory, read_json, write_json
-from deftx.sft import SFTMetadata, SparseDelta, SparseFineTuning
 from deftx.subnetworks.masks import target_mask
 
 Masks = dict[str, torch.Tensor]

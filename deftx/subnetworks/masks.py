@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from deftx.masks import count_selected, global_top_k
-from deftx.selection import MaskScorer, change_magnitude
+from deftx.core.scoring import MaskScorer, change_magnitude
+from deftx.core.topk import count_selected, global_top_k
 from deftx.subnetworks.structure import EncoderStructure, expand_groups, group_means
 
 TARGET_POLICIES = ("union", "full", "related")

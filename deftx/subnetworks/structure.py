@@ -5,7 +5,7 @@ the same columns of the attention output projection (d = hidden / heads). FFN ne
 of the intermediate weight, entry j of its bias and column j of the FFN output weight. A
 structured subnetwork keeps or drops such a group as a whole.
 
-Names are those of ``deftx.masks.body_parameters`` (relative to the base model, e.g.
+Names are those of ``deftx.core.roles.body_parameters`` (relative to the base model, e.g.
 ``encoder.layer.3.attention.self.query.weight``).
 """
 

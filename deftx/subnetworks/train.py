@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from deftx.config import PhaseConfig
+from deftx.core.roles import embedding_parameter_names, parameter_roles
+from deftx.core.scoring import MaskScorer, make_scorer
+from deftx.core.topk import count_selected, resolve_budget
 from deftx.errors import ConfigError
-from deftx.masks import count_selected, embedding_parameter_names, parameter_roles, resolve_budget
-from deftx.selection import MaskScorer, make_scorer
 from deftx.subnetworks.config import SubnetworkConfig
 from deftx.subnetworks.masks import select_subnetwork
 from deftx.subnetworks.meta import MetaStream, meta_loss

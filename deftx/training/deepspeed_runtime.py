@@ -35,9 +35,9 @@ import torch.distributed as dist
 from torch import nn
 
 from deftx.config import PhaseConfig
+from deftx.core.scoring import MaskScorer, SelectionReport
 from deftx.distributed import distributed_select_masks, plan_shards
 from deftx.errors import DeftxError
-from deftx.selection import MaskScorer, SelectionReport
 from deftx.training.batches import IGNORE_INDEX
 from deftx.training.deepspeed_engine import (
     DeepSpeedEngine,

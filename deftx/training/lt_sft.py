@@ -3,7 +3,7 @@
     [head warm-up]  language SFTs on a model without a pretrained MLM head: head only, body frozen
     phase 1         all maskable + head parameters, fresh optimizer (L1 towards the start optional);
                     with a ``Phase1Store``, read from it when it holds this phase 1, else saved to it
-    selection       per-tensor scores -> exact global top-K (deftx.selection)
+    selection       per-tensor scores -> exact global top-K (deftx.core.scoring)
     rewind          every trained parameter back to its value at the start of phase 1
     phase 2         masked entries + head, fresh optimizer; entries outside the mask stay
                     bit-identical to the start (deftx.training.sparse)
@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from deftx.config import PhaseConfig, SFTConfig
-from deftx.masks import SFTKind, embedding_parameter_names, parameter_roles, resolve_budget
-from deftx.selection import SelectionReport, make_scorer
-from deftx.sft import SFTMetadata, SparseFineTuning
+from deftx.core.roles import SFTKind, embedding_parameter_names, parameter_roles
+from deftx.core.scoring import SelectionReport, make_scorer
+from deftx.core.sft import SFTMetadata, SparseFineTuning
+from deftx.core.topk import resolve_budget
 from deftx.training.batches import BatchStream
 from deftx.training.phase import LossFn, PhaseResult, run_phase
 from deftx.training.phase1_store import Phase1State, Phase1Store

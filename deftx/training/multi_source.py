@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from deftx.masks import body_parameters
-from deftx.sft import SparseDelta
+from deftx.core.roles import body_parameters
+from deftx.core.sft import SparseDelta
 from deftx.training.batches import BatchStream, _generator
 from deftx.training.phase import LossFn
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from deftx.core.io import OutputKind, atomic_directory, write_json
 from deftx.errors import DeftxError
-from deftx.io import OutputKind, atomic_directory, write_json
 
 THETA1_FILE, HEAD_FILE, INFO_FILE = "phase1.safetensors", "head_start.safetensors", "phase1.json"
 HEAD_END_FILE = "head_end.safetensors"

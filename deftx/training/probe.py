@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from deftx.masks import parameter_roles
+from deftx.core.roles import parameter_roles
 from deftx.training.runtime import PHASE_SPARSE, TrainingRuntime
 
 Probe = Callable[[Mapping[str, torch.Tensor], int], dict[str, float]]

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from deftx.config import PhaseConfig
-from deftx.masks import parameter_roles
-from deftx.selection import MaskScorer, SelectionReport, select_masks
+from deftx.core.roles import parameter_roles
+from deftx.core.scoring import MaskScorer, SelectionReport, select_masks
 from deftx.training.engine import StepEngine, TorchEngine
 from deftx.training.masked_values import LocalValueAccess, ValueAccess
 from deftx.training.phase import LossFn

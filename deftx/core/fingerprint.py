@@ -1,6 +1,6 @@
 """Fingerprint of a base model's encoder weights, stored in every SFT and checked on apply.
 
-The fingerprint covers the body parameters (``deftx.masks.body_parameters``: the encoder without
+The fingerprint covers the body parameters (``deftx.core.roles.body_parameters``: the encoder without
 its pooler, body-relative names), so a masked-LM model and a sequence-classification model loaded
 from the same checkpoint share it. It is the SHA-256 of every body tensor's name, dtype, shape
 and bytes in name order.
@@ -13,7 +13,7 @@ import hashlib
 import torch
 from torch import nn
 
-from deftx.masks import body_parameters
+from deftx.core.roles import body_parameters
 
 PREFIX = "sha256:"
 

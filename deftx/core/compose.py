@@ -17,9 +17,9 @@ from pathlib import Path
 from torch import nn
 
 from deftx import __version__
+from deftx.core.io import OutputKind, atomic_directory
+from deftx.core.sft import SparseFineTuning
 from deftx.errors import SFTFormatError
-from deftx.io import OutputKind, atomic_directory
-from deftx.sft import SparseFineTuning
 
 PROVENANCE_FILE = "deftx_composition.json"
 COMPOSED_OUTPUT = OutputKind("a composed model directory", PROVENANCE_FILE,

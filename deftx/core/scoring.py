@@ -1,9 +1,9 @@
 """Mask selection after phase 1: a per-tensor scoring step followed by one global top-K.
 
 The scoring step is pluggable: LT-SFT scores an entry by the magnitude of its phase-1 change,
-DeFT-X by the magnitude of the SVD-denoised change (``deftx.denoise``). Scorers work on one tensor
+DeFT-X by the magnitude of the SVD-denoised change (``deftx.core.denoise``). Scorers work on one tensor
 at a time, so a distributed selection can score only the tensors a worker owns and then run the
-exact threshold search of ``deftx.masks`` over all workers.
+exact threshold search of ``deftx.core.topk`` over all workers.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Protocol
 
 import torch
 
-from deftx.denoise import SVD_TARGETS, DenoiseInfo, denoise_with_info
-from deftx.masks import count_selected, density_by_tensor, global_top_k
+from deftx.core.denoise import SVD_TARGETS, DenoiseInfo, denoise_with_info
+from deftx.core.topk import count_selected, density_by_tensor, global_top_k
 
 
 class MaskScorer(Protocol):
@@ -86,7 +86,7 @@ class SelectionReport:
 
 def select_masks(theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torch.Tensor], k: int,
                  scorer: MaskScorer = change_magnitude) -> tuple[dict[str, torch.Tensor], SelectionReport]:
-    """Score every tensor, then pick exactly ``k`` entries globally (``deftx.masks`` tie rule)."""
+    """Score every tensor, then pick exactly ``k`` entries globally (``deftx.core.topk`` tie rule)."""
     if set(theta0) != set(theta1):
         raise ValueError("theta0 and theta1 must hold the same tensors")
     scores = {n: scorer(n, theta0[n], theta1[n]) for n in sorted(theta0)}

@@ -13,7 +13,7 @@ On disk an SFT is a directory with two files:
 ``load`` validates everything it can without a model (checksum, keys, dtypes, shapes, index
 bounds, duplicates); ``apply`` also checks the base fingerprint and shapes against the model.
 Every problem raises :class:`deftx.errors.SFTFormatError` with a one-line message naming the file.
-Writes are atomic (``deftx.io.atomic_directory``). ``apply`` records the entries it overwrites, so
+Writes are atomic (``deftx.core.io.atomic_directory``). ``apply`` records the entries it overwrites, so
 ``revert`` restores the weights bit for bit (subtracting the diff would not, in floating point).
 """
 
@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from deftx import __version__
+from deftx.core.fingerprint import base_fingerprint
+from deftx.core.io import OutputKind, atomic_directory, sha256_file, write_json
+from deftx.core.roles import body_parameters, head_parameter_names
 from deftx.errors import SFTFormatError
-from deftx.fingerprint import base_fingerprint
-from deftx.io import OutputKind, atomic_directory, sha256_file, write_json
-from deftx.masks import body_parameters, head_parameter_names
 
 FORMAT_NAME = "deftx-sft"
 FORMAT_VERSION = 1

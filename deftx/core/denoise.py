@@ -113,8 +113,8 @@ def _leading_svd(m: torch.Tensor, total: float, rank: int | None, energy: float 
 
 def prune_by_magnitude(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, int]:
     """Zero all but the fraction ``keep`` of entries with the largest |x| (exact count, ties by
-    row-major order as in :func:`deftx.masks.global_top_k`). Returns (pruned, kept count)."""
-    from deftx.masks import global_top_k, resolve_budget
+    row-major order as in :func:`deftx.core.topk.global_top_k`). Returns (pruned, kept count)."""
+    from deftx.core.topk import global_top_k, resolve_budget
 
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"residual_keep must be in [0, 1], got {keep}")
