@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deftx.config import METHODS, SelectionConfig, read_yaml
-from deftx.core.denoise import SVD_TARGETS
+from deftx.config import METHODS, SelectionConfig, clear_alternatives, read_yaml
+from deftx.core.options import SVD_TARGETS
 from deftx.data import check_language
 from deftx.errors import ConfigError, DataError
 
@@ -311,16 +311,13 @@ def selection_from_sample(base: SelectionConfig, sample: dict[str, Any]) -> Sele
     unknown = sorted(set(sample) - set(TUNABLE))
     if unknown:
         raise ConfigError(f"sample: {unknown[0]!r} is not tunable")
-    out = replace(base)
-    for name in ("method", "density", "residual_keep", "svd_target", "denoise_embeddings"):
-        if name in sample:
-            setattr(out, name, sample[name])
-    if "density" in sample:
-        out.k = None
+    given = {name: sample[name] for name in ("method", "density", "residual_keep", "svd_target",
+                                             "denoise_embeddings") if name in sample}
     rule = _rank_rule(sample)
     if rule == "fixed":
-        out.rank, out.energy = int(sample.get("rank", base.rank or 8)), None
+        given["rank"] = int(sample.get("rank", base.rank or 8))
     elif rule == "energy":
-        out.energy, out.rank = float(sample.get("energy", base.energy or 0.9)), None
+        given["energy"] = float(sample.get("energy", base.energy or 0.9))
+    out = SelectionConfig(**clear_alternatives({**asdict(base), **given}, given))
     out.validate("sample")
     return out

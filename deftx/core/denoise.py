@@ -37,10 +37,10 @@ from typing import Literal
 
 import torch
 
+from deftx.core.options import SVD_SOLVERS
+
 SVDTarget = Literal["delta", "finetuned", "pretrained"]
-SVD_TARGETS: tuple[str, ...] = ("delta", "finetuned", "pretrained")
 SVDSolver = Literal["auto", "full", "randomized"]
-SVD_SOLVERS: tuple[str, ...] = ("auto", "full", "randomized")
 RANDOMIZED_MIN_NUMEL = 16_000_000
 _SVD_SEED = 0
 

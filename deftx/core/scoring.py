@@ -14,7 +14,8 @@ from typing import Protocol
 
 import torch
 
-from deftx.core.denoise import SVD_TARGETS, DenoiseInfo, denoise_with_info
+from deftx.core.denoise import DenoiseInfo, denoise_with_info
+from deftx.core.options import SVD_TARGETS
 from deftx.core.topk import count_selected, density_by_tensor, global_top_k
 
 

@@ -19,9 +19,10 @@ from deftx.config import (
     ConfigError,
     PipelineConfig,
     SelectionConfig,
-    _merge,
     apply_overrides,
+    clear_alternatives,
     from_dict,
+    merge,
     to_dict,
 )
 
@@ -85,7 +86,7 @@ class SubnetworkSystemsConfig:
         overrides = self.systems[name] or {}
         if not isinstance(overrides, dict) or not isinstance(self.base, dict):
             raise ConfigError(f"subnetworks.systems.{name}: expected a mapping of subnetwork settings")
-        data = _merge(_merge(to_dict(SubnetworkConfig()), self.base), overrides)
+        data = merge(merge(to_dict(SubnetworkConfig()), self.base), overrides)
         key = f"subnetworks.systems.{name}"
         return from_dict(SubnetworkConfig, data, key).validate(key)
 
@@ -226,13 +227,7 @@ class ExperimentConfig:
         data = copy.deepcopy(base)
         if not isinstance(overrides, dict):
             raise ConfigError(f"{key}: expected a mapping of selection settings, got {overrides!r}")
-        for name, value in overrides.items():
-            data[name] = value
-            for a, b in (("rank", "energy"), ("density", "k")):
-                if name == a and value is not None and b not in overrides:
-                    data[b] = None
-                if name == b and value is not None and a not in overrides:
-                    data[a] = None
+        data = clear_alternatives({**data, **overrides}, overrides)
         if not keep_budget:
             density = self.densities()[kind]
             if density is not None and "density" not in overrides and "k" not in overrides:
@@ -309,7 +304,7 @@ def load_experiment(dataset: str, preset: str | None = None, config_file: str | 
 
     defaults = to_dict(PipelineConfig())
     defaults["data"]["dataset"], defaults["task"] = dataset, DATASET_TASK[dataset]
-    pipeline = _merge(defaults, data.pop("pipeline", {}) or {})
+    pipeline = merge(defaults, data.pop("pipeline", {}) or {})
     if pipeline.get("target_languages") == "all":
         codes = NUSAX_LANGUAGES if dataset == "nusax" else AMERICASNLI_LANGUAGES
         pipeline["target_languages"] = [c for c in codes if c != pipeline["source_language"]]

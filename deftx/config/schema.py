@@ -9,36 +9,26 @@ Presets are YAML files shipped in ``deftx/presets/`` (``deftx pipeline --preset 
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from deftx.core.denoise import SVD_SOLVERS, SVD_TARGETS
+from deftx.config.loading import apply_overrides, fail, from_dict, merge, read_preset, read_yaml, to_dict
+from deftx.core.options import SVD_SOLVERS, SVD_TARGETS
 from deftx.errors import ConfigError
 
 METHODS = ("lt_sft", "deft_x")
 DATASETS = ("nusax", "americasnli")
 
 
-def _fail(key: str, problem: str) -> ConfigError:
-    return ConfigError(f"{key}: {problem}")
-
-
 def _check_fraction(key: str, value: float | None, *, low_open: bool = True, allow_none: bool = True) -> None:
     if value is None:
         if not allow_none:
-            raise _fail(key, "is required")
+            raise fail(key, "is required")
         return
     ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
     if not ok:
-        raise _fail(key, f"must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+        raise fail(key, f"must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
 
 
 @dataclass
@@ -51,9 +41,9 @@ class ModelConfig:
 
     def validate(self, key: str = "model") -> None:
         if not self.name_or_path:
-            raise _fail(f"{key}.name_or_path", "must not be empty")
+            raise fail(f"{key}.name_or_path", "must not be empty")
         if self.max_length < 8:
-            raise _fail(f"{key}.max_length", f"must be >= 8, got {self.max_length}")
+            raise fail(f"{key}.max_length", f"must be >= 8, got {self.max_length}")
 
 
 @dataclass
@@ -77,23 +67,23 @@ class SelectionConfig:
 
     def validate(self, key: str = "selection") -> None:
         if self.method not in METHODS:
-            raise _fail(f"{key}.method", f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+            raise fail(f"{key}.method", f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if (self.density is None) == (self.k is None):
-            raise _fail(key, "set exactly one of density (a fraction) or k (a count); set the other to null")
+            raise fail(key, "set exactly one of density (a fraction) or k (a count); set the other to null")
         _check_fraction(f"{key}.density", self.density)
         if self.k is not None and self.k < 0:
-            raise _fail(f"{key}.k", f"must be >= 0, got {self.k}")
+            raise fail(f"{key}.k", f"must be >= 0, got {self.k}")
         if self.method == "deft_x":
             if (self.rank is None) == (self.energy is None):
-                raise _fail(key, "deft_x needs exactly one of rank (fixed) or energy (fraction); set the other to null")
+                raise fail(key, "deft_x needs exactly one of rank (fixed) or energy (fraction); set the other to null")
             if self.rank is not None and self.rank < 1:
-                raise _fail(f"{key}.rank", f"must be a positive integer, got {self.rank}")
+                raise fail(f"{key}.rank", f"must be a positive integer, got {self.rank}")
             _check_fraction(f"{key}.energy", self.energy)
         _check_fraction(f"{key}.residual_keep", self.residual_keep, low_open=False, allow_none=False)
         if self.svd_target not in SVD_TARGETS:
-            raise _fail(f"{key}.svd_target", f"unknown target {self.svd_target!r}; valid: {', '.join(SVD_TARGETS)}")
+            raise fail(f"{key}.svd_target", f"unknown target {self.svd_target!r}; valid: {', '.join(SVD_TARGETS)}")
         if self.svd_solver not in SVD_SOLVERS:
-            raise _fail(f"{key}.svd_solver", f"unknown solver {self.svd_solver!r}; valid: {', '.join(SVD_SOLVERS)}")
+            raise fail(f"{key}.svd_solver", f"unknown solver {self.svd_solver!r}; valid: {', '.join(SVD_SOLVERS)}")
 
     def hyperparameters(self) -> dict[str, Any]:
         """What is recorded in SFT metadata (the DeFT-X fields only for deft_x)."""
@@ -123,21 +113,21 @@ class PhaseConfig:
 
     def validate(self, key: str) -> None:
         if self.epochs < 0:
-            raise _fail(f"{key}.epochs", f"must be >= 0, got {self.epochs}")
+            raise fail(f"{key}.epochs", f"must be >= 0, got {self.epochs}")
         if self.min_steps < 0:
-            raise _fail(f"{key}.min_steps", f"must be >= 0, got {self.min_steps}")
+            raise fail(f"{key}.min_steps", f"must be >= 0, got {self.min_steps}")
         if self.max_steps is not None and self.max_steps < 0:
-            raise _fail(f"{key}.max_steps", f"must be >= 0, got {self.max_steps}")
+            raise fail(f"{key}.max_steps", f"must be >= 0, got {self.max_steps}")
         if self.batch_size < 1:
-            raise _fail(f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+            raise fail(f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         if not self.learning_rate > 0:
-            raise _fail(f"{key}.learning_rate", f"must be > 0, got {self.learning_rate}")
+            raise fail(f"{key}.learning_rate", f"must be > 0, got {self.learning_rate}")
         for name in ("weight_decay", "l1_reg"):
             if getattr(self, name) < 0:
-                raise _fail(f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
+                raise fail(f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check_fraction(f"{key}.warmup_ratio", self.warmup_ratio, low_open=False, allow_none=False)
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise _fail(f"{key}.max_grad_norm", f"must be > 0 or null, got {self.max_grad_norm}")
+            raise fail(f"{key}.max_grad_norm", f"must be > 0 or null, got {self.max_grad_norm}")
 
     def num_steps(self, num_examples: int) -> int:
         import math
@@ -168,13 +158,13 @@ class SFTConfig:
         self.full.validate(f"{key}.full")
         self.sparse.validate(f"{key}.sparse")
         if self.head_warmup_steps < 0:
-            raise _fail(f"{key}.head_warmup_steps", f"must be >= 0, got {self.head_warmup_steps}")
+            raise fail(f"{key}.head_warmup_steps", f"must be >= 0, got {self.head_warmup_steps}")
         if not self.head_warmup_learning_rate > 0:
-            raise _fail(f"{key}.head_warmup_learning_rate", "must be > 0")
+            raise fail(f"{key}.head_warmup_learning_rate", "must be > 0")
         if not 0.0 < self.mlm_probability < 1.0:
-            raise _fail(f"{key}.mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
+            raise fail(f"{key}.mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
         if self.max_train_examples is not None and self.max_train_examples < 1:
-            raise _fail(f"{key}.max_train_examples", f"must be >= 1 or null, got {self.max_train_examples}")
+            raise fail(f"{key}.max_train_examples", f"must be >= 1 or null, got {self.max_train_examples}")
 
 
 def _default_language_sft() -> SFTConfig:
@@ -191,11 +181,11 @@ class DataConfig:
 
     def validate(self, key: str = "data") -> None:
         if self.dataset not in DATASETS:
-            raise _fail(f"{key}.dataset", f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
+            raise fail(f"{key}.dataset", f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
         if self.source not in ("bundled", "hub") and not Path(self.source).is_dir():
-            raise _fail(f"{key}.source", f"{self.source!r} is not 'bundled', 'hub' or an existing directory")
+            raise fail(f"{key}.source", f"{self.source!r} is not 'bundled', 'hub' or an existing directory")
         if self.dataset == "americasnli" and self.source == "bundled":
-            raise _fail(f"{key}.source", "AmericasNLI is not bundled: give the AmericasNLI directory (the layout is "
+            raise fail(f"{key}.source", "AmericasNLI is not bundled: give the AmericasNLI directory (the layout is "
                         "described in deftx/data/americasnli.py) or 'hub'")
 
 
@@ -227,21 +217,21 @@ class ClusterConfig:
 
     def validate(self, key: str = "cluster") -> None:
         if self.backend not in BACKENDS:
-            raise _fail(f"{key}.backend", f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+            raise fail(f"{key}.backend", f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
         if self.num_workers < 1:
-            raise _fail(f"{key}.num_workers", f"must be >= 1, got {self.num_workers}")
+            raise fail(f"{key}.num_workers", f"must be >= 1, got {self.num_workers}")
         if not self.cpus_per_worker > 0:
-            raise _fail(f"{key}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+            raise fail(f"{key}.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         if self.zero_stage not in (0, 1, 2, 3):
-            raise _fail(f"{key}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+            raise fail(f"{key}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.checkpoint_every < 0:
-            raise _fail(f"{key}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+            raise fail(f"{key}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         if self.max_failures < -1:
-            raise _fail(f"{key}.max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}")
+            raise fail(f"{key}.max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}")
         if self.report_every < 1:
-            raise _fail(f"{key}.report_every", f"must be >= 1, got {self.report_every}")
+            raise fail(f"{key}.report_every", f"must be >= 1, got {self.report_every}")
         if self.address is not None and self.address.startswith(("http://", "https://")):
-            raise _fail(f"{key}.address", f"{self.address} is a dashboard (job submission) address; submit this "
+            raise fail(f"{key}.address", f"{self.address} is a dashboard (job submission) address; submit this "
                         "script with `ray job submit --address ... -- python ...` instead, or give the cluster's "
                         "GCS address (HOST:6379) or ray://HOST:10001")
 
@@ -265,9 +255,9 @@ class TrackingConfig:
 
     def validate(self, key: str = "tracking") -> None:
         if self.uri is not None and not self.uri.strip():
-            raise _fail(f"{key}.uri", "must not be empty (use null for the local default)")
+            raise fail(f"{key}.uri", "must not be empty (use null for the local default)")
         if self.experiment is not None and not self.experiment.strip():
-            raise _fail(f"{key}.experiment", "must not be empty (use null for deftx-<task>)")
+            raise fail(f"{key}.experiment", "must not be empty (use null for deftx-<task>)")
 
 
 @dataclass
@@ -299,10 +289,10 @@ class PipelineConfig:
         from deftx.tasks import DATASET_TASK
 
         if self.task != DATASET_TASK[self.data.dataset]:
-            raise _fail("task", f"the {self.data.dataset} dataset's task is {DATASET_TASK[self.data.dataset]!r}, "
+            raise fail("task", f"the {self.data.dataset} dataset's task is {DATASET_TASK[self.data.dataset]!r}, "
                         f"got {self.task!r}")
         if not self.target_languages:
-            raise _fail("target_languages", "must list at least one language")
+            raise fail("target_languages", "must list at least one language")
         for key, code in [("source_language", self.source_language)] + [
                 (f"target_languages[{i}]", c) for i, c in enumerate(self.target_languages)]:
             if key == "source_language" and self.data.dataset == "americasnli" and code == "eng":
@@ -310,24 +300,24 @@ class PipelineConfig:
             try:
                 check_language(code, self.data.dataset)
             except DataError as exc:
-                raise _fail(key, str(exc)) from None
+                raise fail(key, str(exc)) from None
         if len(set(self.target_languages)) != len(self.target_languages):
-            raise _fail("target_languages", "lists a language twice")
+            raise fail("target_languages", "lists a language twice")
         self.language_sft.validate("language_sft")
         self.task_sft.validate("task_sft")
         if self.eval_batch_size < 1:
-            raise _fail("eval_batch_size", "must be >= 1")
+            raise fail("eval_batch_size", "must be >= 1")
         if self.max_eval_examples is not None and self.max_eval_examples < 1:
-            raise _fail("max_eval_examples", "must be >= 1 or null")
+            raise fail("max_eval_examples", "must be >= 1 or null")
         if self.threads is not None and self.threads < 1:
-            raise _fail("threads", "must be >= 1 or null")
+            raise fail("threads", "must be >= 1 or null")
         self.cluster.validate()
         self.tracking.validate()
         if self.cluster.backend == "ray" and self.cluster.zero_stage == 3:
             for key, sft in (("language_sft", self.language_sft), ("task_sft", self.task_sft)):
                 for phase in ("full", "sparse"):
                     if getattr(sft, phase).l1_reg > 0:
-                        raise _fail(f"{key}.{phase}.l1_reg", "the L1 pull needs whole parameters in the loss, "
+                        raise fail(f"{key}.{phase}.l1_reg", "the L1 pull needs whole parameters in the loss, "
                                     "which ZeRO-3 partitions; set it to 0 or use zero_stage 0-2")
         return self
 
@@ -341,166 +331,15 @@ class PipelineConfig:
         self.task_sft.selection.method = method
 
 
-# -- building dataclasses from plain data -----------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
-            return None
-        if len(args) == 1:
-            return _coerce(value, args[0], key)
-        for arg in args:
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise _fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise _fail(key, f"expected a mapping, got {value!r}")
-        return from_dict(tp, value, key)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise _fail(key, f"expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _fail(key, f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _fail(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        number: float | None = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise _fail(key, f"expected a number, got {value!r}")
-        if not math.isfinite(number):   # NaN passes every `<` check and Inf every `>` check below
-            raise _fail(key, f"must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _fail(key, f"expected a string, got {value!r}")
-    return value
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from nested plain data; unknown keys are errors."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise _fail(full, f"unknown key; valid keys here: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-# Alternatives where setting one clears the other (so `--set ...rank=8` needs no `energy=null`).
-_EXCLUSIVE = (("rank", "energy"), ("density", "k"))
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    for a, b in _EXCLUSIVE:
-        for given, other in ((a, b), (b, a)):
-            if update.get(given) is not None and other not in update and other in out:
-                out[other] = None
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], parsed YAML value)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
-        nested: Any = value
-        for part in reversed(path):
-            nested = {part: nested}
-        data = _merge(data, nested)
-    return data
-
-
-def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("deftx.presets").iterdir() if p.name.endswith(".yaml"))
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a directory, not a YAML file")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
-        raise ConfigError(f"config file {path}: invalid YAML ({first})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    return data
-
-
-def read_preset(name: str) -> dict[str, Any]:
-    names = preset_names()
-    if name not in names:
-        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(names)}")
-    text = resources.files("deftx.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text) or {}
-
-
 def load_pipeline_config(*, preset: str | None = None, config: str | Path | None = None,
                          overrides: list[str] | None = None, method: str | None = None) -> PipelineConfig:
     """Preset (if any), then the YAML file (if any), then ``--set`` overrides, then ``--method``;
     validated before it is returned."""
     data: dict[str, Any] = to_dict(PipelineConfig())
     if preset:
-        data = _merge(data, read_preset(preset))
+        data = merge(data, read_preset(preset))
     if config:
-        data = _merge(data, read_yaml(config))
+        data = merge(data, read_yaml(config))
     data = apply_overrides(data, overrides or [])
     cfg = from_dict(PipelineConfig, data)
     if method is not None:
