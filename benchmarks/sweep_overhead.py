@@ -44,7 +44,10 @@ def main() -> None:
     prepare_ray_process(None)
 
     from deftx.config import load_pipeline_config
-    from deftx.pipeline import LocalExecutor, SFTJob, config_digest, start_run, train_pipeline_sfts
+    from deftx.jobs.cache import config_digest
+    from deftx.jobs.executors import LocalExecutor
+    from deftx.jobs.spec import SFTJob
+    from deftx.pipeline import start_run, train_pipeline_sfts
     from deftx.ray_tune import run_sweep
     from deftx.sweep import score_composition, trial_job
     from deftx.tune_space import space_from_dict

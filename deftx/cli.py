@@ -75,7 +75,10 @@ def _run_one_job(cfg, kind: str, language: str, out: Path, language_sft_path: st
     from dataclasses import asdict
 
     from deftx.core.sft import SparseFineTuning
-    from deftx.pipeline import SFTJob, absolute_paths, check_run_outputs, config_digest, make_executor
+    from deftx.jobs.cache import config_digest
+    from deftx.jobs.executors import make_executor
+    from deftx.jobs.spec import SFTJob
+    from deftx.pipeline import absolute_paths, check_run_outputs
 
     check_run_outputs(cfg)
     cfg = absolute_paths(cfg)
@@ -142,7 +145,10 @@ def cmd_train_subnetworks(args: argparse.Namespace) -> int:
 
     from deftx.core.sft import SparseFineTuning
     from deftx.data import check_language
-    from deftx.pipeline import SFTJob, absolute_paths, check_run_outputs, config_digest, make_executor
+    from deftx.jobs.cache import config_digest
+    from deftx.jobs.executors import make_executor
+    from deftx.jobs.spec import SFTJob
+    from deftx.pipeline import absolute_paths, check_run_outputs
     from deftx.subnetworks.artifact import SUBNETWORK_OUTPUT, SubnetworkModel
 
     cfg = _load_config(args)

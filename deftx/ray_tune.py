@@ -24,7 +24,9 @@ from typing import Any
 
 from deftx.config import ClusterConfig, PipelineConfig
 from deftx.errors import DeftxError
-from deftx.pipeline import LocalExecutor, Log, check_run_outputs, make_executor, start_run
+from deftx.jobs.executors import LocalExecutor, make_executor
+from deftx.jobs.spec import Log
+from deftx.pipeline import check_run_outputs, start_run
 from deftx.registry import PendingRegistration, Registry, composed_model_name
 from deftx.sweep import (
     SharedWork,
@@ -236,7 +238,7 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
     languages = check_sweep(cfg, space, languages, num_samples)
     check_run_outputs(cfg)
     name = name or f"{Path(cfg.output_dir).name}-sweep"
-    from deftx.ray_train import connect
+    from deftx.jobs.ray import connect
 
     # Tune needs Ray whatever the backend; with `local` the trials train in their own processes
     connect(cfg.cluster if cfg.cluster.backend == "ray" else

@@ -26,7 +26,7 @@ from typing import Any
 from deftx.config import ClusterConfig, from_dict, read_yaml
 from deftx.errors import ConfigError
 from deftx.experiments.config import ExperimentConfig
-from deftx.pipeline import Log
+from deftx.jobs.spec import Log
 from deftx.tune_space import Dimension, spec_kind
 
 SEARCHERS = ("optuna", "random")
@@ -230,7 +230,7 @@ def run_subnetwork_sweep(cfg: ExperimentConfig, space: SubnetworkSpace, num_samp
 
     from deftx.experiments.report import metric_of
     from deftx.experiments.runner import Experiment
-    from deftx.ray_train import connect
+    from deftx.jobs.ray import connect
     from deftx.ray_tune import TRIAL_CPU, sweep_cluster, tune_distribution
     from deftx.tracking import Tracker
 

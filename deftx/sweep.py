@@ -27,14 +27,10 @@ from typing import Any
 from deftx.config import ConfigError, PipelineConfig, SelectionConfig, from_dict
 from deftx.data import NUSAX_LABELS, check_language, load_nusax_senti
 from deftx.errors import DataError
-from deftx.pipeline import (
-    Executor,
-    Log,
-    SFTJob,
-    config_digest,
-    phase1_digest,
-    train_pipeline_sfts,
-)
+from deftx.jobs.cache import config_digest
+from deftx.jobs.executors import Executor
+from deftx.jobs.spec import Log, SFTJob
+from deftx.pipeline import phase1_digest, train_pipeline_sfts
 from deftx.training.phase1_store import Phase1Store
 from deftx.tune_space import SearchSpace, selection_from_sample
 

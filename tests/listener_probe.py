@@ -106,7 +106,7 @@ def _train_loop(config: dict) -> None:
 
 def embedded(out: Path) -> None:
     from deftx.config import ClusterConfig
-    from deftx.ray_train import connect
+    from deftx.jobs.ray import connect
 
     connect(ClusterConfig(), log=lambda line: None)
     import ray

@@ -65,7 +65,7 @@ def test_up_sh_head_listens_on_loopback_only_and_down_sh_stops_only_it(tmp_path)
     # another Ray on the machine (an embedded one, as a running `deftx pipeline` has)
     other = subprocess.Popen([sys.executable, "-c", (
         "import sys, time, pathlib\n"
-        "from deftx.config import ClusterConfig\nfrom deftx.ray_train import connect\n"
+        "from deftx.config import ClusterConfig\nfrom deftx.jobs.ray import connect\n"
         "connect(ClusterConfig(), log=lambda line: None)\nimport ray\n"
         "pathlib.Path(sys.argv[1], 'up').write_text(str(ray._private.worker._global_node.all_processes"
         "['gcs_server'][0].process.pid))\n"

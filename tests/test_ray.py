@@ -132,7 +132,8 @@ def _task_job(model_dir: Path, out: Path):
     from dataclasses import asdict
 
     from deftx.config import load_pipeline_config
-    from deftx.pipeline import SFTJob, absolute_paths
+    from deftx.jobs.spec import SFTJob
+    from deftx.pipeline import absolute_paths
 
     cfg = absolute_paths(load_pipeline_config(overrides=[
         f"model.name_or_path={model_dir}", f"output_dir={out}", "task_sft.full.max_steps=4",
@@ -143,7 +144,7 @@ def _task_job(model_dir: Path, out: Path):
 
 def _executor(head, **changes):
     from deftx.config import ClusterConfig
-    from deftx.ray_train import RayExecutor
+    from deftx.jobs.ray import RayExecutor
 
     cluster = ClusterConfig(address=head["gcs"], checkpoint_every=2, max_failures=1, **changes)
     return RayExecutor(cluster, default_storage=Path(head["state"]) / "storage", log=lambda line: None)
@@ -218,7 +219,8 @@ def test_subnetwork_job_runs_on_ray_train_workers_under_deepspeed(head, tiny_mod
 
     from deftx.config import load_pipeline_config
     from deftx.core.topk import count_selected
-    from deftx.pipeline import SFTJob, absolute_paths
+    from deftx.jobs.spec import SFTJob
+    from deftx.pipeline import absolute_paths
     from deftx.subnetworks.artifact import SubnetworkModel
 
     cfg = absolute_paths(load_pipeline_config(overrides=[f"model.name_or_path={tiny_model_dir}",
@@ -245,7 +247,7 @@ def test_subnetwork_job_runs_on_ray_train_workers_under_deepspeed(head, tiny_mod
     ({"use_gpu": True}, "cluster has 0 GPUs"),
 ])
 def test_a_config_the_cluster_cannot_host_fails_before_training(head, tiny_model_dir, tmp_path, changes, message):
-    from deftx.ray_train import ClusterError
+    from deftx.jobs.ray import ClusterError
 
     executor = _executor(head, **changes)
     started = time.time()

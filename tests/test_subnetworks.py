@@ -419,8 +419,9 @@ def test_dynamic_masks_that_would_never_be_reselected_are_refused_before_any_wor
 def test_subnetwork_job_saves_a_model_whose_target_sfts_follow_the_policy(tiny_model_dir, tmp_path):
     from deftx.config import ModelConfig, PipelineConfig, SFTConfig, to_dict
     from deftx.core.compose import Composition
+    from deftx.jobs.run import run_job
+    from deftx.jobs.spec import SFTJob
     from deftx.models import load_classifier
-    from deftx.pipeline import SFTJob, run_job
     from deftx.subnetworks.artifact import SubnetworkModel
     from deftx.tasks import task_spec
 
@@ -562,7 +563,8 @@ def test_systems_with_the_same_probes_share_their_masks(tiny_model_dir, tmp_path
     """The probe masks are cached by digest: a second system with the same probe settings (here
     dynamic vs static) starts from identical masks without probing again."""
     from deftx.config import ModelConfig, PipelineConfig, SFTConfig, to_dict
-    from deftx.pipeline import SFTJob, run_job
+    from deftx.jobs.run import run_job
+    from deftx.jobs.spec import SFTJob
 
     cfg = PipelineConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)), task_sft=SFTConfig(max_train_examples=24))
     base = {"probe_steps": 2, "selection": {"density": 0.1}, "train": {"epochs": 1, "batch_size": 8}}

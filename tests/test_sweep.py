@@ -83,7 +83,9 @@ def test_trial_job_samples_only_the_swept_selection(tmp_path):
 def test_phase2_evaluations_score_the_composition_being_trained(tiny_model_dir, tmp_path):
     """A language SFT trained with a probe every 2 phase-2 steps reports at steps 2 and 4; the last
     report scores the same composition as the finished SFT."""
-    from deftx.pipeline import SFTJob, absolute_paths, run_job
+    from deftx.jobs.run import run_job
+    from deftx.jobs.spec import SFTJob
+    from deftx.pipeline import absolute_paths
     from deftx.sweep import score_composition
     from deftx.training.probe import read_reports
 

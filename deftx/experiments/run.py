@@ -18,7 +18,7 @@ from deftx.experiments.report import (
     write_report,
 )
 from deftx.experiments.runner import ExperimentState, run_experiment
-from deftx.pipeline import Log
+from deftx.jobs.spec import Log
 from deftx.tasks import task_spec
 
 

@@ -44,18 +44,11 @@ from deftx.core.sft import SparseFineTuning, read_metadata
 from deftx.errors import DeftxError
 from deftx.evaluation import ClassifierScorer
 from deftx.experiments.config import FULL_FT, ExperimentConfig
+from deftx.jobs.cache import config_digest, reuse_sft
+from deftx.jobs.executors import Executor
+from deftx.jobs.spec import Log, SFTJob
 from deftx.models import resolve_model_path
-from deftx.pipeline import (
-    Executor,
-    Log,
-    SFTJob,
-    TrainedSFTs,
-    _reuse,
-    config_digest,
-    phase1_digest,
-    start_run,
-    train_pipeline_sfts,
-)
+from deftx.pipeline import TrainedSFTs, phase1_digest, start_run, train_pipeline_sfts
 from deftx.tasks import task_spec
 from deftx.training.phase1_store import Phase1Store
 
@@ -314,7 +307,7 @@ class Experiment:
     # -- helpers -------------------------------------------------------------------------------
 
     def _run_sft(self, job: SFTJob, directory: Path) -> SparseFineTuning:
-        sft = _reuse(directory, job.digest, self.log)
+        sft = reuse_sft(directory, job.digest, self.log)
         if sft is not None:
             self.state.reused += 1
         else:

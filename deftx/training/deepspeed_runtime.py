@@ -11,7 +11,7 @@ What differs from the single-process reference (``deftx.training.runtime.LocalRu
 - phase 2 writes theta_start back outside the mask in the fp32 master and the forward weights;
 - every ``checkpoint_every`` steps, and right after the selection, a checkpoint (phase, step,
   masks, warm-up head, DeepSpeed model/optimizer/scheduler state, RNG per rank) goes to a
-  ``CheckpointSink`` (Ray Train's ``report`` in ``deftx.ray_train``, a directory otherwise).
+  ``CheckpointSink`` (Ray Train's ``report`` in ``deftx.jobs.ray``, a directory otherwise).
   The batch stream is a pure function of the step, so the step is the data position.
 
 No Ray here: Ray Train (or any launcher) creates the process group and provides the sink.

@@ -1,5 +1,5 @@
 """The Ray layer: each training job (MLM head, language SFT, task SFT) is one Ray Train
-``TorchTrainer`` run whose workers execute ``deftx.pipeline.run_job`` with a ``DeepSpeedRuntime``.
+``TorchTrainer`` run whose workers execute ``deftx.jobs.run.run_job`` with a ``DeepSpeedRuntime``.
 
 Thin on purpose: the training loop, the selection and the checkpoint contents live in the library;
 this module starts or joins Ray, checks that the cluster can host the workers, maps checkpoints to
@@ -29,7 +29,7 @@ from typing import Any
 from deftx.config import ClusterConfig
 from deftx.core.io import atomic_directory
 from deftx.errors import DeftxError
-from deftx.pipeline import Log, SFTJob, job_output_kind
+from deftx.jobs.spec import Log, SFTJob, job_output_kind
 from deftx.ray_env import (
     GCS_PORT_VAR,
     SETUP_HOOK,
@@ -166,7 +166,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from deftx.pipeline import run_job
+    from deftx.jobs.run import run_job
     from deftx.training.deepspeed_runtime import DeepSpeedRuntime
 
     cluster = ClusterConfig(**config["cluster"])
