@@ -87,8 +87,8 @@ def _worker(rank: int, world: int, store: str, model: str, strategy: str, out: s
 
     from deftx.core.scoring import make_scorer, select_masks
     from deftx.core.topk import resolve_budget
-    from deftx.distributed import distributed_select_masks, plan_shards
-    from deftx.training.deepspeed_engine import gather_owned
+    from deftx.training.distributed.engine import gather_owned
+    from deftx.training.distributed.selection import distributed_select_masks, plan_shards
 
     shapes = body_shapes(**SHAPES[model])
     module = Tensors(shapes, seed=0, change=True)

@@ -44,7 +44,7 @@ def measure(model_path: str, steps: int, distributed: bool, stage: int = 2) -> d
     params = list(roles.maskable.values()) + list(roles.head.values())
     stream = classification_stream(tok, load_nusax_senti("ind", "train"), batch_size=16, seed=0, max_length=128)
     if distributed:
-        from deftx.training.deepspeed_engine import DeepSpeedEngine
+        from deftx.training.distributed.engine import DeepSpeedEngine
 
         engine = DeepSpeedEngine(model, params, learning_rate=5e-5, weight_decay=0.0, total_steps=steps,
                                  zero_stage=stage, micro_batch_size=16)

@@ -30,7 +30,7 @@ def _worker(rank: int, world: int, store: str, stage: int, model_path: str, step
     from deftx.data import NUSAX_LABELS, load_nusax_senti
     from deftx.models import load_classifier, load_tokenizer
     from deftx.training.batches import classification_stream
-    from deftx.training.deepspeed_runtime import DeepSpeedRuntime
+    from deftx.training.distributed.runtime import DeepSpeedRuntime
     from deftx.training.lt_sft import train_sparse_fine_tuning
     from deftx.training.objectives import classification_loss
 

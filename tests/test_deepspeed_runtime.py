@@ -23,7 +23,7 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
     from deftx.data import NUSAX_LABELS, load_nusax_mt_text, load_nusax_senti
     from deftx.models import load_classifier, load_masked_lm, load_tokenizer
     from deftx.training.batches import classification_stream, masked_lm_stream
-    from deftx.training.deepspeed_runtime import DeepSpeedRuntime, DirectoryCheckpointSink
+    from deftx.training.distributed.runtime import DeepSpeedRuntime, DirectoryCheckpointSink
     from deftx.training.lt_sft import train_sparse_fine_tuning
     from deftx.training.objectives import classification_loss, masked_lm_loss
 
@@ -177,7 +177,7 @@ def test_checkpoint_files_are_read_as_data_only(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from deftx.training.deepspeed_engine import weights_only_load
+    from deftx.training.distributed.engine import weights_only_load
 
     good = tmp_path / "good.pt"
     state = {"module": {"w": torch.arange(4.0)}, "zero_stage": ZeroStageEnum.gradients,
@@ -200,7 +200,7 @@ def _tamper_worker(rank: int, world: int, store: str, path: str, out: str, marke
 
     import torch
 
-    from deftx.training.deepspeed_runtime import CheckpointError, DirectoryCheckpointSink
+    from deftx.training.distributed.runtime import CheckpointError, DirectoryCheckpointSink
 
     with loopback_group(rank, world, store):
         try:

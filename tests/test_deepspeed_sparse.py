@@ -33,7 +33,7 @@ def _worker(rank: int, world: int, store: str, stage: int, out: str, weight_deca
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
-        from deftx.training.deepspeed_engine import DeepSpeedEngine, project_outside_mask
+        from deftx.training.distributed.engine import DeepSpeedEngine, project_outside_mask
         from deftx.training.sparse import SparseUpdate
 
         model, roles = _tiny_task_model()
@@ -90,8 +90,8 @@ def _selection_worker(rank: int, world: int, store: str, stage: int, method: str
 
         from deftx.core.roles import embedding_parameter_names
         from deftx.core.scoring import make_scorer
-        from deftx.distributed import distributed_select_masks, plan_shards
-        from deftx.training.deepspeed_engine import DeepSpeedEngine, gather_owned
+        from deftx.training.distributed.engine import DeepSpeedEngine, gather_owned
+        from deftx.training.distributed.selection import distributed_select_masks, plan_shards
 
         model, roles = _tiny_task_model()
         theta0 = {n: p.detach().clone() for n, p in roles.maskable.items()}

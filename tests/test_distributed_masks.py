@@ -11,7 +11,12 @@ from helpers import loopback_group
 
 from deftx.core.scoring import make_scorer, select_masks
 from deftx.core.topk import find_threshold, score_keys
-from deftx.distributed import assign_owners, distributed_select_masks, plan_shards, scoring_cost
+from deftx.training.distributed.selection import (
+    assign_owners,
+    distributed_select_masks,
+    plan_shards,
+    scoring_cost,
+)
 
 SHAPES = {"emb.weight": (40, 6), "l0.q.weight": (12, 12), "l0.q.bias": (12,), "l0.ffn.weight": (24, 12),
           "l1.q.weight": (12, 12), "l1.ffn.weight": (12, 24), "l1.ffn.bias": (24,)}

@@ -52,7 +52,7 @@ def _full_values(roles, access, stage):
 def _restriction_worker(rank: int, world: int, store: str, stages: list[int], out: str) -> None:
     with loopback_group(rank, world, store):
         from deftx.subnetworks.update import LanguageMaskedUpdate
-        from deftx.training.deepspeed_engine import DeepSpeedEngine, DeepSpeedValueAccess
+        from deftx.training.distributed.engine import DeepSpeedEngine, DeepSpeedValueAccess
 
         records: dict[int, list[dict]] = {}
         for stage in stages:   # one process pair for every stage: spawning costs more than a stage
@@ -114,7 +114,7 @@ def _training_worker(rank: int, world: int, store: str, out: str) -> None:
         from deftx.config import PhaseConfig, SelectionConfig
         from deftx.subnetworks.config import SubnetworkConfig
         from deftx.subnetworks.train import train_subnetworks
-        from deftx.training.deepspeed_runtime import DeepSpeedRuntime
+        from deftx.training.distributed.runtime import DeepSpeedRuntime
         from deftx.training.multi_source import multi_source_loss
         from deftx.training.objectives import classification_loss
 

@@ -167,7 +167,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     import torch
 
     from deftx.jobs.run import run_job
-    from deftx.training.deepspeed_runtime import DeepSpeedRuntime
+    from deftx.training.distributed.runtime import DeepSpeedRuntime
 
     cluster = ClusterConfig(**config["cluster"])
     job = SFTJob(**config["job"])

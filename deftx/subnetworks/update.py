@@ -12,7 +12,7 @@ changes from step to step:
 
 Reading and writing go through a ``ValueAccess`` (``deftx.training.masked_values``) so that the same object works in one process
 and under DeepSpeed ZeRO (where the fp32 master weights are partitioned; see
-``deftx.training.deepspeed_runtime``). Languages are the integer indices that multi-source batches
+``deftx.training.distributed.runtime``). Languages are the integer indices that multi-source batches
 carry in their ``language`` rows (``deftx.training.multi_source``).
 """
 

@@ -1,5 +1,5 @@
 """Reading parameters' full values and writing some of their entries back, in one process or under
-DeepSpeed ZeRO (``deftx.training.deepspeed_engine.DeepSpeedValueAccess``), for updates confined
+DeepSpeed ZeRO (``deftx.training.distributed.engine.DeepSpeedValueAccess``), for updates confined
 to a mask that changes between steps (``deftx.subnetworks.update``)."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ process and a group of distributed workers, behind one small interface.
 The orchestration (warm-up, phase 1, selection, rewind, phase 2, extraction) exists once, in
 ``deftx.training.lt_sft``; a runtime only says how to build an engine, how to select masks, how
 to rewind, how to read weights back, and whether to checkpoint. ``LocalRuntime`` is the
-single-process reference; ``deftx.training.deepspeed_runtime.DeepSpeedRuntime`` runs the same
+single-process reference; ``deftx.training.distributed.runtime.DeepSpeedRuntime`` runs the same
 steps on every rank of a ``torch.distributed`` group under DeepSpeed ZeRO.
 """
 

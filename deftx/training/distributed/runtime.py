@@ -6,7 +6,7 @@ What differs from the single-process reference (``deftx.training.runtime.LocalRu
 - every phase starts from a freshly built model (a DeepSpeed engine leaves hooks and, under ZeRO-3,
   partitions on the module it wraps, so a module is never wrapped twice);
 - each rank trains on its share of every batch (rows split evenly; DeepSpeed averages gradients);
-- masks come from ``deftx.distributed.distributed_select_masks``: each rank gathers and scores only
+- masks come from ``deftx.training.distributed.selection.distributed_select_masks``: each rank gathers and scores only
   the tensors it owns, and the masks equal the single-process masks bit for bit;
 - phase 2 writes theta_start back outside the mask in the fp32 master and the forward weights;
 - every ``checkpoint_every`` steps, and right after the selection, a checkpoint (phase, step,
@@ -36,16 +36,16 @@ from torch import nn
 
 from deftx.config import PhaseConfig
 from deftx.core.scoring import MaskScorer, SelectionReport
-from deftx.distributed import distributed_select_masks, plan_shards
 from deftx.errors import DeftxError
 from deftx.training.batches import IGNORE_INDEX
-from deftx.training.deepspeed_engine import (
+from deftx.training.distributed.engine import (
     DeepSpeedEngine,
     DeepSpeedValueAccess,
     gather_owned,
     project_outside_mask,
     use_weights_only_loading,
 )
+from deftx.training.distributed.selection import distributed_select_masks, plan_shards
 from deftx.training.phase import LossFn
 from deftx.training.runtime import PHASE_ORDER, BatchAt, ModelBuilder, ResumeState, load_values
 from deftx.training.sparse import SparseUpdate
