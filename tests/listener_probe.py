@@ -1,8 +1,11 @@
 """What a Ray instance listens on, seen from the machine's own network (run by test_listeners.py
 outside the tests' loopback-only namespace, as a user's machine would see it).
 
-    python listener_probe.py embedded OUT.json     start Ray as deftx does, run a 2-worker Ray Train
-                                                   group, list the sockets while it trains
+    python listener_probe.py embedded OUT.json [HOLD]
+                                                   start Ray as deftx does, run a 2-worker Ray Train
+                                                   group, list the sockets while it trains; with HOLD
+                                                   (a folder), then write HOLD/up (the GCS pid) and
+                                                   keep Ray running until HOLD/stop exists
     python listener_probe.py session SID OUT.json  the sockets of the processes of session SID
                                                    (a head started by infra/local/up.sh)
     python listener_probe.py pids PID,... OUT.json  the sockets of these processes and their children
@@ -104,7 +107,7 @@ def _train_loop(config: dict) -> None:
     dist.barrier()
 
 
-def embedded(out: Path) -> None:
+def embedded(out: Path, hold: Path | None = None) -> None:
     from deftx.config import ClusterConfig
     from deftx.jobs.ray import connect
 
@@ -136,13 +139,19 @@ def embedded(out: Path) -> None:
     watcher.join(timeout=60)
     result["session"] = session
     out.write_text(json.dumps(result, indent=1))
+    if hold is not None:
+        gcs = ray._private.worker._global_node.all_processes["gcs_server"][0].process.pid
+        (hold / "up").write_text(str(gcs))
+        deadline = time.time() + 600
+        while not (hold / "stop").exists() and time.time() < deadline:
+            time.sleep(0.2)
     ray.shutdown()
 
 
 def main(argv: list[str]) -> None:
     mode = argv[0]
     if mode == "embedded":
-        embedded(Path(argv[1]))
+        embedded(Path(argv[1]), Path(argv[2]) if len(argv) > 2 else None)
     elif mode == "session":
         sid = int(argv[1])
         members = {p.pid for p in psutil.process_iter() if _sid(p.pid) == sid}

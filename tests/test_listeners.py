@@ -36,79 +36,73 @@ def _exposed(report: dict) -> list[str]:
             if r["address"] not in LOOPBACK]
 
 
-def test_embedded_ray_listens_on_loopback_only(tmp_path):
-    out = tmp_path / "embedded.json"
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"{path.name} did not appear: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.5)
+
+
+def test_ray_instances_listen_on_loopback_only_and_down_sh_stops_only_its_own(tmp_path):
+    """One embedded Ray as deftx starts it (checked while 2 Ray Train workers train, so that
+    torch's rendezvous store is among its sockets), then, while it keeps running, the head and
+    MLflow server of infra/local/up.sh; infra/local/down.sh then stops that head and leaves the
+    embedded Ray alone, as it would another user's Ray."""
     home = tmp_path / "home"
     home.mkdir()
-    done = subprocess.run([sys.executable, str(PROBE), "embedded", str(out)], env=_user_env(home), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600, **on_host_network())
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
-    training = report["training"]
-    assert training and training["world"] == 2, "the probe did not look while the workers trained"
-    ports = {r["port"] for r in report["listeners"]}
-    assert training["master_port"] in ports            # torch's rendezvous store was among them
-    assert len(report["listeners"]) >= 10              # GCS, raylet, workers, agents, dashboard, metrics
-    assert _exposed(report) == []
-    assert report["reachable_from_outside"] == []
-
-
-def test_up_sh_head_listens_on_loopback_only_and_down_sh_stops_only_it(tmp_path):
     state = tmp_path / "infra"
-    home = tmp_path / "home"
-    home.mkdir()
     env = {**_user_env(home), **PORTS, "DEFTX_INFRA_DIR": str(state)}
     net = on_host_network()
-    other_dir = tmp_path / "other"
-    other_dir.mkdir()
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    out = tmp_path / "embedded.json"
+    embedded = subprocess.Popen([sys.executable, str(PROBE), "embedded", str(out), str(hold)], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **net)
     sid = None
-    # another Ray on the machine (an embedded one, as a running `deftx pipeline` has)
-    other = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, pathlib\n"
-        "from deftx.config import ClusterConfig\nfrom deftx.jobs.ray import connect\n"
-        "connect(ClusterConfig(), log=lambda line: None)\nimport ray\n"
-        "pathlib.Path(sys.argv[1], 'up').write_text(str(ray._private.worker._global_node.all_processes"
-        "['gcs_server'][0].process.pid))\n"
-        "while not pathlib.Path(sys.argv[1], 'stop').exists(): time.sleep(0.2)\nray.shutdown()\n"), str(other_dir)],
-        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **net)
     try:
-        deadline = time.time() + 180
-        while not (other_dir / "up").exists():
-            assert other.poll() is None and time.time() < deadline, other.stderr.read()[-2000:]
-            time.sleep(0.5)
-        other_gcs = int((other_dir / "up").read_text())
+        _wait_for(hold / "up", embedded, 600)
+        report = json.loads(out.read_text())
+        training = report["training"]
+        assert training and training["world"] == 2, "the probe did not look while the workers trained"
+        assert training["master_port"] in {r["port"] for r in report["listeners"]}   # the rendezvous store
+        assert len(report["listeners"]) >= 10        # GCS, raylet, workers, agents, dashboard, metrics
+        assert _exposed(report) == []
+        assert report["reachable_from_outside"] == []
+        embedded_gcs = int((hold / "up").read_text())
 
-        up = subprocess.run([str(ROOT / "infra/local/up.sh")], env=env, capture_output=True, text=True, timeout=300,
-                            **net)
-        assert up.returncode == 0, up.stderr + up.stdout
-        sid = int((state / "ray.sid").read_text())
-        mlflow_pid = (state / "mlflow.pid").read_text().strip()
-        for mode, target in (("session", str(sid)), ("pids", mlflow_pid)):
-            out = tmp_path / f"{mode}.json"
-            probe = subprocess.run([sys.executable, str(PROBE), mode, target, str(out)], env=env, capture_output=True,
-                                   text=True, timeout=120, **net)
-            assert probe.returncode == 0, probe.stderr[-2000:]
-            report = json.loads(out.read_text())
-            assert report["listeners"], f"no listener found for {mode} {target}"
-            assert _exposed(report) == []
-            assert report["reachable_from_outside"] == []
-            if mode == "session":
-                assert any(r["port"] == int(PORTS["RAY_PORT"]) for r in report["listeners"])
-    finally:
-        down = subprocess.run([str(ROOT / "infra/local/down.sh")], env=env, capture_output=True, text=True,
-                              timeout=180, **net)
-    try:
+        try:
+            up = subprocess.run([str(ROOT / "infra/local/up.sh")], env=env, capture_output=True, text=True,
+                                timeout=300, **net)
+            assert up.returncode == 0, up.stderr + up.stdout
+            sid = int((state / "ray.sid").read_text())
+            mlflow_pid = (state / "mlflow.pid").read_text().strip()
+            for mode, target in (("session", str(sid)), ("pids", mlflow_pid)):
+                probed = tmp_path / f"{mode}.json"
+                probe = subprocess.run([sys.executable, str(PROBE), mode, target, str(probed)], env=env,
+                                       capture_output=True, text=True, timeout=120, **net)
+                assert probe.returncode == 0, probe.stderr[-2000:]
+                report = json.loads(probed.read_text())
+                assert report["listeners"], f"no listener found for {mode} {target}"
+                assert _exposed(report) == []
+                assert report["reachable_from_outside"] == []
+                if mode == "session":
+                    assert any(r["port"] == int(PORTS["RAY_PORT"]) for r in report["listeners"])
+        finally:
+            down = subprocess.run([str(ROOT / "infra/local/down.sh")], env=env, capture_output=True, text=True,
+                                  timeout=180, **net)
         assert down.returncode == 0, down.stderr
         assert sid is not None and "stopped the Ray head" in down.stdout
         left = subprocess.run(["pgrep", "-s", str(sid)], capture_output=True, text=True).stdout.split()
         assert left == [], f"processes of the up.sh head still running: {left}"
         current = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
         assert not (current.is_file() and current.read_text() == f"127.0.0.1:{PORTS['RAY_PORT']}")
-        os.kill(other_gcs, 0)        # the other Ray is untouched
-        assert other.poll() is None
+        os.kill(embedded_gcs, 0)        # the other Ray is untouched
+        assert embedded.poll() is None
     finally:
-        (other_dir / "stop").touch()
+        (hold / "stop").touch()
         try:
-            other.wait(timeout=60)
+            embedded.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            other.kill()
+            embedded.kill()
