@@ -9,7 +9,7 @@
 * ``change_spectra``, ``mean_normalised_spectrum``, ``energy_rank``: singular values of dense
   changes ``theta1 - theta0`` per layer type.
 * ``spectra_by_type_figure``, ``density_by_layer_figure``: figures of the above (matplotlib Agg
-  backend, as in ``deftx.plots``; None when there is nothing to plot).
+  backend, as in ``deftx.tracking.plots``; None when there is nothing to plot).
 
 Pure functions: no Ray, no MLflow, no I/O.
 """
@@ -22,13 +22,13 @@ from collections.abc import Iterable, Mapping
 
 import matplotlib
 
-matplotlib.use("Agg")  # as in deftx.plots: no display needed
+matplotlib.use("Agg")  # as in deftx.tracking.plots: no display needed
 import matplotlib.pyplot as plt
 import torch
 
 from deftx.core.denoise import select_rank
 from deftx.core.sft import SparseFineTuning
-from deftx.plots import layer_of
+from deftx.tracking.plots import layer_of
 
 LAYER_TYPES = ("query", "key", "value", "attention output", "ffn in", "ffn out", "embeddings", "other")
 
@@ -114,7 +114,7 @@ def _grouped_density(sft: SparseFineTuning, group_of, key) -> dict[str, float]:
 
 
 def density_by_layer(sft: SparseFineTuning) -> dict[str, float]:
-    """Selected fraction (sum of nnz / sum of numel) per ``deftx.plots.layer_of`` group, ordered
+    """Selected fraction (sum of nnz / sum of numel) per ``deftx.tracking.plots.layer_of`` group, ordered
     embeddings, layer 0..N, other (only the groups the SFT has tensors in)."""
     return _grouped_density(sft, layer_of, _layer_key)
 

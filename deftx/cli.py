@@ -175,8 +175,8 @@ def cmd_train_subnetworks(args: argparse.Namespace) -> int:
     executor.run(job, out.resolve(), _log)
     model = SubnetworkModel.load(out)
     sizes = {lang: sum(int(m.sum()) for m in ms.values()) for lang, ms in model.masks.items()}
-    from deftx.pipeline_tracking import log_sft
-    from deftx.tracking import Tracker
+    from deftx.tracking.runs import log_sft
+    from deftx.tracking.tracker import Tracker
 
     tracker = Tracker(cfg.tracking.uri, enabled=cfg.tracking.enabled, log=_log)
     run = log_sft(tracker, cfg.experiment_name("subnetworks"), None, out / "model", f"subnetworks-{out.name}",
@@ -376,7 +376,7 @@ def cmd_sweep_subnetworks(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace, create: bool = False):
-    from deftx.registry import open_registry
+    from deftx.tracking.registry import open_registry
 
     return open_registry(args.tracking_uri, log=_log, create=create)
 
@@ -411,7 +411,7 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 
 def cmd_registry_get(args: argparse.Namespace) -> int:
     from deftx.core.compose import COMPOSED_OUTPUT
-    from deftx.registry import compose_from_registry
+    from deftx.tracking.registry import compose_from_registry
 
     _fresh_output(args.out, args.overwrite, COMPOSED_OUTPUT)
 
@@ -422,7 +422,7 @@ def cmd_registry_get(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_sync(args: argparse.Namespace) -> int:
-    from deftx.registry import sync_pending
+    from deftx.tracking.registry import sync_pending
 
     done, left = sync_pending(_registry(args, create=True), args.dirs, log=_log)
     print(f"registered {done}; still pending {left}")
@@ -430,7 +430,7 @@ def cmd_registry_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from deftx.registry import load_model
+    from deftx.tracking.registry import load_model
 
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:

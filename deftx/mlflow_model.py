@@ -10,13 +10,13 @@ A registered composed model is a directory of data only::
 ``mlflow.pyfunc.load_model("models:/deftx-nusax_senti-jav@champion")`` imports *this module by
 name* from the Python environment and calls :func:`_load_pyfunc`; no code is stored with the model
 (versions registered by earlier deftx releases stored a copy of this module among their files;
-deftx itself never runs it, see :func:`deftx.registry.composed_sft_dirs`). The base model is not
+deftx itself never runs it, see :func:`deftx.tracking.registry.composed_sft_dirs`). The base model is not
 stored either: it is loaded from the id recorded in the task SFT (``DEFTX_BASE_MODEL`` overrides
 it) and must match the SFTs' base fingerprint.
 
 Trust: ``mlflow.pyfunc.load_model`` does what the downloaded ``MLmodel`` file says, and whoever can
 write the store can change that file. deftx's own lookups (``deftx predict``, ``deftx registry
-get``, :func:`deftx.registry.load_model`) read ``MLmodel`` as plain YAML, load only the two SFT
+get``, :func:`deftx.tracking.registry.load_model`) read ``MLmodel`` as plain YAML, load only the two SFT
 directories (safetensors + JSON, checksummed) and build the predictor from the installed deftx.
 """
 

@@ -192,7 +192,7 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | Non
     """Train (or reuse) every SFT of the pipeline with ``executor`` (default: the one of
     ``cfg.cluster``), then evaluate the compositions in this process, track the run in MLflow and
     register the SFTs and composed models (``cfg.tracking``)."""
-    from deftx.tracking import Tracker
+    from deftx.tracking.tracker import Tracker
 
     started = time.perf_counter()
     cfg, executor = start_run(cfg, log, executor)
@@ -213,9 +213,9 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | Non
 
 def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, started: float, tracker, run,
                         experiment: str) -> PipelineResult:
-    from deftx.pipeline_tracking import log_sft
-    from deftx.plots import close, language_bars
-    from deftx.registry import PendingRegistration, Registry
+    from deftx.tracking.plots import close, language_bars
+    from deftx.tracking.registry import PendingRegistration, Registry
+    from deftx.tracking.runs import log_sft
 
     languages = pipeline_languages(cfg)
     trained = train_pipeline_sfts(cfg, executor, languages, log)

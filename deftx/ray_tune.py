@@ -27,7 +27,6 @@ from deftx.errors import DeftxError
 from deftx.jobs.executors import LocalExecutor, make_executor
 from deftx.jobs.spec import Log
 from deftx.pipeline import check_run_outputs, start_run
-from deftx.registry import PendingRegistration, Registry, composed_model_name
 from deftx.sweep import (
     SharedWork,
     check_sweep,
@@ -36,7 +35,8 @@ from deftx.sweep import (
     score_composition,
     trial_job,
 )
-from deftx.tracking import RunHandle, Tracker
+from deftx.tracking.registry import PendingRegistration, Registry, composed_model_name
+from deftx.tracking.tracker import RunHandle, Tracker
 from deftx.training.probe import read_reports
 from deftx.tune_space import Dimension, SearchSpace
 
@@ -170,7 +170,7 @@ def _trial(sample: dict[str, Any], *, shared: dict[str, Any], lang: str, setting
     params = {"language": lang, **selection.hyperparameters()}
     tracker = Tracker(settings["tracking_uri"], enabled=settings["tracking"], log=log)
     if settings["tracking"]:
-        from deftx.pipeline_tracking import log_sft
+        from deftx.tracking.runs import log_sft
 
         trial_id = ctx.get_trial_id()
         tags = {"deftx.sweep": settings["name"], "deftx.trial": trial_id}
@@ -353,7 +353,7 @@ def _active(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def _log_sweep_plots(tracker: Tracker, run: RunHandle, summary: LanguageResult, key: str) -> None:
-    from deftx.plots import trial_scatter
+    from deftx.tracking.plots import trial_scatter
 
     fig = trial_scatter(summary.rows, key, title=f"{summary.language}: trials")
     if fig is not None:
@@ -366,8 +366,8 @@ def _log_spectra(tracker: Tracker, run: RunHandle, cfg: PipelineConfig, shared: 
     from deftx.core.roles import parameter_roles
     from deftx.core.sft import read_metadata
     from deftx.models import load_classifier, load_masked_lm, resolve_model_path
-    from deftx.pipeline_tracking import spectra_figure
-    from deftx.plots import close
+    from deftx.tracking.plots import close
+    from deftx.tracking.runs import spectra_figure
 
     best_dir = summary.best_trial_dir
     ranks = {}
@@ -392,7 +392,7 @@ def _log_spectra(tracker: Tracker, run: RunHandle, cfg: PipelineConfig, shared: 
 
 
 def _log_language_bars(tracker: Tracker, run: RunHandle, result: SweepResult, key: str) -> None:
-    from deftx.plots import language_bars
+    from deftx.tracking.plots import language_bars
 
     fig = language_bars({r.language: r.best_score for r in result.languages}, key, title=f"sweep {result.name}")
     tracker.log_figure(run, fig, "plots/best-per-language.png")

@@ -161,7 +161,7 @@ def _trial(sample: dict[str, Any], *, base: dict[str, Any], space: dict[str, Any
 
     from deftx.experiments.report import metric_of
     from deftx.experiments.runner import Experiment
-    from deftx.tracking import RunHandle, Tracker
+    from deftx.tracking.tracker import RunHandle, Tracker
 
     cfg = from_dict(ExperimentConfig, base)
     sp = SubnetworkSpace(**{**space, "dimensions": {k: Dimension(**d) for k, d in space["dimensions"].items()}})
@@ -232,7 +232,7 @@ def run_subnetwork_sweep(cfg: ExperimentConfig, space: SubnetworkSpace, num_samp
     from deftx.experiments.runner import Experiment
     from deftx.jobs.ray import connect
     from deftx.ray_tune import TRIAL_CPU, sweep_cluster, tune_distribution
-    from deftx.tracking import Tracker
+    from deftx.tracking.tracker import Tracker
 
     if num_samples < 1:
         raise ConfigError(f"--samples: must be >= 1, got {num_samples}")

@@ -20,7 +20,7 @@ from deftx.analysis import (
     spectra_by_type_figure,
 )
 from deftx.core.sft import SFTMetadata, SparseDelta, SparseFineTuning
-from deftx.plots import close
+from deftx.tracking.plots import close
 
 Q = "encoder.layer.0.attention.self.query.weight"
 FFN_OUT = "encoder.layer.0.output.dense.weight"

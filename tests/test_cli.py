@@ -226,7 +226,7 @@ def _closed_port() -> int:
 def _check_tracked_pipeline(store: str, out) -> None:
     """The run is in MLflow (parent + one nested run per SFT, with loss curves and plots) unless the
     server was down, and the composed model of each target is registered as champion."""
-    from deftx.registry import open_registry
+    from deftx.tracking.registry import open_registry
 
     registry = open_registry(store)
     champion = registry.resolve("deftx-nusax_senti-jav@champion")

@@ -76,7 +76,7 @@ def job_dir(tmp_path_factory):
 def test_ray_job_submit_runs_the_pipeline(head, tiny_model_dir, job_dir):
     """The README's command, verbatim apart from the tiny settings: SUCCEEDED, the SFTs exist, and
     the run is tracked and registered on the MLflow server that up.sh started."""
-    from deftx.registry import open_registry
+    from deftx.tracking.registry import open_registry
 
     out = job_dir
     cmd = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--",
@@ -99,7 +99,7 @@ def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tiny_model_dir, j
     """`ray job submit ... ray_jobs/sweep.py`: each trial launches a 2-worker TorchTrainer (Train V2
     pattern, trial 0.01 CPU + workers 0.99); the pipeline's head, source SFT and task SFT are reused;
     trials are registered on the MLflow server and the champion moves to the best of them."""
-    from deftx.registry import open_registry
+    from deftx.tracking.registry import open_registry
 
     space = job_dir.parent / "space.json"
     space.write_text(json.dumps({

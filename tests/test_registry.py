@@ -17,7 +17,7 @@ from helpers import make_sft
 
 from deftx.data import NUSAX_LABELS
 from deftx.models import load_classifier, load_masked_lm, load_tokenizer
-from deftx.registry import (
+from deftx.tracking.registry import (
     ModelRef,
     PendingRegistration,
     Registry,
@@ -25,7 +25,7 @@ from deftx.registry import (
     compose_from_registry,
     sync_pending,
 )
-from deftx.tracking import Tracker, flatten_params, numeric_metrics
+from deftx.tracking.tracker import Tracker, flatten_params, numeric_metrics
 
 TEXTS = ["Aku seneng banget karo layanan iki", "Pelayanan buruk sekali, saya kecewa", "biasa wae"]
 
@@ -193,7 +193,7 @@ def mlflow_server(tmp_path):
                              str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
-    from deftx.tracking import server_reachable
+    from deftx.tracking.tracker import server_reachable
 
     deadline = time.time() + 90
     while not server_reachable(uri, timeout=1):
@@ -289,7 +289,7 @@ def _register_old_layout(registry: Registry, sfts, tmp_path: Path) -> str:
     """A composed model registered as earlier deftx releases did (models-from-code)."""
     import mlflow.pyfunc
 
-    from deftx.registry import sft_tags
+    from deftx.tracking.registry import sft_tags
 
     code = tmp_path / "deftx_composed_model.py"
     code.write_text(OLD_LAYOUT_MODEL)

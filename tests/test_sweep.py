@@ -124,7 +124,7 @@ def _space_file(tmp_path: Path, **changes) -> Path:
 def test_sweep_registers_versions_sets_the_champion_and_predicts(tiny_model_dir, tmp_path):
     """A real Tune sweep (Optuna + ASHA) of 2 trials: every trial is a registered composed model,
     champion = the best on the objective, lookup + compose + predict work from the registry."""
-    from deftx.registry import load_model, open_registry
+    from deftx.tracking.registry import load_model, open_registry
 
     run = subprocess.run(_sweep_cmd(tiny_model_dir, _space_file(tmp_path), tmp_path / "out", 2), cwd=tmp_path,
                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -269,7 +269,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 def write_report(state: ExperimentState, directory: Path, *, command: str, seconds: float,
                  figures: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write ``results.md``, ``scores.csv``, ``overlap.csv``, ``provenance.json`` and the figures."""
-    from deftx.plots import close
+    from deftx.tracking.plots import close
 
     directory.mkdir(parents=True, exist_ok=True)
     prov = provenance(state, command, seconds)

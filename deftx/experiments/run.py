@@ -81,7 +81,7 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
     from deftx import __version__
     from deftx.core.io import check_output_location
     from deftx.pipeline import check_run_outputs
-    from deftx.tracking import Tracker
+    from deftx.tracking.tracker import Tracker
 
     started = time.perf_counter()
     directory = Path(results_dir or Path(cfg.results_dir) / f"{cfg.dataset}-{cfg.preset}")
@@ -112,7 +112,7 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
         tracker.log_metrics(run, metrics)
         tracker.log_artifacts(run, directory, "results")
         if tracker.enabled:
-            from deftx.pipeline_tracking import log_sft
+            from deftx.tracking.runs import log_sft
 
             for name, sft_dir in state.sft_dirs.items():   # nested runs: loss curves, density, sft.json
                 log_sft(tracker, experiment, run, sft_dir, name.replace("/", "-"))

@@ -36,7 +36,7 @@ from typing import Any
 from deftx import __version__
 from deftx.core.sft import read_metadata
 from deftx.errors import DeftxError
-from deftx.tracking import RunHandle, Tracker, flatten_params
+from deftx.tracking.tracker import RunHandle, Tracker, flatten_params
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from deftx.core.sft import read_metadata
-from deftx.plots import close, mask_density_per_layer, singular_spectra
-from deftx.tracking import RunHandle, Tracker
+from deftx.tracking.plots import close, mask_density_per_layer, singular_spectra
+from deftx.tracking.tracker import RunHandle, Tracker
 
 
 def _metric_name(phase: str) -> str:

@@ -12,7 +12,7 @@ is used when the config gives none.
 Failure behaviour: tracking must never cost a training run. If the store cannot be reached at the
 start, or a call fails later, the tracker warns once and turns into a no-op (``tracker.offline``);
 the caller keeps its artifacts on local disk and records what to register (see
-``deftx.registry.PendingRegistration``), which ``deftx registry sync`` uploads later.
+``deftx.tracking.registry.PendingRegistration``), which ``deftx registry sync`` uploads later.
 """
 
 from __future__ import annotations
