@@ -6,7 +6,7 @@ and the time the sweep saves by reusing shared work (phase 1 of the swept langua
 Both sides start after the shared pipeline SFTs (MLM head, source-language SFT, task SFT) exist:
 they are trained once first, and their time is reported separately. Then:
 
-* sweep: ``deftx.ray_tune.run_sweep`` with ``cluster.backend: local`` (trials in Tune trial actors,
+* sweep: ``deftx.workflows.sweeps.tune.run_sweep`` with ``cluster.backend: local`` (trials in Tune trial actors,
   random search, no early stopping, MLflow tracking + registration to a temporary sqlite store):
   one shared phase 1 of the target language SFT, then per trial selection + phase 2 + evaluation +
   registration;
@@ -47,10 +47,10 @@ def main() -> None:
     from deftx.jobs.cache import config_digest
     from deftx.jobs.executors import LocalExecutor
     from deftx.jobs.spec import SFTJob
-    from deftx.pipeline import start_run, train_pipeline_sfts
-    from deftx.ray_tune import run_sweep
-    from deftx.sweep import score_composition, trial_job
-    from deftx.tune_space import space_from_dict
+    from deftx.workflows.pipeline import start_run, train_pipeline_sfts
+    from deftx.workflows.sweeps.shared import score_composition, trial_job
+    from deftx.workflows.sweeps.space import space_from_dict
+    from deftx.workflows.sweeps.tune import run_sweep
 
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="deftx-sweep-bench-"))
     if args.reuse_from:
@@ -82,7 +82,7 @@ def main() -> None:
     phase1 = sum(v for k, v in result.shared_seconds.items() if k.startswith("phase 1"))
     configs = [row["config"] for row in result.languages[0].rows]
 
-    from deftx.sweep import SharedWork  # the same shared SFTs, without the phase-1 store
+    from deftx.workflows.sweeps.shared import SharedWork  # the same shared SFTs, without the phase-1 store
 
     shared = SharedWork(config=asdict(cfg_abs), sft="language", task_sft=str(out / "sfts" / f"task-{cfg.task}"),
                         source_sft=str(out / "sfts" / f"lang-{cfg.source_language}"),

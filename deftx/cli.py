@@ -58,7 +58,7 @@ def _load_config(args: argparse.Namespace, extra: list[str] | None = None):
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from deftx.pipeline import run_pipeline
+    from deftx.workflows.pipeline import run_pipeline
 
     extra = [f"output_dir={args.output_dir}"] if args.output_dir else []
     cfg = _load_config(args, extra)
@@ -78,7 +78,7 @@ def _run_one_job(cfg, kind: str, language: str, out: Path, language_sft_path: st
     from deftx.jobs.cache import config_digest
     from deftx.jobs.executors import make_executor
     from deftx.jobs.spec import SFTJob
-    from deftx.pipeline import absolute_paths, check_run_outputs
+    from deftx.workflows.pipeline import absolute_paths, check_run_outputs
 
     check_run_outputs(cfg)
     cfg = absolute_paths(cfg)
@@ -148,8 +148,8 @@ def cmd_train_subnetworks(args: argparse.Namespace) -> int:
     from deftx.jobs.cache import config_digest
     from deftx.jobs.executors import make_executor
     from deftx.jobs.spec import SFTJob
-    from deftx.pipeline import absolute_paths, check_run_outputs
     from deftx.subnetworks.artifact import SUBNETWORK_OUTPUT, SubnetworkModel
+    from deftx.workflows.pipeline import absolute_paths, check_run_outputs
 
     cfg = _load_config(args)
     check_run_outputs(cfg)
@@ -319,9 +319,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from deftx.ray_tune import run_sweep
-    from deftx.sweep import check_sweep
-    from deftx.tune_space import load_space
+    from deftx.workflows.sweeps.shared import check_sweep
+    from deftx.workflows.sweeps.space import load_space
+    from deftx.workflows.sweeps.tune import run_sweep
 
     extra = [f"output_dir={args.output_dir}"] if args.output_dir else []
     cfg = _load_config(args, extra)
@@ -341,8 +341,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     import shlex
 
-    from deftx.experiments.config import load_experiment
-    from deftx.experiments.run import run_and_report
+    from deftx.workflows.experiments.config import load_experiment
+    from deftx.workflows.experiments.run import run_and_report
 
     overrides = list(args.set or [])
     if args.output_dir:
@@ -359,8 +359,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_subnetworks(args: argparse.Namespace) -> int:
-    from deftx.experiments.config import load_experiment
-    from deftx.ray_tune_subnetworks import load_subnetwork_space, run_subnetwork_sweep
+    from deftx.workflows.experiments.config import load_experiment
+    from deftx.workflows.sweeps.subnetworks import load_subnetwork_space, run_subnetwork_sweep
 
     overrides = list(args.set or [])
     if args.output_dir:

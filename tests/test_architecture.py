@@ -7,7 +7,8 @@ tests/import_graph.py: `python tests/import_graph.py` prints it) and in fresh in
 * deftx.config never loads torch;
 * deftx.training loads no Ray or MLflow, and DeepSpeed and torch.distributed are imported only
   under deftx.training.distributed;
-* Ray is imported only by the Ray adapters.
+* Ray is imported only by the Ray adapters;
+* workflows (pipeline, experiments, sweeps) are imported only by the CLI and each other.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ def test_training_loads_no_ray_or_mlflow_and_only_its_distributed_part_imports_d
 
 
 def test_ray_is_imported_only_by_the_ray_adapters(graph):
-    adapters = {"deftx.jobs.ray", "deftx.ray_env", "deftx.ray_tune", "deftx.ray_tune_subnetworks"}
+    adapters = {"deftx.jobs.ray", "deftx.ray_env", "deftx.workflows.sweeps.tune", "deftx.workflows.sweeps.subnetworks"}
     users = {m for m, ext in graph.external.items() if "ray" in ext}
     assert users <= adapters, sorted(users - adapters)
+
+
+def test_workflows_are_imported_only_by_the_command_line_and_other_workflows(graph):
+    for module, targets in graph.edges.items():
+        into = {t for t in targets if t.startswith("deftx.workflows")}
+        if into:
+            assert module.startswith("deftx.workflows") or module == "deftx.cli", f"{module} imports {sorted(into)}"

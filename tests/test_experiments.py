@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deftx.config import ConfigError, PipelineConfig
-from deftx.experiments.config import (
+from deftx.workflows.experiments.config import (
     XLMR_BASE_MASKABLE,
     XLMR_LANGUAGE_K,
     XLMR_TASK_K,
@@ -19,8 +19,8 @@ from deftx.experiments.config import (
     load_experiment,
     xlmr_densities,
 )
-from deftx.experiments.report import cell, mean_spread, per_seed_average
-from deftx.experiments.runner import Record
+from deftx.workflows.experiments.report import cell, mean_spread, per_seed_average
+from deftx.workflows.experiments.runner import Record
 
 
 def test_xlmr_base_maskable_count_recounted_on_a_meta_model():
@@ -376,7 +376,7 @@ def test_subnetwork_experiment_end_to_end_and_reuse(tiny_model_dir, tmp_path, ca
     again = tmp_path / "again"
     import yaml
 
-    from deftx.experiments.config import _preset_text
+    from deftx.workflows.experiments.config import _preset_text
 
     data = yaml.safe_load(_preset_text("nusax", "subnetworks-small"))
     data["subnetworks"]["systems"] = {"plain": {"mode": "none"}}
@@ -418,7 +418,7 @@ def test_time_ledger_is_written_after_every_unit_so_a_killed_run_keeps_its_time(
     """The ledger (compute per stage over all invocations) is flushed when each unit ends, not only
     when the stage does: a run killed outright between units has already recorded their seconds;
     a resumed run adds to them, and a failing stage still records what it spent."""
-    from deftx.experiments import runner
+    from deftx.workflows.experiments import runner
 
     clock = iter([100.0, 103.0, 110.0, 111.5, 200.0, 204.0])
     monkeypatch.setattr(runner.time, "perf_counter", lambda: next(clock))
@@ -450,8 +450,8 @@ def test_subnetworks_full_preset_reselects_every_dynamic_system_on_the_real_fold
     sizes (a first run had Reptile's R above its 18-21 outer steps: a 'dynamic' system that was
     static), and the experiment's up-front check accepts the preset."""
     from deftx.data import load_nusax_senti
-    from deftx.experiments.runner import check_subnetwork_schedules
     from deftx.subnetworks.train import steps_for_sizes
+    from deftx.workflows.experiments.runner import check_subnetwork_schedules
 
     cfg = load_experiment("nusax", preset="subnetworks-full")
     assert len(cfg.seeds) >= 3 and cfg.subnetworks.system("plain").mode == "none"
@@ -468,7 +468,7 @@ def test_subnetworks_full_preset_reselects_every_dynamic_system_on_the_real_fold
 def test_a_dynamic_system_that_would_never_reselect_is_refused_before_the_experiment_starts(tmp_path):
     """R above a fold's step count is a ConfigError naming the system and fold, raised before the
     run starts (no output directory, no executor call), not hours later when that unit begins."""
-    from deftx.experiments.runner import run_experiment
+    from deftx.workflows.experiments.runner import run_experiment
 
     class NoWork:
         def run(self, *args, **kwargs):

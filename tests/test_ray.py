@@ -92,7 +92,7 @@ def test_ray_job_submit_runs_the_pipeline(head, tiny_model_dir, job_dir):
         assert meta["nnz"] > 0 and meta["training"]["world_size"] == 2
     assert (out / "mlm-head" / "head.safetensors").is_file()
     champion = open_registry(head["mlflow"]).resolve("deftx-nusax_senti-jav@champion")
-    assert champion.tags["deftx.pipeline"] == str(out)
+    assert champion.tags["deftx.workflows.pipeline"] == str(out)
 
 
 def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tiny_model_dir, job_dir):
@@ -118,7 +118,7 @@ def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tiny_model_dir, j
     assert result["languages"][0]["trials"] == 2
     registry = open_registry(head["mlflow"])
     versions = registry.client.search_model_versions("name='deftx-nusax_senti-jav'")
-    from_sweep = [v for v in versions if v.tags.get("deftx.sweep") == "job-sweep"]
+    from_sweep = [v for v in versions if v.tags.get("deftx.workflows.sweeps.shared") == "job-sweep"]
     assert 1 <= len(from_sweep) <= 2 and len(versions) == 1 + len(from_sweep)   # + the pipeline's
     for version in from_sweep:
         meta = json.loads((job_dir / "sweeps" / "job-sweep" / "jav" / version.tags["deftx.trial"] / "sft" /
@@ -133,7 +133,7 @@ def _task_job(model_dir: Path, out: Path):
 
     from deftx.config import load_pipeline_config
     from deftx.jobs.spec import SFTJob
-    from deftx.pipeline import absolute_paths
+    from deftx.workflows.pipeline import absolute_paths
 
     cfg = absolute_paths(load_pipeline_config(overrides=[
         f"model.name_or_path={model_dir}", f"output_dir={out}", "task_sft.full.max_steps=4",
@@ -220,8 +220,8 @@ def test_subnetwork_job_runs_on_ray_train_workers_under_deepspeed(head, tiny_mod
     from deftx.config import load_pipeline_config
     from deftx.core.topk import count_selected
     from deftx.jobs.spec import SFTJob
-    from deftx.pipeline import absolute_paths
     from deftx.subnetworks.artifact import SubnetworkModel
+    from deftx.workflows.pipeline import absolute_paths
 
     cfg = absolute_paths(load_pipeline_config(overrides=[f"model.name_or_path={tiny_model_dir}",
                                                          f"output_dir={tmp_path}", "task_sft.max_train_examples=32"]))

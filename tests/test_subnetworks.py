@@ -474,8 +474,8 @@ def _space(tmp_path, **data):
 
 
 def test_subnetwork_space_is_checked_against_the_experiment_before_any_work(tmp_path):
-    from deftx.experiments.config import load_experiment
-    from deftx.ray_tune_subnetworks import load_subnetwork_space, trial_config
+    from deftx.workflows.experiments.config import load_experiment
+    from deftx.workflows.sweeps.subnetworks import load_subnetwork_space, trial_config
 
     cfg = load_experiment("nusax", preset="subnetworks-small")
     space = load_subnetwork_space(_space(tmp_path), cfg)
@@ -501,8 +501,8 @@ def test_subnetwork_space_is_checked_against_the_experiment_before_any_work(tmp_
 def test_subnetwork_sweep_configs_validate_for_every_subnetwork_preset(tmp_path, preset):
     """The sweep's shared work (no systems) and a trial validate, with or without a main table
     (subnetworks-full has main_table: false: the shared work is then the language SFTs only)."""
-    from deftx.experiments.config import load_experiment
-    from deftx.ray_tune_subnetworks import load_subnetwork_space, shared_config, trial_config
+    from deftx.workflows.experiments.config import load_experiment
+    from deftx.workflows.sweeps.subnetworks import load_subnetwork_space, shared_config, trial_config
 
     cfg = load_experiment("nusax", preset=preset)
     space = load_subnetwork_space(_space(tmp_path, dimensions={"selection.density": {"choice": [0.2, 0.4]}}), cfg)

@@ -17,8 +17,8 @@ import pytest
 
 from deftx.config import ClusterConfig, load_pipeline_config
 from deftx.errors import ConfigError
-from deftx.sweep import SharedWork, check_sweep, trial_job
-from deftx.tune_space import Dimension, space_from_dict
+from deftx.workflows.sweeps.shared import SharedWork, check_sweep, trial_job
+from deftx.workflows.sweeps.space import Dimension, space_from_dict
 
 SPACE = {"dataset": "nusax", "objective": {"metric": "macro_f1", "split": "target_valid"}, "searcher": "optuna",
          "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2}, "eval_every": 2,
@@ -49,7 +49,7 @@ def test_check_sweep_rejects_bad_requests_before_any_work():
 def test_tune_distributions_and_trial_cpus():
     from ray import tune
 
-    from deftx.ray_tune import TRIAL_CPU, sweep_cluster, tune_distribution
+    from deftx.workflows.sweeps.tune import TRIAL_CPU, sweep_cluster, tune_distribution
 
     assert tune_distribution(Dimension("rank", "constant", (8,))) == 8
     randint = tune_distribution(Dimension("rank", "randint", (2, 4)))
@@ -85,9 +85,9 @@ def test_phase2_evaluations_score_the_composition_being_trained(tiny_model_dir, 
     report scores the same composition as the finished SFT."""
     from deftx.jobs.run import run_job
     from deftx.jobs.spec import SFTJob
-    from deftx.pipeline import absolute_paths
-    from deftx.sweep import score_composition
     from deftx.training.probe import read_reports
+    from deftx.workflows.pipeline import absolute_paths
+    from deftx.workflows.sweeps.shared import score_composition
 
     cfg = absolute_paths(load_pipeline_config(overrides=[
         f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path}", "cluster.backend=local",
@@ -139,7 +139,7 @@ def test_sweep_registers_versions_sets_the_champion_and_predicts(tiny_model_dir,
     champion = registry.resolve("deftx-nusax_senti-jav@champion")
     best = max(float(v.tags["score"]) for v in versions)
     assert float(champion.tags["score"]) == best == pytest.approx(lang["best_score"])
-    assert champion.tags["deftx.sweep"] == "out-sweep" and champion.tags["objective"] == "target_valid_macro_f1"
+    assert champion.tags["deftx.workflows.sweeps.shared"] == "out-sweep" and champion.tags["objective"] == "target_valid_macro_f1"
     labels = load_model("deftx-nusax_senti-jav@champion", uri).predict(["apik tenan", "ala banget"])
     assert len(labels) == 2 and set(labels) <= {"negative", "neutral", "positive"}
     # the trials ran nested under the sweep's runs, and the trial scatter was logged

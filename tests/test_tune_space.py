@@ -11,7 +11,7 @@ import yaml
 
 from deftx.config import SelectionConfig
 from deftx.errors import ConfigError
-from deftx.tune_space import load_space, selection_from_sample, space_from_dict
+from deftx.workflows.sweeps.space import load_space, selection_from_sample, space_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,8 +26,11 @@ from deftx.config import ClusterConfig, PipelineConfig
 from deftx.errors import DeftxError
 from deftx.jobs.executors import LocalExecutor, make_executor
 from deftx.jobs.spec import Log
-from deftx.pipeline import check_run_outputs, start_run
-from deftx.sweep import (
+from deftx.tracking.registry import PendingRegistration, Registry, composed_model_name
+from deftx.tracking.tracker import RunHandle, Tracker
+from deftx.training.probe import read_reports
+from deftx.workflows.pipeline import check_run_outputs, start_run
+from deftx.workflows.sweeps.shared import (
     SharedWork,
     check_sweep,
     composed_parts,
@@ -35,10 +38,7 @@ from deftx.sweep import (
     score_composition,
     trial_job,
 )
-from deftx.tracking.registry import PendingRegistration, Registry, composed_model_name
-from deftx.tracking.tracker import RunHandle, Tracker
-from deftx.training.probe import read_reports
-from deftx.tune_space import Dimension, SearchSpace
+from deftx.workflows.sweeps.space import Dimension, SearchSpace
 
 TRIAL_CPU = 0.01
 
@@ -173,7 +173,7 @@ def _trial(sample: dict[str, Any], *, shared: dict[str, Any], lang: str, setting
         from deftx.tracking.runs import log_sft
 
         trial_id = ctx.get_trial_id()
-        tags = {"deftx.sweep": settings["name"], "deftx.trial": trial_id}
+        tags = {"deftx.workflows.sweeps.shared": settings["name"], "deftx.trial": trial_id}
         run = log_sft(tracker, settings["experiment"], RunHandle(settings["parent_runs"].get(lang)),
                       trial_dir / "sft", f"trial-{lang}-{trial_id}", extra_params={"sample": sample})
         tracker.log_metrics(run, metrics)
@@ -255,7 +255,7 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
     sweep_run = tracker.start_run(experiment, f"sweep-{name}", params={
         "space": {lang: space.describe(lang) for lang in languages}, "num_samples": num_samples,
         "objective": key, "searcher": space.searcher, "scheduler": space.scheduler.kind,
-        "eval_every": space.eval_every, "sft": space.sft}, tags={"deftx.sweep": name})
+        "eval_every": space.eval_every, "sft": space.sft}, tags={"deftx.workflows.sweeps.shared": name})
     tracker.log_metrics(sweep_run, {f"shared_seconds.{k}": v for k, v in shared.seconds.items()})
     storage = Path(cfg.cluster.storage_path or out / "tune").resolve()
     result = SweepResult(name=name, output_dir=str(out), shared_seconds=shared.seconds)
@@ -346,7 +346,7 @@ def _active(sample: dict[str, Any]) -> dict[str, Any]:
     """The sampled values the trial's selection used (the DeFT-X ones only for deft_x, and only
     the active rank rule's value), in the order of ``SelectionConfig.hyperparameters()``."""
     from deftx.config import SelectionConfig
-    from deftx.tune_space import selection_from_sample
+    from deftx.workflows.sweeps.space import selection_from_sample
 
     chosen = selection_from_sample(SelectionConfig(), sample).hyperparameters()
     return {k: v for k, v in chosen.items() if v is not None and (k in sample or k in ("rank", "energy"))}

@@ -12,7 +12,7 @@ What is shared and what each trial recomputes (``sft: language``, the default):
 With ``sft: task`` the roles swap: the language SFTs are shared (the pipeline's), the task SFT's
 phase 1 is stored once, and every trial selects and trains the task SFT's phase 2.
 
-``deftx.ray_tune`` runs the trials as a Tune experiment per language; this module prepares the
+``deftx.workflows.sweeps.tune`` runs the trials as a Tune experiment per language; this module prepares the
 shared work, turns a sampled point into a training job, and scores the result.
 """
 
@@ -30,9 +30,9 @@ from deftx.errors import DataError
 from deftx.jobs.cache import config_digest
 from deftx.jobs.executors import Executor
 from deftx.jobs.spec import Log, SFTJob
-from deftx.pipeline import phase1_digest, train_pipeline_sfts
 from deftx.training.phase1_store import Phase1Store
-from deftx.tune_space import SearchSpace, selection_from_sample
+from deftx.workflows.pipeline import phase1_digest, train_pipeline_sfts
+from deftx.workflows.sweeps.space import SearchSpace, selection_from_sample
 
 
 def check_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num_samples: int) -> list[str]:

@@ -1,7 +1,7 @@
 """Search spaces for sweeps: plain YAML files (``tune_spaces/*.yaml``) read into validated data.
 
 A space file has a shared ``default`` space and per-language overrides, the objective and how the
-search runs. No Ray here: ``deftx.sweep`` turns a :class:`SearchSpace` into Tune distributions, and
+search runs. No Ray here: ``deftx.workflows.sweeps.shared`` turns a :class:`SearchSpace` into Tune distributions, and
 :func:`selection_from_sample` turns one sampled point into the ``SelectionConfig`` a trial trains with.
 
 A dimension is a constant (``density: 0.01``) or one of::

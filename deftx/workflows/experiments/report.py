@@ -21,9 +21,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from deftx.experiments.config import FULL_FT, ExperimentConfig, xlmr_densities
-from deftx.experiments.runner import ExperimentState, Record
 from deftx.tasks import task_spec
+from deftx.workflows.experiments.config import FULL_FT, ExperimentConfig, xlmr_densities
+from deftx.workflows.experiments.runner import ExperimentState, Record
 
 SYSTEM_NAMES = {FULL_FT: "full FT", "lt_sft": "LT-SFT", "deft_x_rank": "DeFT-X (fixed rank)",
                 "deft_x_energy": "DeFT-X (energy)"}

@@ -43,14 +43,14 @@ from typing import Any
 from deftx.core.sft import SparseFineTuning, read_metadata
 from deftx.errors import DeftxError
 from deftx.evaluation import ClassifierScorer
-from deftx.experiments.config import FULL_FT, ExperimentConfig
 from deftx.jobs.cache import config_digest, reuse_sft
 from deftx.jobs.executors import Executor
 from deftx.jobs.spec import Log, SFTJob
 from deftx.models import resolve_model_path
-from deftx.pipeline import TrainedSFTs, phase1_digest, start_run, train_pipeline_sfts
 from deftx.tasks import task_spec
 from deftx.training.phase1_store import Phase1Store
+from deftx.workflows.experiments.config import FULL_FT, ExperimentConfig
+from deftx.workflows.pipeline import TrainedSFTs, phase1_digest, start_run, train_pipeline_sfts
 
 
 class MissingUnit(Exception):

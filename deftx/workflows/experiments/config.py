@@ -95,7 +95,7 @@ class SubnetworkSystemsConfig:
 class ExperimentConfig:
     """``main``: ``single_source`` (task SFT on the source language, the NusaX setting) or
     ``leave_fold_out`` (multi-source task SFTs per fold of ``multi_source``, the offline AmericasNLI
-    setting); see :mod:`deftx.experiments.runner`. ``main_table`` false trains no main-table task
+    setting); see :mod:`deftx.workflows.experiments.runner`. ``main_table`` false trains no main-table task
     models: the subnetwork systems alone (the methods then give the language SFTs), or without
     systems only the language SFTs (a subnetwork sweep's shared work).
     ``hyperparameters``: how the settings were chosen, stated in the report."""

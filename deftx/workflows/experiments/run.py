@@ -8,8 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from deftx.experiments.config import ExperimentConfig
-from deftx.experiments.report import (
+from deftx.jobs.spec import Log
+from deftx.tasks import task_spec
+from deftx.workflows.experiments.config import ExperimentConfig
+from deftx.workflows.experiments.report import (
     f1_figure,
     metric_of,
     per_seed_average,
@@ -17,9 +19,7 @@ from deftx.experiments.report import (
     subnetwork_figure,
     write_report,
 )
-from deftx.experiments.runner import ExperimentState, run_experiment
-from deftx.jobs.spec import Log
-from deftx.tasks import task_spec
+from deftx.workflows.experiments.runner import ExperimentState, run_experiment
 
 
 def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
@@ -36,9 +36,9 @@ def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
     )
     from deftx.core.roles import body_parameters
     from deftx.core.sft import SparseFineTuning
-    from deftx.experiments.report import system_name
     from deftx.models import load_classifier, resolve_model_path
     from deftx.training.phase1_store import THETA1_FILE
+    from deftx.workflows.experiments.report import system_name
 
     cfg = state.config
     pipe = cfg.pipeline
@@ -80,8 +80,8 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
     it to MLflow."""
     from deftx import __version__
     from deftx.core.io import check_output_location
-    from deftx.pipeline import check_run_outputs
     from deftx.tracking.tracker import Tracker
+    from deftx.workflows.pipeline import check_run_outputs
 
     started = time.perf_counter()
     directory = Path(results_dir or Path(cfg.results_dir) / f"{cfg.dataset}-{cfg.preset}")

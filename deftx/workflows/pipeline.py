@@ -274,7 +274,7 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
                 params={"pipeline": out.name, "method": cfg.task_sft.selection.method},
                 metrics={"target_valid_macro_f1": score, "test_macro_f1": row["macro_f1"],
                          "test_task_only_macro_f1": row["task_only_macro_f1"]},
-                tags={"deftx.pipeline": str(out)})
+                tags={"deftx.workflows.pipeline": str(out)})
             done = registry.submit(pending, output_dir=out, parent=run)
             if done is not None:
                 log(f"registered {pending.task}-{lang}: composed v{done.composed_version}"

@@ -9,7 +9,7 @@ scoring only, adopting the shared work (``reuse_from``). The objective is the av
 metric of the held-out targets (leave-fold-out), never a test score.
 
 Trials train in their own process (``cluster.backend: local``, every CPU of the node) or launch
-Ray Train workers (``ray``; the trial then holds 0.01 CPU, as in ``deftx.ray_tune``). Each trial
+Ray Train workers (``ray``; the trial then holds 0.01 CPU, as in ``deftx.workflows.sweeps.tune``). Each trial
 is a nested MLflow run under the sweep's run.
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 
 from deftx.config import ClusterConfig, from_dict, read_yaml
 from deftx.errors import ConfigError
-from deftx.experiments.config import ExperimentConfig
 from deftx.jobs.spec import Log
-from deftx.tune_space import Dimension, spec_kind
+from deftx.workflows.experiments.config import ExperimentConfig
+from deftx.workflows.sweeps.space import Dimension, spec_kind
 
 SEARCHERS = ("optuna", "random")
 
@@ -149,7 +149,7 @@ def trial_config(cfg: ExperimentConfig, space: SubnetworkSpace, sample: dict[str
 
 
 def objective_of(state, metric: str) -> float:
-    from deftx.experiments.report import per_seed_average, select
+    from deftx.workflows.experiments.report import per_seed_average, select
 
     rows = select(state.records, part="subnetworks", split="valid")
     values = per_seed_average(rows, list(state.config.pipeline.target_languages), metric)
@@ -159,9 +159,9 @@ def objective_of(state, metric: str) -> float:
 def _trial(sample: dict[str, Any], *, base: dict[str, Any], space: dict[str, Any], settings: dict[str, Any]) -> None:
     from ray import tune
 
-    from deftx.experiments.report import metric_of
-    from deftx.experiments.runner import Experiment
     from deftx.tracking.tracker import RunHandle, Tracker
+    from deftx.workflows.experiments.report import metric_of
+    from deftx.workflows.experiments.runner import Experiment
 
     cfg = from_dict(ExperimentConfig, base)
     sp = SubnetworkSpace(**{**space, "dimensions": {k: Dimension(**d) for k, d in space["dimensions"].items()}})
@@ -192,7 +192,7 @@ def _trial(sample: dict[str, Any], *, base: dict[str, Any], space: dict[str, Any
     if settings["tracking"]:
         run = tracker.start_run(settings["experiment"], f"trial-{trial_id}", parent=RunHandle(settings["parent"]),
                                 params={"sample": sample, "system": sp.system},
-                                tags={"deftx.sweep": settings["name"], "deftx.trial": trial_id})
+                                tags={"deftx.workflows.sweeps.shared": settings["name"], "deftx.trial": trial_id})
         tracker.log_metrics(run, {key: value, **per_language})
         tracker.end_run(run)
     tune.report({key: value, **per_language})
@@ -228,11 +228,11 @@ def run_subnetwork_sweep(cfg: ExperimentConfig, space: SubnetworkSpace, num_samp
     import ray
     from ray import tune
 
-    from deftx.experiments.report import metric_of
-    from deftx.experiments.runner import Experiment
     from deftx.jobs.ray import connect
-    from deftx.ray_tune import TRIAL_CPU, sweep_cluster, tune_distribution
     from deftx.tracking.tracker import Tracker
+    from deftx.workflows.experiments.report import metric_of
+    from deftx.workflows.experiments.runner import Experiment
+    from deftx.workflows.sweeps.tune import TRIAL_CPU, sweep_cluster, tune_distribution
 
     if num_samples < 1:
         raise ConfigError(f"--samples: must be >= 1, got {num_samples}")
@@ -254,7 +254,7 @@ def run_subnetwork_sweep(cfg: ExperimentConfig, space: SubnetworkSpace, num_samp
     experiment = pipe.tracking.experiment or f"deftx-subnetworks-sweep-{cfg.dataset}"
     sweep_run = tracker.start_run(experiment, f"sweep-{name}", params={
         "system": space.system, "space": space.describe(), "num_samples": num_samples, "objective": key,
-        "searcher": space.searcher, "seed": shared_state.config.seeds[0]}, tags={"deftx.sweep": name})
+        "searcher": space.searcher, "seed": shared_state.config.seeds[0]}, tags={"deftx.workflows.sweeps.shared": name})
     out = Path(shared_dir) / "sweeps" / name
     settings = {"trial_root": str(out / "trials"), "shared_dir": shared_dir, "objective": key, "name": name,
                 "tracking": pipe.tracking.enabled and not tracker.offline, "tracking_uri": tracker.uri,

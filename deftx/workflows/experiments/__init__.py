@@ -1,0 +1,1 @@
+"""The results experiments: configuration, the runner of their units, the report."""
