@@ -43,10 +43,10 @@ def main() -> None:
     print(machine_info())
     prepare_ray_process(None)
 
+    from dataclasses import replace
+
     from deftx.config import load_pipeline_config
-    from deftx.jobs.cache import config_digest
     from deftx.jobs.executors import LocalExecutor
-    from deftx.jobs.spec import SFTJob
     from deftx.workflows.pipeline import start_run, train_pipeline_sfts
     from deftx.workflows.sweeps.shared import score_composition, trial_job
     from deftx.workflows.sweeps.space import space_from_dict
@@ -82,17 +82,19 @@ def main() -> None:
     phase1 = sum(v for k, v in result.shared_seconds.items() if k.startswith("phase 1"))
     configs = [row["config"] for row in result.languages[0].rows]
 
+    from deftx.jobs.cache import base_identity
+    from deftx.models import resolve_model_path
     from deftx.workflows.sweeps.shared import SharedWork  # the same shared SFTs, without the phase-1 store
 
-    shared = SharedWork(config=asdict(cfg_abs), sft="language", task_sft=str(out / "sfts" / f"task-{cfg.task}"),
+    fingerprint, _ = base_identity(cfg_abs, resolve_model_path(cfg_abs.model.name_or_path))
+    shared = SharedWork(config=asdict(cfg_abs), fingerprint=fingerprint, sft="language", task_sft=str(out / "sfts" / f"task-{cfg.task}"),
                         source_sft=str(out / "sfts" / f"lang-{cfg.source_language}"),
                         head_dir=str(out / "mlm-head") if (out / "mlm-head").is_dir() else None,
-                        phase1={args.lang: ("", "")})
+                        phase1={args.lang: ""})
     started = time.perf_counter()
     for i, config in enumerate(configs):
         job, _ = trial_job(shared, args.lang, config)
-        bare = SFTJob("language", args.lang, job.config, config_digest({"bare": i, "c": job.config}),
-                      head_path=shared.head_dir)
+        bare = replace(job, phase1=None)   # trained from scratch: no phase-1 store
         LocalExecutor().run(bare, out / "bare" / str(i), log)
         score_composition(cfg_abs, shared.task_sft, str(out / "bare" / str(i)), args.lang, "target_valid")
     bare_wall = time.perf_counter() - started

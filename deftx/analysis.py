@@ -8,10 +8,8 @@
 * ``density_by_layer`` / ``density_by_layer_type``: the selected fraction per layer or per type.
 * ``change_spectra``, ``mean_normalised_spectrum``, ``energy_rank``: singular values of dense
   changes ``theta1 - theta0`` per layer type.
-* ``spectra_by_type_figure``, ``density_by_layer_figure``: figures of the above (matplotlib Agg
-  backend, as in ``deftx.tracking.plots``; None when there is nothing to plot).
-
-Pure functions: no Ray, no MLflow, no I/O.
+Their figures are in :mod:`deftx.tracking.plots`. Pure functions: no Ray, no MLflow, no
+matplotlib, no I/O.
 """
 
 from __future__ import annotations
@@ -20,15 +18,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
-import matplotlib
-
-matplotlib.use("Agg")  # as in deftx.tracking.plots: no display needed
-import matplotlib.pyplot as plt
 import torch
 
 from deftx.core.denoise import select_rank
 from deftx.core.sft import SparseFineTuning
-from deftx.tracking.plots import layer_of
 
 LAYER_TYPES = ("query", "key", "value", "attention output", "ffn in", "ffn out", "embeddings", "other")
 
@@ -43,6 +36,17 @@ _TYPE_PATTERNS = (
 )
 
 
+_LAYER = re.compile(r"layers?\.(\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """``encoder.layer.3.attention...`` -> ``layer 3``; embeddings -> ``embeddings``."""
+    match = _LAYER.search(name)
+    if match:
+        return f"layer {int(match.group(1))}"
+    return "embeddings" if "embeddings" in name else "other"
+
+
 def layer_type(name: str) -> str:
     """The role of a parameter: one of ``LAYER_TYPES`` (LayerNorms, pooler, heads: ``other``)."""
     if "embeddings" in name:
@@ -53,7 +57,7 @@ def layer_type(name: str) -> str:
     return "other"
 
 
-def _layer_key(layer: str) -> tuple[int, int]:
+def layer_key(layer: str) -> tuple[int, int]:
     """Sort key for ``layer_of`` groups: embeddings, layer 0..N, other."""
     if layer == "embeddings":
         return (0, 0)
@@ -62,7 +66,7 @@ def _layer_key(layer: str) -> tuple[int, int]:
     return (2, 0)
 
 
-def _type_key(kind: str) -> int:
+def type_key(kind: str) -> int:
     return LAYER_TYPES.index(kind) if kind in LAYER_TYPES else len(LAYER_TYPES)
 
 
@@ -114,14 +118,14 @@ def _grouped_density(sft: SparseFineTuning, group_of, key) -> dict[str, float]:
 
 
 def density_by_layer(sft: SparseFineTuning) -> dict[str, float]:
-    """Selected fraction (sum of nnz / sum of numel) per ``deftx.tracking.plots.layer_of`` group, ordered
+    """Selected fraction (sum of nnz / sum of numel) per :func:`layer_of` group, ordered
     embeddings, layer 0..N, other (only the groups the SFT has tensors in)."""
-    return _grouped_density(sft, layer_of, _layer_key)
+    return _grouped_density(sft, layer_of, layer_key)
 
 
 def density_by_layer_type(sft: SparseFineTuning) -> dict[str, float]:
     """Selected fraction per ``layer_type``, in ``LAYER_TYPES`` order (only the types present)."""
-    return _grouped_density(sft, layer_type, _type_key)
+    return _grouped_density(sft, layer_type, type_key)
 
 
 # -- spectra ----------------------------------------------------------------------------------
@@ -146,7 +150,7 @@ def change_spectra(theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torc
             raise ValueError(f"tensor '{name}' has shape {list(t0.shape)} in theta0 but {list(t1.shape)} in theta1")
         change = t1.detach().float() - t0.detach().to(t1.device).float()
         groups.setdefault(kind, []).append(torch.linalg.svdvals(change).cpu())
-    return {kind: groups[kind] for kind in sorted(groups, key=_type_key)}
+    return {kind: groups[kind] for kind in sorted(groups, key=type_key)}
 
 
 def mean_normalised_spectrum(spectra: Iterable[torch.Tensor], length: int | None = None) -> torch.Tensor:
@@ -181,60 +185,3 @@ def energy_rank(values: torch.Tensor, energy: float) -> int:
         return 0
     rank = select_rank(s, total, energy)
     return s.numel() if rank is None else rank
-
-
-# -- figures ----------------------------------------------------------------------------------
-
-
-def spectra_by_type_figure(curves: Mapping[str, Mapping[str, torch.Tensor]], title: str):
-    """Normalised singular values per layer type: ``curves[label][layer type]`` is one spectrum
-    (e.g. from ``mean_normalised_spectrum``). One subplot per layer type, one line per label,
-    x = index (1-based), log y. None when there is no non-empty spectrum."""
-    types: set[str] = set()
-    for per_type in curves.values():
-        types.update(kind for kind, values in per_type.items() if values.numel())
-    if not types:
-        return None
-    kinds = sorted(types, key=_type_key)
-    ncols = min(3, len(kinds))
-    nrows = math.ceil(len(kinds) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
-    flat = axes.reshape(-1)
-    for ax, kind in zip(flat, kinds):
-        for label, per_type in curves.items():
-            values = per_type.get(kind)
-            if values is None or not values.numel():
-                continue
-            ys = values.detach().reshape(-1).float().cpu().numpy()
-            ax.semilogy(range(1, len(ys) + 1), ys, label=label)
-        ax.set_title(kind)
-        ax.set_xlabel("index")
-        ax.set_ylabel("normalised singular value")
-        ax.legend(fontsize=7)
-    for ax in flat[len(kinds):]:
-        ax.set_visible(False)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def density_by_layer_figure(densities: Mapping[str, Mapping[str, float]], title: str):
-    """Grouped bars of the selected fraction (in %) per layer: ``densities[method][layer]`` (e.g.
-    from ``density_by_layer``), one bar per method in each layer's group; a layer a method lacks
-    gets no bar. None when there is no data."""
-    methods = [m for m, per_layer in densities.items() if per_layer]
-    if not methods:
-        return None
-    layers = sorted({layer for m in methods for layer in densities[m]}, key=_layer_key)
-    width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(layers) * len(methods) + 2), 3.8))
-    for i, method in enumerate(methods):
-        xs = [x - 0.4 + width * (i + 0.5) for x in range(len(layers))]
-        ys = [100 * densities[method].get(layer, math.nan) for layer in layers]
-        ax.bar(xs, ys, width, label=method)
-    ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right")
-    ax.set_ylabel("selected entries (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig

@@ -70,52 +70,26 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_one_job(cfg, kind: str, language: str, out: Path, language_sft_path: str | None = None):
-    """Train one SFT with the configured executor (Ray workers or this process) into ``out``."""
-    from dataclasses import asdict
-
-    from deftx.core.sft import SparseFineTuning
-    from deftx.jobs.cache import config_digest
-    from deftx.jobs.executors import make_executor
-    from deftx.jobs.spec import SFTJob
-    from deftx.workflows.pipeline import absolute_paths, check_run_outputs
-
-    check_run_outputs(cfg)
-    cfg = absolute_paths(cfg)
-    config = asdict(cfg)
-    job = SFTJob(kind, language, config, config_digest({"job": kind, "language": language, "config": config,
-                                                        "language_sft": language_sft_path}),
-                 language_sft_path=language_sft_path)
-    executor = make_executor(cfg, _log)
-    executor.prepare()
-    executor.run(job, out.resolve(), _log)
-    return SparseFineTuning.load(out)
-
-
 def cmd_train_lang(args: argparse.Namespace) -> int:
     from deftx.data import check_language
+    from deftx.workflows.single import train_language
 
     cfg = _load_config(args)
     lang = check_language(args.lang, cfg.data.dataset)
     out = _fresh_output(args.out, args.overwrite, _sft_kind())
-    sft = _run_one_job(cfg, "language", lang, out)
+    sft = train_language(cfg, lang, out, log=_log)
     print(f"saved language SFT for {lang} to {out} ({sft.nnz:,} entries)")
     return 0
 
 
 def cmd_train_task(args: argparse.Namespace) -> int:
-    from deftx.core.sft import SparseFineTuning
     from deftx.data import check_language
+    from deftx.workflows.single import train_task
 
     cfg = _load_config(args)
     source = check_language(args.source_lang or cfg.source_language, cfg.data.dataset)
     out = _fresh_output(args.out, args.overwrite, _sft_kind())
-    if args.lang_sft:
-        lang_sft = SparseFineTuning.load(args.lang_sft)
-        if lang_sft.metadata.kind != "language":
-            raise DeftxError(f"{args.lang_sft}: --lang-sft must be a language SFT, got a {lang_sft.metadata.kind} SFT")
-    sft = _run_one_job(cfg, "task", source, out,
-                       language_sft_path=str(Path(args.lang_sft).resolve()) if args.lang_sft else None)
+    sft = train_task(cfg, source, out, language_sft=args.lang_sft, log=_log)
     valid = sft.metadata.metrics.get("source_valid", {})
     print(f"saved task SFT to {out} ({sft.nnz:,} entries; {source} validation macro-F1 "
           f"{100 * valid.get('macro_f1', float('nan')):.1f})")
@@ -141,49 +115,17 @@ def _pairs(items: list[str], option: str) -> dict[str, str]:
 
 
 def cmd_train_subnetworks(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from deftx.core.sft import SparseFineTuning
     from deftx.data import check_language
-    from deftx.jobs.cache import config_digest
-    from deftx.jobs.executors import make_executor
-    from deftx.jobs.spec import SFTJob
-    from deftx.subnetworks.artifact import SUBNETWORK_OUTPUT, SubnetworkModel
-    from deftx.workflows.pipeline import absolute_paths, check_run_outputs
+    from deftx.subnetworks.artifact import SUBNETWORK_OUTPUT
+    from deftx.workflows.single import mask_sizes, train_subnetworks
 
     cfg = _load_config(args)
-    check_run_outputs(cfg)
-    cfg = absolute_paths(cfg)
     sources = [check_language(c.strip(), cfg.data.dataset) for c in args.sources.split(",") if c.strip()]
-    if not sources:
-        raise DeftxError("--sources: give at least one source language")
     sub = _subnetwork_config(args.subnet)
-    lang_sfts = {lang: str(Path(d).resolve()) for lang, d in _pairs(args.lang_sft, "--lang-sft").items()}
-    for lang, directory in lang_sfts.items():
-        if lang not in sources:
-            raise DeftxError(f"--lang-sft {lang}=...: {lang} is not one of the sources ({', '.join(sources)})")
-        if SparseFineTuning.load(directory).metadata.kind != "language":
-            raise DeftxError(f"--lang-sft {lang}={directory}: not a language SFT")
-    sub.check_languages(sources, [])
+    lang_sfts = _pairs(args.lang_sft, "--lang-sft")
     out = _fresh_output(args.out, args.overwrite, SUBNETWORK_OUTPUT)
-    config = asdict(cfg)
-    job = SFTJob("task", "multi", config, config_digest({"job": "subnetworks", "sources": sources, "config": config,
-                                                        "subnetworks": asdict(sub), "lang_sfts": lang_sfts}),
-                 sources=sources, source_sft_paths=lang_sfts or None, subnetworks=asdict(sub))
-    executor = make_executor(cfg, _log)
-    executor.prepare()
-    executor.run(job, out.resolve(), _log)
-    model = SubnetworkModel.load(out)
-    sizes = {lang: sum(int(m.sum()) for m in ms.values()) for lang, ms in model.masks.items()}
-    from deftx.tracking.runs import log_sft
-    from deftx.tracking.tracker import Tracker
-
-    tracker = Tracker(cfg.tracking.uri, enabled=cfg.tracking.enabled, log=_log)
-    run = log_sft(tracker, cfg.experiment_name("subnetworks"), None, out / "model", f"subnetworks-{out.name}",
-                  extra_params={"subnetworks": asdict(sub), "sources": sources, "mask_sizes": sizes,
-                                "output": str(out.resolve())})
-    tracker.log_file(run, out / "subnetworks.json", "model")
-    shown = ", ".join(f"{lang} {n:,}" for lang, n in sizes.items())
+    model = train_subnetworks(cfg, sources, sub, out, lang_sfts, log=_log)
+    shown = ", ".join(f"{lang} {n:,}" for lang, n in mask_sizes(model).items())
     print(f"saved subnetwork model to {out} ({sub.mode}, {model.sft.nnz:,} changed entries; mask sizes: {shown})")
     return 0
 

@@ -8,8 +8,12 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from deftx.core.compose import Composition
+from deftx.core.roles import parameter_roles
 from deftx.data.examples import Example
+from deftx.models import load_classifier, load_tokenizer
 from deftx.training.batches import pad_batch, tokenize_texts
+from deftx.training.runtime import load_values
 
 
 @torch.no_grad()
@@ -53,7 +57,6 @@ class ClassifierScorer:
 
     def __init__(self, model_path: str, labels: Sequence[str], *, seed: int, batch_size: int = 64,
                  max_length: int = 128, tokenizer=None) -> None:
-        from deftx.models import load_classifier, load_tokenizer
 
         self.model = load_classifier(model_path, list(labels), seed=seed)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
@@ -71,8 +74,6 @@ class ClassifierScorer:
         ``check_base=False`` (one task SFT only) allows weights that are no longer theta0 (see
         :meth:`weights`)."""
         if check_base:
-            from deftx.core.compose import Composition
-
             with Composition(task, language).applied(self.model):
                 yield self.model
             return
@@ -85,8 +86,6 @@ class ClassifierScorer:
     def weights(self, values: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
         """The trainable tensors named in ``values`` (maskable body and head names, as
         ``deftx.core.roles.parameter_roles(model, "task")``) replaced for the block."""
-        from deftx.core.roles import parameter_roles
-        from deftx.training.runtime import load_values
 
         roles = parameter_roles(self.model, "task")
         params = {**roles.maskable, **roles.head}

@@ -126,6 +126,12 @@ def main(argv: list[str]) -> None:
     print(f"cycles: {len(cycles)}")
     for cycle in cycles:
         print("  " + " <-> ".join(cycle))
+    sizes = sorted(((len(path.read_text(encoding="utf-8").splitlines()), path.relative_to(ROOT).as_posix())
+                    for path in (ROOT / "deftx").rglob("*.py")), reverse=True)
+    print("largest modules (lines): " + ", ".join(f"{name} {n}" for n, name in sizes[:6]))
+    if "--local" in argv:
+        for a, b in sorted(graph.local):
+            print(f"{a} -> {b} (function-local)")
     if "--edges" in argv:
         for a in sorted(graph.edges):
             for b in sorted(graph.edges[a]):

@@ -11,16 +11,14 @@ from matplotlib.figure import Figure
 from deftx.analysis import (
     change_spectra,
     density_by_layer,
-    density_by_layer_figure,
     density_by_layer_type,
     energy_rank,
     layer_type,
     mask_overlap,
     mean_normalised_spectrum,
-    spectra_by_type_figure,
 )
 from deftx.core.sft import SFTMetadata, SparseDelta, SparseFineTuning
-from deftx.tracking.plots import close
+from deftx.tracking.plots import close, density_by_layer_figure, spectra_by_type_figure
 
 Q = "encoder.layer.0.attention.self.query.weight"
 FFN_OUT = "encoder.layer.0.output.dense.weight"

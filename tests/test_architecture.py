@@ -7,7 +7,10 @@ tests/import_graph.py: `python tests/import_graph.py` prints it) and in fresh in
 * deftx.config never loads torch;
 * deftx.training loads no Ray or MLflow, and DeepSpeed and torch.distributed are imported only
   under deftx.training.distributed;
-* Ray is imported only by the Ray adapters;
+* Ray is imported only by the Ray adapters (deftx.jobs.ray, deftx.ray_env, and Ray Tune only by
+  deftx.workflows.sweeps.tune);
+* MLflow and matplotlib are imported only under deftx.tracking, and importing the plots changes no
+  matplotlib state;
 * workflows (pipeline, experiments, sweeps) are imported only by the CLI and each other.
 """
 
@@ -76,7 +79,7 @@ def test_training_loads_no_ray_or_mlflow_and_only_its_distributed_part_imports_d
 
 
 def test_ray_is_imported_only_by_the_ray_adapters(graph):
-    adapters = {"deftx.jobs.ray", "deftx.ray_env", "deftx.workflows.sweeps.tune", "deftx.workflows.sweeps.subnetworks"}
+    adapters = {"deftx.jobs.ray", "deftx.ray_env", "deftx.workflows.sweeps.tune"}
     users = {m for m, ext in graph.external.items() if "ray" in ext}
     assert users <= adapters, sorted(users - adapters)
 
@@ -86,3 +89,20 @@ def test_workflows_are_imported_only_by_the_command_line_and_other_workflows(gra
         into = {t for t in targets if t.startswith("deftx.workflows")}
         if into:
             assert module.startswith("deftx.workflows") or module == "deftx.cli", f"{module} imports {sorted(into)}"
+
+
+def test_mlflow_and_matplotlib_are_imported_only_by_tracking(graph):
+    for module, external in graph.external.items():
+        used = external & {"mlflow", "matplotlib"}
+        if used:
+            assert module.startswith("deftx.tracking"), f"{module} imports {sorted(used)}"
+
+
+def test_importing_the_plots_changes_no_matplotlib_state():
+    # the raw rcParams entry: reading rcParams['backend'] would itself resolve the backend via pyplot
+    code = ("import matplotlib; before = dict.__getitem__(matplotlib.rcParams, 'backend')\n"
+            "import deftx.tracking.plots\n"
+            "import sys; print(dict.__getitem__(matplotlib.rcParams, 'backend') == before,"
+            " 'matplotlib.pyplot' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["True", "False"]

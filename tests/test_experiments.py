@@ -20,7 +20,7 @@ from deftx.workflows.experiments.config import (
     xlmr_densities,
 )
 from deftx.workflows.experiments.report import cell, mean_spread, per_seed_average
-from deftx.workflows.experiments.runner import Record
+from deftx.workflows.experiments.state import Record
 
 
 def test_xlmr_base_maskable_count_recounted_on_a_meta_model():

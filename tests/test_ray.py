@@ -92,7 +92,7 @@ def test_ray_job_submit_runs_the_pipeline(head, tiny_model_dir, job_dir):
         assert meta["nnz"] > 0 and meta["training"]["world_size"] == 2
     assert (out / "mlm-head" / "head.safetensors").is_file()
     champion = open_registry(head["mlflow"]).resolve("deftx-nusax_senti-jav@champion")
-    assert champion.tags["deftx.workflows.pipeline"] == str(out)
+    assert champion.tags["deftx.pipeline"] == str(out)
 
 
 def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tiny_model_dir, job_dir):
@@ -118,7 +118,7 @@ def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tiny_model_dir, j
     assert result["languages"][0]["trials"] == 2
     registry = open_registry(head["mlflow"])
     versions = registry.client.search_model_versions("name='deftx-nusax_senti-jav'")
-    from_sweep = [v for v in versions if v.tags.get("deftx.workflows.sweeps.shared") == "job-sweep"]
+    from_sweep = [v for v in versions if v.tags.get("deftx.sweep") == "job-sweep"]
     assert 1 <= len(from_sweep) <= 2 and len(versions) == 1 + len(from_sweep)   # + the pipeline's
     for version in from_sweep:
         meta = json.loads((job_dir / "sweeps" / "job-sweep" / "jav" / version.tags["deftx.trial"] / "sft" /
@@ -129,17 +129,15 @@ def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tiny_model_dir, j
 
 
 def _task_job(model_dir: Path, out: Path):
-    from dataclasses import asdict
-
     from deftx.config import load_pipeline_config
-    from deftx.jobs.spec import SFTJob
+    from deftx.jobs.spec import TaskJob
     from deftx.workflows.pipeline import absolute_paths
 
     cfg = absolute_paths(load_pipeline_config(overrides=[
         f"model.name_or_path={model_dir}", f"output_dir={out}", "task_sft.full.max_steps=4",
         "task_sft.sparse.max_steps=16", "task_sft.full.batch_size=8", "task_sft.sparse.batch_size=8",
         "task_sft.max_train_examples=128"]))
-    return SFTJob("task", "ind", asdict(cfg), digest="test")
+    return TaskJob(cfg, "test-fingerprint", "ind")
 
 
 def _executor(head, **changes):
@@ -215,22 +213,23 @@ def test_subnetwork_job_runs_on_ray_train_workers_under_deepspeed(head, tiny_mod
     """A multi-source subnetwork job (static masks + Reptile) on 2 Ray Train workers at ZeRO-2: the
     saved model has each source language's mask at the configured size, and its change lies inside
     the union of the masks (and the shared embeddings)."""
-    from dataclasses import asdict
-
-    from deftx.config import load_pipeline_config
+    from deftx.config import from_dict, load_pipeline_config
     from deftx.core.topk import count_selected
-    from deftx.jobs.spec import SFTJob
+    from deftx.jobs.cache import job_key
+    from deftx.jobs.spec import SubnetworkJob
     from deftx.subnetworks.artifact import SubnetworkModel
+    from deftx.subnetworks.config import SubnetworkConfig
     from deftx.workflows.pipeline import absolute_paths
 
     cfg = absolute_paths(load_pipeline_config(overrides=[f"model.name_or_path={tiny_model_dir}",
                                                          f"output_dir={tmp_path}", "task_sft.max_train_examples=32"]))
     settings = {"mode": "static", "meta_learning": "reptile", "inner_steps": 2,
                 "probe_steps": 2, "selection": {"density": 0.2}, "train": {"epochs": 1, "batch_size": 8}}
-    job = SFTJob("task", "multi", asdict(cfg), "ray-subnet", sources=["jav", "sun"], subnetworks=settings)
+    job = SubnetworkJob(cfg, "test-fingerprint", ("jav", "sun"),
+                        subnetworks=from_dict(SubnetworkConfig, settings, "subnetworks"))
     _executor(head).run(job, tmp_path / "model", print)
     model = SubnetworkModel.load(tmp_path / "model")
-    assert model.languages == ["jav", "sun"] and model.info["config_digest"] == "ray-subnet"
+    assert model.languages == ["jav", "sun"] and model.info["config_digest"] == job_key(job)
     for lang in model.languages:
         assert count_selected(model.masks[lang]) == model.info["k"]
     union = {n: model.masks["jav"][n] | model.masks["sun"][n] for n in model.masks["jav"]}

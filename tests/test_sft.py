@@ -9,6 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    LABELS,
+    differing_tensors,
+    make_sft,
+    random_delta,
+    read_doc,
+    read_weights,
+    rewrite_weights,
+    snapshot,
+    update_checksum,
+    write_doc,
+)
 
 from deftx.core.fingerprint import base_fingerprint
 from deftx.core.roles import body_parameters, maskable_parameters, parameter_roles
@@ -24,33 +36,6 @@ from deftx.core.sft import (
 )
 from deftx.errors import SFTFormatError
 from deftx.models import load_classifier, load_masked_lm
-
-try:
-    from helpers import (
-        LABELS,
-        differing_tensors,
-        make_sft,
-        random_delta,
-        read_doc,
-        read_weights,
-        rewrite_weights,
-        snapshot,
-        update_checksum,
-        write_doc,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.helpers import (
-        LABELS,
-        differing_tensors,
-        make_sft,
-        random_delta,
-        read_doc,
-        read_weights,
-        rewrite_weights,
-        snapshot,
-        update_checksum,
-        write_doc,
-    )
 
 QUERY = "encoder.layer.0.attention.self.query.weight"
 WORDS = "embeddings.word_embeddings.weight"

@@ -1,4 +1,4 @@
-"""Language-specific subnetworks (issue 7): mask selection (unstructured and whole heads/neurons),
+"""Language-specific subnetworks: mask selection (unstructured and whole heads/neurons),
 the per-language update restriction, dynamic re-selection, meta-learning against a hand
 computation, and short end-to-end runs of every mode on a tiny BERT classifier."""
 
@@ -417,25 +417,28 @@ def test_dynamic_masks_that_would_never_be_reselected_are_refused_before_any_wor
 
 
 def test_subnetwork_job_saves_a_model_whose_target_sfts_follow_the_policy(tiny_model_dir, tmp_path):
-    from deftx.config import ModelConfig, PipelineConfig, SFTConfig, to_dict
+    from deftx.config import ModelConfig, PipelineConfig, SFTConfig, from_dict
     from deftx.core.compose import Composition
+    from deftx.jobs.cache import job_key
     from deftx.jobs.run import run_job
-    from deftx.jobs.spec import SFTJob
+    from deftx.jobs.spec import SubnetworkJob
     from deftx.models import load_classifier
     from deftx.subnetworks.artifact import SubnetworkModel
+    from deftx.subnetworks.config import SubnetworkConfig
     from deftx.tasks import task_spec
 
     cfg = PipelineConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)), task_sft=SFTConfig(max_train_examples=24))
     settings = {"mode": "static", "structured": True, "probe_steps": 2, "selection": {"density": 0.1},
                 "train": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-3},
                 "unseen_target": "related", "related": {"ind": "jav"}}
-    job = SFTJob("task", "multi", to_dict(cfg), "d1", sources=["jav", "sun"], subnetworks=settings)
+    job = SubnetworkJob(cfg, "test-fingerprint", ("jav", "sun"),
+                        subnetworks=from_dict(SubnetworkConfig, settings, "subnetworks"))
     assert job.name == "task-subnetworks-jav-sun"
     output = run_job(job, log=lambda message: None)
     assert output is not None and output.model is not None
     output.save(tmp_path / "model")
     model = SubnetworkModel.load(tmp_path / "model")
-    assert model.languages == ["jav", "sun"] and model.info["config_digest"] == "d1"
+    assert model.languages == ["jav", "sun"] and model.info["config_digest"] == job_key(job)
     for lang in ("jav", "sun"):
         assert all(torch.equal(model.masks[lang][n], output.model.masks[lang][n]) for n in model.masks[lang])
 
@@ -562,17 +565,19 @@ def test_masks_round_trip_bit_packed(tmp_path):
 def test_systems_with_the_same_probes_share_their_masks(tiny_model_dir, tmp_path):
     """The probe masks are cached by digest: a second system with the same probe settings (here
     dynamic vs static) starts from identical masks without probing again."""
-    from deftx.config import ModelConfig, PipelineConfig, SFTConfig, to_dict
+    from deftx.config import ModelConfig, PipelineConfig, SFTConfig, from_dict
     from deftx.jobs.run import run_job
-    from deftx.jobs.spec import SFTJob
+    from deftx.jobs.spec import SubnetworkJob
+    from deftx.subnetworks.config import SubnetworkConfig
 
     cfg = PipelineConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)), task_sft=SFTConfig(max_train_examples=24))
     base = {"probe_steps": 2, "selection": {"density": 0.1}, "train": {"epochs": 1, "batch_size": 8}}
     lines: list[str] = []
     outputs = {}
     for mode, extra in (("static", {}), ("dynamic", {"reselect_every": 2})):
-        job = SFTJob("task", "multi", to_dict(cfg), mode, sources=["jav", "sun"],
-                     subnetworks={**base, "mode": mode, **extra}, masks_cache=str(tmp_path / "probes"))
+        sub = from_dict(SubnetworkConfig, {**base, "mode": mode, **extra}, "subnetworks")
+        job = SubnetworkJob(cfg, "test-fingerprint", ("jav", "sun"), subnetworks=sub,
+                            masks_cache=str(tmp_path / "probes"))
         outputs[mode] = run_job(job, log=lines.append).model
     from deftx.subnetworks.artifact import load_masks
 

@@ -64,27 +64,31 @@ def test_tune_distributions_and_trial_cpus():
 
 def test_trial_job_samples_only_the_swept_selection(tmp_path):
     cfg = load_pipeline_config(overrides=[f"output_dir={tmp_path}"])
-    shared = SharedWork(config=asdict(cfg), sft="language", task_sft="/t", source_sft="/s", head_dir="/h",
-                        phase1={"jav": ("/p1/jav", "d1")})
+    from deftx.jobs.cache import job_key, phase1_key
+    from deftx.jobs.spec import LanguageJob, Phase1, TaskJob
+
+    shared = SharedWork(config=asdict(cfg), fingerprint="f", sft="language", task_sft="/t", source_sft="/s",
+                        head_dir=None, phase1={"jav": "/p1/jav"})
     job, selection = trial_job(shared, "jav", {"method": "deft_x", "density": 0.02, "rank_rule": "fixed", "rank": 4})
-    assert (job.kind, job.language, job.phase1_dir, job.phase1_digest, job.head_path) == (
-        "language", "jav", "/p1/jav", "d1", "/h")
-    assert job.config["language_sft"]["selection"]["rank"] == 4 and selection.energy is None
-    assert job.config["task_sft"] == asdict(cfg)["task_sft"]          # only the swept SFT changes
+    assert isinstance(job, LanguageJob)
+    assert (job.language, job.phase1, job.head) == ("jav", Phase1("/p1/jav"), None)
+    assert job.config.language_sft.selection.rank == 4 and selection.energy is None
+    assert job.config.task_sft == cfg.task_sft          # only the swept SFT changes
     other, _ = trial_job(shared, "jav", {"method": "deft_x", "density": 0.03, "rank_rule": "fixed", "rank": 4})
-    assert other.digest != job.digest
-    task_shared = SharedWork(config=asdict(cfg), sft="task", task_sft=None, source_sft="/s",
-                             language_sfts={"jav": "/l"}, phase1={"task": ("/p1/task", "d2")})
+    assert job_key(other) != job_key(job) and phase1_key(other) == phase1_key(job)   # one phase 1 for all trials
+    task_shared = SharedWork(config=asdict(cfg), fingerprint="f", sft="task", task_sft=None, source_sft="/s",
+                             language_sfts={"jav": "/l"}, phase1={"task": "/p1/task"})
     task_job, _ = trial_job(task_shared, "jav", {"density": 0.05})
-    assert (task_job.kind, task_job.language, task_job.language_sft_path) == ("task", "ind", "/s")
-    assert task_job.config["task_sft"]["selection"]["density"] == 0.05
+    assert isinstance(task_job, TaskJob)
+    assert (task_job.language, task_job.language_sft, task_job.phase1) == ("ind", "/s", Phase1("/p1/task"))
+    assert task_job.config.task_sft.selection.density == 0.05
 
 
 def test_phase2_evaluations_score_the_composition_being_trained(tiny_model_dir, tmp_path):
     """A language SFT trained with a probe every 2 phase-2 steps reports at steps 2 and 4; the last
     report scores the same composition as the finished SFT."""
     from deftx.jobs.run import run_job
-    from deftx.jobs.spec import SFTJob
+    from deftx.jobs.spec import LanguageJob, Probe, TaskJob
     from deftx.training.probe import read_reports
     from deftx.workflows.pipeline import absolute_paths
     from deftx.workflows.sweeps.shared import score_composition
@@ -94,12 +98,10 @@ def test_phase2_evaluations_score_the_composition_being_trained(tiny_model_dir, 
         "language_sft.head_warmup_steps=0", "language_sft.full.max_steps=3", "language_sft.sparse.max_steps=4",
         "language_sft.max_train_examples=64", "task_sft.full.max_steps=2", "task_sft.sparse.max_steps=2",
         "task_sft.max_train_examples=32"]))
-    config = asdict(cfg)
-    run_job(SFTJob("task", "ind", config, "t"), log=lambda s: None).save(tmp_path / "task")
+    run_job(TaskJob(cfg, "f", "ind"), log=lambda s: None).save(tmp_path / "task")
     reports = tmp_path / "reports.jsonl"
-    job = SFTJob("language", "jav", config, "l", probe={"every": 2, "task_sft": str(tmp_path / "task"),
-                                                        "language": "jav", "split": "target_valid",
-                                                        "report_path": str(reports)})
+    job = LanguageJob(cfg, "f", "jav", probe=Probe(every=2, task_sft=str(tmp_path / "task"), language="jav",
+                                                   split="target_valid", report_path=str(reports)))
     run_job(job, log=lambda s: None).save(tmp_path / "lang")
     lines = read_reports(reports)
     assert [r["step"] for r in lines] == [2, 4]
@@ -139,7 +141,7 @@ def test_sweep_registers_versions_sets_the_champion_and_predicts(tiny_model_dir,
     champion = registry.resolve("deftx-nusax_senti-jav@champion")
     best = max(float(v.tags["score"]) for v in versions)
     assert float(champion.tags["score"]) == best == pytest.approx(lang["best_score"])
-    assert champion.tags["deftx.workflows.sweeps.shared"] == "out-sweep" and champion.tags["objective"] == "target_valid_macro_f1"
+    assert champion.tags["deftx.sweep"] == "out-sweep" and champion.tags["objective"] == "target_valid_macro_f1"
     labels = load_model("deftx-nusax_senti-jav@champion", uri).predict(["apik tenan", "ala banget"])
     assert len(labels) == 2 and set(labels) <= {"negative", "neutral", "positive"}
     # the trials ran nested under the sweep's runs, and the trial scatter was logged

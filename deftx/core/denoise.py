@@ -12,7 +12,7 @@ where P_r projects onto the top-r singular subspaces of the **SVD target** matri
 * ``finetuned``: M = theta1; ``pretrained``: M = theta0. Then P_r(delta) = U_r U_r^T delta V_r V_r^T,
   the part of the change that lies in M's leading left and right singular subspaces.
 
-The papers' wording differs on which matrix is decomposed (notes/methods.md §2.1); projecting the
+The papers' wording differs on which matrix is decomposed (docs/methods.md); projecting the
 *change* onto the target's subspaces is our reading for the non-default targets, so the score is
 always a change, comparable with LT-SFT's |delta|.
 
@@ -25,7 +25,7 @@ first, 1.6-1.7x faster here); ``randomized`` is ``torch.svd_lowrank`` (Halko et 
 ``oversample`` extra columns and 2 power iterations, run under a fixed seed so that results are
 reproducible. ``auto`` picks ``randomized`` for matrices of at least ``RANDOMIZED_MIN_NUMEL``
 entries (the 250k-row word embedding: a full SVD costs 4.7 s on e5-small and 15.7 s on XLM-R base,
-rank 64 randomized 1.9 s / 3.1 s; notes/performance.md §3) and ``full`` otherwise. With the energy
+rank 64 randomized 1.9 s / 3.1 s) and ``full`` otherwise. With the energy
 rule the randomized solver widens its subspace until the energy target is reached, falling back to
 the full SVD when the needed rank approaches the matrix size.
 """
@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 
 from deftx.core.options import SVD_SOLVERS
+from deftx.core.topk import global_top_k, resolve_budget
 
 SVDTarget = Literal["delta", "finetuned", "pretrained"]
 SVDSolver = Literal["auto", "full", "randomized"]
@@ -114,7 +115,6 @@ def _leading_svd(m: torch.Tensor, total: float, rank: int | None, energy: float 
 def prune_by_magnitude(x: torch.Tensor, keep: float) -> tuple[torch.Tensor, int]:
     """Zero all but the fraction ``keep`` of entries with the largest |x| (exact count, ties by
     row-major order as in :func:`deftx.core.topk.global_top_k`). Returns (pruned, kept count)."""
-    from deftx.core.topk import global_top_k, resolve_budget
 
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"residual_keep must be in [0, 1], got {keep}")

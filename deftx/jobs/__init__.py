@@ -1,3 +1,4 @@
-"""Jobs: one unit of training each. ``spec`` (what a job is), ``cache`` (digests and reuse),
-``recipes`` (the training a job runs), ``run`` (running one on a runtime), ``executors`` (where it
-runs), ``ray`` (the only Ray Train import)."""
+"""Jobs: one unit of training each. ``spec`` (one frozen dataclass per kind of job), ``cache`` (the
+only place that computes keys and decides reuse), ``head`` (the shared MLM head's files),
+``recipes`` (the training a job runs), ``run`` (running one on a runtime, dispatched on its type),
+``executors`` (where it runs), ``ray`` (the only Ray Train import)."""

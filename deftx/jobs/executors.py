@@ -8,7 +8,7 @@ from typing import Protocol
 
 from deftx.config import PipelineConfig
 from deftx.jobs.run import run_job
-from deftx.jobs.spec import Log, SFTJob
+from deftx.jobs.spec import Job, Log
 from deftx.training.runtime import LocalRuntime
 
 
@@ -16,7 +16,7 @@ class Executor(Protocol):
     def prepare(self) -> None:
         """Check that jobs can run (e.g. reach the cluster) before any work is done."""
 
-    def run(self, job: SFTJob, directory: Path, log: Log) -> None:
+    def run(self, job: Job, directory: Path, log: Log) -> None:
         """Run ``job`` and leave its output in ``directory``."""
 
 
@@ -26,7 +26,7 @@ class LocalExecutor:
     def prepare(self) -> None:
         pass
 
-    def run(self, job: SFTJob, directory: Path, log: Log) -> None:
+    def run(self, job: Job, directory: Path, log: Log) -> None:
         output = run_job(job, LocalRuntime(), log)
         assert output is not None
         output.save(directory)

@@ -26,10 +26,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from deftx.config import ClusterConfig
+from deftx.config import ClusterConfig, to_dict
 from deftx.core.io import atomic_directory
 from deftx.errors import DeftxError
-from deftx.jobs.spec import Log, SFTJob, job_output_kind
+from deftx.jobs.cache import job_key
+from deftx.jobs.spec import Job, Log, job_from_dict, job_to_dict
 from deftx.ray_env import (
     GCS_PORT_VAR,
     SETUP_HOOK,
@@ -170,7 +171,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     from deftx.training.distributed.runtime import DeepSpeedRuntime
 
     cluster = ClusterConfig(**config["cluster"])
-    job = SFTJob(**config["job"])
+    job = job_from_dict(config["job"])
     torch.set_num_threads(cluster.threads_per_worker)
     _quiet_report_lines()
     rank = ray.train.get_context().get_world_rank()
@@ -218,18 +219,16 @@ class RayExecutor:
                  f"ZeRO-{self.cluster.zero_stage}, checkpoints in {self.storage}")
         self._connected = True
 
-    def run(self, job: SFTJob, directory: Path, log: Log) -> None:
+    def run(self, job: Job, directory: Path, log: Log) -> None:
         self._ensure_connected()
-        from dataclasses import asdict
-
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        run_name = f"{Path(job.config.get('output_dir', 'deftx')).name}-{job.name}-{job.digest[:10]}"
+        run_name = f"{Path(job.config.output_dir).name}-{job.name}-{job_key(job)[:10]}"
         self.storage.mkdir(parents=True, exist_ok=True)
         trainer = TorchTrainer(
             _train_worker,
-            train_loop_config={"job": asdict(job), "cluster": asdict(self.cluster)},
+            train_loop_config={"job": job_to_dict(job), "cluster": to_dict(self.cluster)},
             torch_config=TorchConfig(backend="nccl" if self.cluster.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=self.cluster.num_workers, use_gpu=self.cluster.use_gpu,
                                          resources_per_worker={"CPU": self.cluster.cpus_per_worker}),
@@ -250,7 +249,7 @@ class RayExecutor:
             source = Path(ckpt) / ARTIFACT_DIR
             if not source.is_dir():
                 raise ClusterError(f"{job.name}: the last checkpoint of {run_name} holds no artifact")
-            with atomic_directory(directory, overwrite=True, kind=job_output_kind(job)) as tmp:
+            with atomic_directory(directory, overwrite=True, kind=job.output_kind()) as tmp:
                 shutil.copytree(source, tmp, dirs_exist_ok=True)
         log(f"[{job.name}] done on {self.cluster.num_workers} workers in {time.perf_counter() - started:.0f} s "
             f"(run {run_name})")

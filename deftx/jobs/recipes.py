@@ -15,12 +15,15 @@ from deftx.core.roles import parameter_roles
 from deftx.core.sft import SFTMetadata, SparseFineTuning, current_base_fingerprint
 from deftx.errors import DeftxError
 from deftx.evaluation import ClassifierScorer
-from deftx.jobs.cache import config_digest
+from deftx.jobs.cache import key_of, probe_masks_key
 from deftx.jobs.spec import Log, capped
 from deftx.models import load_classifier, load_masked_lm
+from deftx.subnetworks.artifact import load_masks, save_masks, subnetwork_model
+from deftx.subnetworks.train import train_subnetworks
 from deftx.tasks import task_spec
 from deftx.training.batches import classification_stream, masked_lm_stream
 from deftx.training.lt_sft import train_head_only, train_sparse_fine_tuning
+from deftx.training.multi_source import MultiSourceStream, multi_source_loss
 from deftx.training.objectives import classification_loss, masked_lm_loss
 from deftx.training.phase import PhaseResult
 from deftx.training.phase1_store import Phase1Store
@@ -179,7 +182,6 @@ class _MultiSource:
 def _multi_source(model_path: str, tokenizer, sources: list[str], lang_sfts: dict[str, SparseFineTuning | None],
                   max_train_examples: int | None, *, data_source: str, max_length: int, seed: int,
                   task: str) -> _MultiSource:
-    from deftx.training.multi_source import MultiSourceStream, multi_source_loss
 
     if not sources:
         raise ValueError("multi-source training needs at least one source language")
@@ -240,8 +242,6 @@ def train_subnetwork_model(model_path: str, tokenizer, sources: list[str],
     as in :func:`train_multi_source_task_sft`. Returns a ``SubnetworkModel`` (None off rank 0).
     ``masks_cache``: a directory where the probes' masks are kept under a digest of everything they
     depend on, so systems that differ only after the probes (dynamic, meta-learning) share them."""
-    from deftx.subnetworks.artifact import load_masks, save_masks, subnetwork_model
-    from deftx.subnetworks.train import train_subnetworks
 
     runtime = runtime or LocalRuntime()
     ms = _multi_source(model_path, tokenizer, sources, lang_sfts, max_train_examples,
@@ -252,11 +252,11 @@ def train_subnetwork_model(model_path: str, tokenizer, sources: list[str],
     if masks_cache and sub_cfg.mode != "none":
         probe = {k: asdict(sub_cfg)[k] for k in ("selection", "structured", "cover", "probe_steps",
                                                  "probe_learning_rate")}
-        digest = config_digest({"fingerprint": ms.fingerprint, "sources": list(sources), "seed": seed,
-                                "max_examples": max_train_examples, "batch": sub_cfg.train.batch_size,
-                                "data": data_source, "max_length": max_length, "probe": probe, "task": task,
-                                "lang_sfts": {lang: (s.metadata.training.get("config_digest") if s else None)
-                                              for lang, s in lang_sfts.items() if lang in sources}})
+        digest = probe_masks_key({"fingerprint": ms.fingerprint, "sources": list(sources), "seed": seed,
+                                  "max_examples": max_train_examples, "batch": sub_cfg.train.batch_size,
+                                  "data": data_source, "max_length": max_length, "probe": probe, "task": task,
+                                  "lang_sfts": {lang: (key_of(s) if s else None)
+                                                for lang, s in lang_sfts.items() if lang in sources}})
         cached_path = Path(masks_cache) / f"probe-masks-{digest}.safetensors"
         if cached_path.is_file():
             initial = load_masks(cached_path)

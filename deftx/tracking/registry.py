@@ -34,8 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from deftx import __version__
-from deftx.core.sft import read_metadata
+from deftx.core.compose import COMPOSED_OUTPUT, Composition, export_hf_model
+from deftx.core.io import check_output_dir
+from deftx.core.sft import SparseFineTuning, current_base_fingerprint, read_metadata
 from deftx.errors import DeftxError
+from deftx.mlflow_model import DATA_DIR, LANGUAGE_ARTIFACT, LOADER_MODULE, TASK_ARTIFACT, ComposedPredictor
+from deftx.models import load_classifier, load_tokenizer, resolve_model_path
 from deftx.tracking.tracker import RunHandle, Tracker, flatten_params
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -160,7 +164,6 @@ class PendingRegistration:
 
     def check(self) -> None:
         """The SFT directories it names still load (checksums included)."""
-        from deftx.core.sft import SparseFineTuning
 
         for part in (self.task_sft, self.language_sft):
             if part:
@@ -247,7 +250,6 @@ class Registry:
         register it."""
         import mlflow.pyfunc
 
-        from deftx.mlflow_model import DATA_DIR, LANGUAGE_ARTIFACT, LOADER_MODULE, TASK_ARTIFACT
 
         name = composed_model_name(pending.task, pending.language)
         self._ensure_model(name, f"deftx zero-shot model: {pending.task} SFT + {pending.language} language SFT")
@@ -448,7 +450,6 @@ class Registry:
         version its directory. Each is loaded and checked against the checksums the registry
         recorded when it was registered. Returns (version, task or language SFT dir, language SFT
         dir or None)."""
-        from deftx.mlflow_model import LANGUAGE_ARTIFACT, TASK_ARTIFACT
 
         version = self.resolve(ref)
         destination = Path(destination)
@@ -512,10 +513,6 @@ def compose_from_registry(registry: Registry, ref: ModelRef | str, out_dir: str 
                           base_model: str | None = None, overwrite: bool = False, log=print) -> Path:
     """``deftx registry get``: download a composed model (or a task SFT), verify the base
     fingerprint, compose into a standalone Hugging Face model directory at ``out_dir``."""
-    from deftx.core.compose import COMPOSED_OUTPUT, Composition, export_hf_model
-    from deftx.core.io import check_output_dir
-    from deftx.core.sft import SparseFineTuning
-    from deftx.models import load_classifier, load_tokenizer, resolve_model_path
 
     version = registry.resolve(ref)
     if version.tags.get("kind") == "language":
@@ -533,7 +530,6 @@ def compose_from_registry(registry: Registry, ref: ModelRef | str, out_dir: str 
         base = base_model or task.metadata.base_model
         path = resolve_model_path(base, log=log)
         model = load_classifier(path, task.metadata.label_names or [])
-        from deftx.core.sft import current_base_fingerprint
 
         found = current_base_fingerprint(model)
         if task.metadata.base_fingerprint and found != task.metadata.base_fingerprint:
@@ -565,7 +561,6 @@ def composed_sft_dirs(model_dir: str | Path) -> tuple[str, str]:
     earlier deftx releases. Nothing the model directory contains is imported or executed."""
     import yaml
 
-    from deftx.mlflow_model import LANGUAGE_ARTIFACT, TASK_ARTIFACT
 
     where = Path(model_dir) / "MLmodel"
     try:
@@ -589,7 +584,6 @@ def composed_sft_dirs(model_dir: str | Path) -> tuple[str, str]:
 def _verify_sft(directory: Path, version: VersionInfo, registered_sha: str | None, part: str = "SFT") -> None:
     """The downloaded SFT loads (its own checksum, shapes, indices) and its weights are those the
     registry recorded for this version when it was registered."""
-    from deftx.core.sft import SparseFineTuning
 
     sft = SparseFineTuning.load(directory)
     found = read_metadata(directory).get("weights_sha256")
@@ -617,7 +611,6 @@ def load_model(ref: str, tracking_uri: str | None = None, base_model: str | None
     """A registered composed model (e.g. ``deftx-nusax_senti-jav@champion``) as a predictor:
     ``.predict(list_of_texts)`` returns label names. Only the SFTs' data is downloaded and verified
     (see :meth:`Registry.fetch_sfts`); the code is the installed deftx."""
-    from deftx.mlflow_model import ComposedPredictor
 
     registry = open_registry(tracking_uri)
     version = registry.resolve(ref)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from deftx.core.roles import parameter_roles
+from deftx.evaluation import ClassifierScorer
 from deftx.training.runtime import PHASE_SPARSE, TrainingRuntime
 
 Probe = Callable[[Mapping[str, torch.Tensor], int], dict[str, float]]
@@ -75,7 +76,6 @@ def language_probe(model_path: str, tokenizer, task_sft, examples, num_labels: i
                    seed: int, batch_size: int, max_length: int) -> Probe:
     """Score theta_now + phi_task on ``examples``: a classifier at theta0 gets the current body
     weights, then the task SFT (with its head) on top; both are undone afterwards."""
-    from deftx.evaluation import ClassifierScorer
 
     labels = task_sft.metadata.label_names or [str(i) for i in range(num_labels)]
     scorer = ClassifierScorer(model_path, labels, seed=seed, batch_size=batch_size, max_length=max_length,

@@ -21,15 +21,20 @@ from typing import Any
 import torch
 
 from deftx import __version__
-from deftx.config import PipelineConfig, SFTConfig, from_dict
-from deftx.core.sft import SparseFineTuning, current_base_fingerprint
+from deftx.config import PipelineConfig, from_dict
+from deftx.core.io import check_output_location
+from deftx.core.sft import SparseFineTuning
 from deftx.evaluation import ClassifierScorer
-from deftx.jobs.cache import config_digest, reuse_sft
+from deftx.jobs.cache import base_identity, job_key, phase1_key, reuse_head, reuse_sft, saved_with
 from deftx.jobs.executors import Executor, make_executor
-from deftx.jobs.run import head_problem
-from deftx.jobs.spec import HEAD_INFO, Log, SFTJob, capped, head_languages, pipeline_languages
-from deftx.models import load_masked_lm, load_tokenizer, resolve_model_path
+from deftx.jobs.spec import HeadJob, Job, LanguageJob, Log, TaskJob, capped, pipeline_languages, with_phase1
+from deftx.models import load_tokenizer, resolve_model_path
 from deftx.tasks import task_spec
+from deftx.tracking.plots import close, language_bars
+from deftx.tracking.registry import PendingRegistration, Registry
+from deftx.tracking.runs import log_sft
+from deftx.tracking.tracker import Tracker
+from deftx.training.phase1_store import Phase1Store
 
 
 @dataclass
@@ -71,37 +76,58 @@ def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
 
 @dataclass
 class TrainedSFTs:
-    """What :func:`train_pipeline_sfts` produced: directories, loaded SFTs and their digests."""
+    """What :func:`train_pipeline_sfts` produced: directories and loaded SFTs, and the base model's
+    fingerprint every later job of the run is keyed with."""
 
-    output_dir: Path
-    common: dict[str, Any]                       # what every digest includes (model, fingerprint, ...)
+    cfg: PipelineConfig
+    fingerprint: str
     head_dir: Path | None
-    head_digest: str | None
     language: dict[str, SparseFineTuning] = field(default_factory=dict)
     task: SparseFineTuning | None = None
     task_dir: Path | None = None
 
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
     def language_dir(self, lang: str) -> Path:
         return self.output_dir / "sfts" / f"lang-{lang}"
 
+    @property
+    def head(self) -> str | None:
+        return str(self.head_dir) if self.head_dir is not None else None
 
-def _common_digest_parts(cfg: PipelineConfig, model_path: str) -> tuple[dict[str, Any], bool]:
-    probe, has_head = load_masked_lm(model_path, seed=cfg.seed)
-    common = {"model": cfg.model.name_or_path, "base_fingerprint": current_base_fingerprint(probe),
-              "max_length": cfg.model.max_length, "seed": cfg.seed, "data": cfg.data.source, "deftx": __version__}
-    return common, has_head
+    def language_job(self, lang: str, cfg: PipelineConfig | None = None, **more) -> LanguageJob:
+        return LanguageJob(cfg or self.cfg, self.fingerprint, lang, head=self.head, **more)
+
+    def task_job(self, language_sft: str | None, cfg: PipelineConfig | None = None, **more) -> TaskJob:
+        cfg = cfg or self.cfg
+        return TaskJob(cfg, self.fingerprint, cfg.source_language, language_sft=language_sft, **more)
 
 
-def language_sft_digest(trained: TrainedSFTs, lang: str, sft_cfg: SFTConfig) -> str:
-    return config_digest({**trained.common, "kind": "language", "lang": lang, "sft": asdict(sft_cfg),
-                          "head": trained.head_digest})
+def run_sft(job: Job, directory: Path, executor: Executor, log: Log) -> tuple[SparseFineTuning, bool]:
+    """The SFT of ``job`` in ``directory``: reused if saved with the job's key, else trained there.
+    Returns (SFT, whether it was trained)."""
+    sft = reuse_sft(directory, job_key(job), log)
+    if sft is not None:
+        return sft, False
+    executor.run(job, directory, log)
+    sft = SparseFineTuning.load(directory)
+    log(f"saved {directory} ({sft.nnz:,} entries)")
+    return sft, True
 
 
-def phase1_digest(trained: TrainedSFTs, kind: str, lang: str, sft_cfg: SFTConfig, extra: Any = None) -> str:
-    """The digest of everything an SFT's warm-up and phase 1 depend on: not the selection, not phase 2."""
-    parts = {k: v for k, v in asdict(sft_cfg).items() if k not in ("selection", "sparse")}
-    return config_digest({**trained.common, "kind": f"{kind}-phase1", "lang": lang, "sft": parts,
-                          "head": trained.head_digest, "extra": extra})
+def run_phase1(job: Job, executor: Executor, log: Log) -> tuple[Phase1Store, bool]:
+    """Fill ``job``'s phase-1 store unless it holds this phase 1 already. Returns (store, whether
+    it was trained)."""
+    assert job.phase1 is not None   # type: ignore[union-attr]
+    store = Phase1Store(job.phase1.directory, phase1_key(job))  # type: ignore[union-attr,arg-type]
+    if store.exists():
+        log(f"reusing {store.directory} (phase 1 with the same settings)")
+        return store, False
+    executor.run(with_phase1(job, job.phase1.directory, only=True),  # type: ignore[union-attr]
+                 store.directory.with_name(f".{store.directory.name}.job"), log)
+    return store, True
 
 
 def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list[str], log: Log = print,
@@ -111,55 +137,30 @@ def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list
     absolute paths (:func:`absolute_paths`)."""
     out = Path(cfg.output_dir)
     model_path = resolve_model_path(cfg.model.name_or_path, log=log)
-    common, has_head = _common_digest_parts(cfg, model_path)
-    config = asdict(cfg)
-    all_langs = head_languages(cfg)
-    head_digest = config_digest({**common, "kind": "mlm-head", "languages": all_langs,
-                                 "steps": cfg.language_sft.head_warmup_steps,
-                                 "lr": cfg.language_sft.head_warmup_learning_rate,
-                                 "max_examples": cfg.language_sft.max_train_examples,
-                                 "batch": cfg.language_sft.full.batch_size, "mlm": cfg.language_sft.mlm_probability})
+    fingerprint, has_head = base_identity(cfg, model_path)
     head_dir: Path | None = None
     if not has_head and cfg.language_sft.head_warmup_steps > 0:
         head_dir = out / "mlm-head"
-        problem = head_problem(head_dir, head_digest) if (head_dir / HEAD_INFO).exists() else "none yet"
-        if problem is None:
-            log(f"reusing {head_dir} (same settings)")
-        else:
-            if problem == "settings changed":
-                log(f"{head_dir}: settings changed, retraining")
-            elif problem != "none yet":
-                log(f"{head_dir}: unusable ({problem}); retraining")
+        job = HeadJob(cfg, fingerprint)
+        if not reuse_head(head_dir, job_key(job), log):
             log(f"== MLM head warm-up ({cfg.language_sft.head_warmup_steps} steps; shared by the language SFTs) ==")
-            executor.run(SFTJob("mlm_head", cfg.source_language, config, head_digest), head_dir, log)
-    trained = TrainedSFTs(out, common, head_dir, head_digest if head_dir is not None else None)
+            executor.run(job, head_dir, log)
+    trained = TrainedSFTs(cfg, fingerprint, head_dir)
     for i, lang in enumerate(languages, 1):
         directory = trained.language_dir(lang)
-        digest = language_sft_digest(trained, lang, cfg.language_sft)
-        sft = reuse_sft(directory, digest, log)
-        if sft is None:
+        job = trained.language_job(lang)
+        if not saved_with(directory, job_key(job)):
             log(f"== language SFT {i}/{len(languages)}: {lang} ({task_spec(cfg.task).language_name(lang)}) ==")
-            executor.run(SFTJob("language", lang, config, digest,
-                                head_path=str(head_dir) if head_dir is not None else None), directory, log)
-            sft = SparseFineTuning.load(directory)
-            log(f"saved {directory} ({sft.nnz:,} entries)")
-        trained.language[lang] = sft
+        trained.language[lang], _ = run_sft(job, directory, executor, log)
     if not with_task:
         return trained
 
     directory = out / "sfts" / f"task-{cfg.task}"
-    source_sft = trained.language[cfg.source_language]
-    digest = config_digest({**common, "kind": "task", "source": cfg.source_language,
-                            "lang_sft": source_sft.metadata.training.get("config_digest"),
-                            "sft": asdict(cfg.task_sft)})
-    task_sft = reuse_sft(directory, digest, log)
-    if task_sft is None:
+    job = trained.task_job(str(trained.language_dir(cfg.source_language)))
+    if not saved_with(directory, job_key(job)):
         log(f"== task SFT: {cfg.task} on {cfg.source_language} ==")
-        executor.run(SFTJob("task", cfg.source_language, config, digest,
-                            language_sft_path=str(trained.language_dir(cfg.source_language))), directory, log)
-        task_sft = SparseFineTuning.load(directory)
-        log(f"saved {directory} ({task_sft.nnz:,} entries)")
-    trained.task, trained.task_dir = task_sft, directory
+    trained.task, _ = run_sft(job, directory, executor, log)
+    trained.task_dir = directory
     return trained
 
 
@@ -167,7 +168,6 @@ def check_run_outputs(cfg: PipelineConfig, *more: str | Path | None) -> None:
     """Before any work: the output directory, the checkpoint storage and ``more`` are directories
     (or can be created) and writable; a one-line :class:`deftx.core.io.OutputError` otherwise. (The
     MLflow store is not checked: tracking turns itself off with a warning when it cannot write.)"""
-    from deftx.core.io import check_output_location
 
     for path in (cfg.output_dir, cfg.cluster.storage_path, cfg.cluster.status_dir, *more):
         if path:
@@ -192,7 +192,6 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | Non
     """Train (or reuse) every SFT of the pipeline with ``executor`` (default: the one of
     ``cfg.cluster``), then evaluate the compositions in this process, track the run in MLflow and
     register the SFTs and composed models (``cfg.tracking``)."""
-    from deftx.tracking.tracker import Tracker
 
     started = time.perf_counter()
     cfg, executor = start_run(cfg, log, executor)
@@ -213,9 +212,6 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | Non
 
 def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, started: float, tracker, run,
                         experiment: str) -> PipelineResult:
-    from deftx.tracking.plots import close, language_bars
-    from deftx.tracking.registry import PendingRegistration, Registry
-    from deftx.tracking.runs import log_sft
 
     languages = pipeline_languages(cfg)
     trained = train_pipeline_sfts(cfg, executor, languages, log)
@@ -274,7 +270,7 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
                 params={"pipeline": out.name, "method": cfg.task_sft.selection.method},
                 metrics={"target_valid_macro_f1": score, "test_macro_f1": row["macro_f1"],
                          "test_task_only_macro_f1": row["task_only_macro_f1"]},
-                tags={"deftx.workflows.pipeline": str(out)})
+                tags={"deftx.pipeline": str(out)})
             done = registry.submit(pending, output_dir=out, parent=run)
             if done is not None:
                 log(f"registered {pending.task}-{lang}: composed v{done.composed_version}"

@@ -25,6 +25,8 @@ from deftx.config import (
     merge,
     to_dict,
 )
+from deftx.data.languages import AMERICASNLI_LANGUAGES, NUSAX_LANGUAGES
+from deftx.tasks import DATASET_TASK
 
 # composable-sft's XLM-R base budgets (train_sa.sh / train_mlm.sh: 24 and 13 x 768^2 entries) over
 # XLM-R base's maskable parameters as deftx counts them (every encoder tensor except LayerNorm and
@@ -299,9 +301,6 @@ def load_experiment(dataset: str, preset: str | None = None, config_file: str | 
     if preset is not None:
         data.setdefault("preset", preset)
     data = apply_overrides(data, overrides or [])
-    from deftx.data.languages import AMERICASNLI_LANGUAGES, NUSAX_LANGUAGES
-    from deftx.tasks import DATASET_TASK
-
     defaults = to_dict(PipelineConfig())
     defaults["data"]["dataset"], defaults["task"] = dataset, DATASET_TASK[dataset]
     pipeline = merge(defaults, data.pop("pipeline", {}) or {})

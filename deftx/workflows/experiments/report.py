@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from deftx.tasks import task_spec
+from deftx.tracking.plots import close, grouped_bars
 from deftx.workflows.experiments.config import FULL_FT, ExperimentConfig, xlmr_densities
-from deftx.workflows.experiments.runner import ExperimentState, Record
+from deftx.workflows.experiments.state import ExperimentState, Record
 
 SYSTEM_NAMES = {FULL_FT: "full FT", "lt_sft": "LT-SFT", "deft_x_rank": "DeFT-X (fixed rank)",
                 "deft_x_energy": "DeFT-X (energy)"}
@@ -269,8 +270,6 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 def write_report(state: ExperimentState, directory: Path, *, command: str, seconds: float,
                  figures: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write ``results.md``, ``scores.csv``, ``overlap.csv``, ``provenance.json`` and the figures."""
-    from deftx.tracking.plots import close
-
     directory.mkdir(parents=True, exist_ok=True)
     prov = provenance(state, command, seconds)
     (directory / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n", encoding="utf-8")
@@ -409,14 +408,11 @@ def _phase_text(sft_cfg) -> str:
 def _bars_figure(series: dict[str, list[Record]], cfg: ExperimentConfig, split: str, title: str):
     """Grouped bars: the headline metric per target language (and the average) for each series of
     records, error bars = standard deviation over seeds."""
-    import matplotlib.pyplot as plt
-
     metric, label = metric_of(cfg)
     targets = list(cfg.pipeline.target_languages)
     langs = targets + ["avg"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(langs) * max(1, len(series)) / 2.5 + 2), 4))
-    width = 0.8 / max(1, len(series))
-    for i, (name, rows) in enumerate(series.items()):
+    bars = {}
+    for name, rows in series.items():
         means, errs = [], []
         for lang in langs:
             values = per_seed_average(rows, targets, metric) if lang == "avg" else \
@@ -424,14 +420,8 @@ def _bars_figure(series: dict[str, list[Record]], cfg: ExperimentConfig, split: 
             m, s = mean_spread(values)
             means.append(100 * m)
             errs.append(100 * s)
-        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(langs))]
-        ax.bar(xs, means, width, yerr=errs, capsize=2, label=name)
-    ax.set_xticks(range(len(langs)), langs)
-    ax.set_ylabel(f"{split} {label} (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
+        bars[name] = (means, errs)
+    return grouped_bars(langs, bars, f"{split} {label} (%)", title)
 
 
 def f1_figure(state: ExperimentState, split: str = "test"):

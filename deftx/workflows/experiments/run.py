@@ -8,8 +8,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from deftx import __version__
+from deftx.analysis import change_spectra, density_by_layer, mean_normalised_spectrum
+from deftx.core.io import check_output_location
+from deftx.core.roles import body_parameters
+from deftx.core.sft import SparseFineTuning
 from deftx.jobs.spec import Log
+from deftx.models import load_classifier, resolve_model_path
 from deftx.tasks import task_spec
+from deftx.tracking.plots import density_by_layer_figure, spectra_by_type_figure
+from deftx.tracking.runs import log_sft
+from deftx.tracking.tracker import Tracker
+from deftx.training.phase1_store import THETA1_FILE
 from deftx.workflows.experiments.config import ExperimentConfig
 from deftx.workflows.experiments.report import (
     f1_figure,
@@ -17,9 +27,12 @@ from deftx.workflows.experiments.report import (
     per_seed_average,
     select,
     subnetwork_figure,
+    system_name,
     write_report,
 )
-from deftx.workflows.experiments.runner import ExperimentState, run_experiment
+from deftx.workflows.experiments.runner import run_experiment
+from deftx.workflows.experiments.state import ExperimentState
+from deftx.workflows.pipeline import check_run_outputs
 
 
 def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
@@ -27,18 +40,6 @@ def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
     each method's language and task SFTs."""
     from safetensors.torch import load_file
 
-    from deftx.analysis import (
-        change_spectra,
-        density_by_layer,
-        density_by_layer_figure,
-        mean_normalised_spectrum,
-        spectra_by_type_figure,
-    )
-    from deftx.core.roles import body_parameters
-    from deftx.core.sft import SparseFineTuning
-    from deftx.models import load_classifier, resolve_model_path
-    from deftx.training.phase1_store import THETA1_FILE
-    from deftx.workflows.experiments.report import system_name
 
     cfg = state.config
     pipe = cfg.pipeline
@@ -78,10 +79,6 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
                    log: Log = print, report_only: bool = False) -> tuple[ExperimentState, Path]:
     """Run the experiment (or, ``report_only``, collect what is finished), write the report and log
     it to MLflow."""
-    from deftx import __version__
-    from deftx.core.io import check_output_location
-    from deftx.tracking.tracker import Tracker
-    from deftx.workflows.pipeline import check_run_outputs
 
     started = time.perf_counter()
     directory = Path(results_dir or Path(cfg.results_dir) / f"{cfg.dataset}-{cfg.preset}")
@@ -112,8 +109,6 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
         tracker.log_metrics(run, metrics)
         tracker.log_artifacts(run, directory, "results")
         if tracker.enabled:
-            from deftx.tracking.runs import log_sft
-
             for name, sft_dir in state.sft_dirs.items():   # nested runs: loss curves, density, sft.json
                 log_sft(tracker, experiment, run, sft_dir, name.replace("/", "-"))
         log(f"results: {written['results']}")

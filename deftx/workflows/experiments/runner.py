@@ -3,7 +3,6 @@ any other configured selection) on the same model, data, seeds and budget; multi
 leave-fold-out task SFTs; DeFT-X ablations of the task SFT; mask overlap and analysis figures.
 
 Two layouts of the main table (``main``):
-
   single_source    the task SFT is trained on the source language (on its language SFT) and
                    composed with each target's language SFT (NusaX from Indonesian; AmericasNLI
                    from English MultiNLI when the hub is reachable)
@@ -15,7 +14,6 @@ Two layouts of the main table (``main``):
 What is trained once and what per seed (every unit is saved with a digest of everything it depends
 on, so an interrupted experiment resumes where it stopped and a re-run with the same settings
 trains nothing):
-
   once                the MLM head warm-up (base models without one); per language, the language
                       SFT's phase 1 (``Phase1Store``), then one phase 2 per method: the methods'
                       language SFTs share phase 1 exactly
@@ -24,7 +22,7 @@ trains nothing):
                       method's source-language SFT; per method and fold, a multi-source task SFT
   first seed          the ablation variants, each re-selecting from the base method's task phase 1
 
-Every training unit runs as an ``SFTJob`` through the pipeline's executor: in this process
+Every training unit runs as a job (:mod:`deftx.jobs.spec`) through the pipeline's executor: in this process
 (``cluster.backend: local``) or on Ray Train workers under DeepSpeed (``ray``). Evaluation runs in
 this process. Hyperparameters come from the configuration only; test scores never feed back.
 """
@@ -36,25 +34,25 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from deftx.core.sft import SparseFineTuning, read_metadata
-from deftx.errors import DeftxError
-from deftx.evaluation import ClassifierScorer
-from deftx.jobs.cache import config_digest, reuse_sft
+from deftx.analysis import mask_overlap
+from deftx.config import PipelineConfig, SelectionConfig
+from deftx.core.sft import SparseFineTuning
+from deftx.jobs.cache import job_key, key_of, phase1_key, reuse_subnetwork_model, saved_with, scores_key
 from deftx.jobs.executors import Executor
-from deftx.jobs.spec import Log, SFTJob
-from deftx.models import resolve_model_path
+from deftx.jobs.spec import Job, LanguageJob, Log, MultiSourceJob, Phase1, SubnetworkJob, TaskJob
+from deftx.subnetworks.artifact import SubnetworkModel
+from deftx.subnetworks.train import check_reselection, steps_for_sizes
 from deftx.tasks import task_spec
 from deftx.training.phase1_store import Phase1Store
 from deftx.workflows.experiments.config import FULL_FT, ExperimentConfig
-from deftx.workflows.pipeline import TrainedSFTs, phase1_digest, start_run, train_pipeline_sfts
-
-
-class MissingUnit(Exception):
-    """A unit the experiment has not trained or scored yet (raised only in report-only mode)."""
+from deftx.workflows.experiments.evaluator import Evaluator
+from deftx.workflows.experiments.reuse import adopt, adopt_scores
+from deftx.workflows.experiments.state import ExperimentState, MissingUnit, Record
+from deftx.workflows.pipeline import TrainedSFTs, run_phase1, run_sft, start_run, train_pipeline_sfts
 
 
 class _NoTraining:
@@ -63,111 +61,8 @@ class _NoTraining:
     def prepare(self) -> None:
         pass
 
-    def run(self, job: SFTJob, directory: Path, log: Log) -> None:
+    def run(self, job: Job, directory: Path, log: Log) -> None:
         raise MissingUnit(f"{job.name} ({directory})")
-
-
-@dataclass
-class Record:
-    """One score: ``part`` main | multi_source | ablation; ``system`` the method (or variant)."""
-
-    part: str
-    system: str
-    seed: int
-    language: str
-    split: str
-    macro_f1: float
-    accuracy: float
-    n: int
-    with_language_sft: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ExperimentState:
-    """Everything the experiment produced, for the report."""
-
-    config: ExperimentConfig
-    records: list[Record] = field(default_factory=list)
-    overlaps: list[dict[str, Any]] = field(default_factory=list)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    language_sft_dirs: dict[str, dict[str, str]] = field(default_factory=dict)    # method -> lang -> dir
-    task_sft_dirs: dict[str, dict[int, str]] = field(default_factory=dict)        # method -> seed -> dir
-    phase1_dirs: dict[str, str] = field(default_factory=dict)                     # "language-ind", "task" ...
-    trained: int = 0
-    reused: int = 0
-    ledger: dict[str, float] = field(default_factory=dict)   # seconds per stage over all invocations
-    missing: list[str] = field(default_factory=list)           # report-only: units not computed yet
-    sft_dirs: dict[str, str] = field(default_factory=dict)     # every SFT of the experiment, by relative path
-    subnetwork_stats: list[dict[str, Any]] = field(default_factory=list)   # mask sizes and sharing per model
-
-
-class _Evaluator:
-    """One classifier in this process; compositions applied and reverted exactly around each score.
-    Scores are cached on disk by the digests of the SFTs involved."""
-
-    def __init__(self, cfg: ExperimentConfig, cache_dir: Path, log: Log, report_only: bool = False) -> None:
-        pipe = cfg.pipeline
-        self.cfg, self.cache_dir, self.log, self.report_only = cfg, cache_dir, log, report_only
-        self.spec = task_spec(pipe.task)
-        self.scorer = ClassifierScorer(resolve_model_path(pipe.model.name_or_path, log=lambda line: None),
-                                       self.spec.labels, seed=pipe.seed, batch_size=pipe.eval_batch_size,
-                                       max_length=pipe.model.max_length)
-        self.examples: dict[tuple[str, str], list] = {}
-        self._fully_tuned: tuple[tuple[Path, str], Any] | None = None
-        cache_dir.mkdir(parents=True, exist_ok=True)
-
-    def _data(self, lang: str, split: str) -> list:
-        key = (lang, split)
-        if key not in self.examples:
-            rows = self.spec.evaluation(lang, split, self.cfg.pipeline.data.source)
-            self.examples[key] = rows if self.cfg.pipeline.max_eval_examples is None else \
-                rows[: self.cfg.pipeline.max_eval_examples]
-        return self.examples[key]
-
-    def _score(self, lang: str, split: str) -> dict[str, float]:
-        return self.scorer.score(self._data(lang, split))
-
-    def scores(self, key: str, languages: list[str], apply_for) -> dict[tuple[str, str], dict[str, float]]:
-        """(language, split) -> scores of the model ``apply_for(language)`` sets up (a context
-        manager), cached under ``key``."""
-        path = self.cache_dir / f"{key}.json"
-        want = [f"{lang}/{split}" for lang in languages for split in self.cfg.eval_splits]
-        cached: dict[str, Any] = {}
-        if path.is_file():
-            cached = json.loads(path.read_text(encoding="utf-8"))
-        if all(w in cached for w in want):
-            return {tuple(w.split("/")): cached[w] for w in want}  # type: ignore[misc]
-        if self.report_only:
-            raise MissingUnit(f"scores {key}")
-        started = time.perf_counter()
-        for lang in languages:
-            with apply_for(lang):
-                for split in self.cfg.eval_splits:
-                    cached[f"{lang}/{split}"] = self._score(lang, split)
-        self.log(f"[eval] {key.split('-')[0]}: {len(languages)} language(s) x {len(self.cfg.eval_splits)} split(s) in "
-                 f"{time.perf_counter() - started:.0f} s")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cached, indent=1), encoding="utf-8")
-        tmp.replace(path)
-        return {tuple(w.split("/")): cached[w] for w in want}  # type: ignore[misc]
-
-    @contextmanager
-    def composed(self, task: SparseFineTuning, lang: SparseFineTuning | None) -> Iterator[None]:
-        with self.scorer.composed(task, lang):
-            yield
-
-    @contextmanager
-    def fully_fine_tuned(self, store: Phase1Store) -> Iterator[None]:
-        """theta1 and the head after phase 1 of ``store`` in place of the classifier's weights (the
-        store is read once, not once per language)."""
-        if self._fully_tuned is None or self._fully_tuned[0] != (store.directory, store.digest):
-            self._fully_tuned = ((store.directory, store.digest), store.load())
-        state = self._fully_tuned[1]
-        if state is None or not state.head_end:
-            raise RuntimeError(f"{store.directory}: no full fine-tuning result (phase 1 with its head) stored")
-        with self.scorer.weights({**state.theta1, **state.head_end}):
-            yield
 
 
 def subnetwork_statistics(model, targets: list[str]) -> dict[str, Any]:
@@ -195,7 +90,6 @@ def check_subnetwork_schedules(cfg: ExperimentConfig) -> None:
     """Before any work: every dynamic subnetwork system re-selects its masks on every fold's real
     training sizes. Without this, a bad ``reselect_every`` surfaced only when its unit began, hours
     in (and a system that never re-selects would train as static)."""
-    from deftx.subnetworks.train import check_reselection, steps_for_sizes
 
     dynamic = {name: cfg.subnetworks.system(name) for name in cfg.subnetworks.systems}
     dynamic = {name: sub for name, sub in dynamic.items() if sub.mode == "dynamic"}
@@ -212,71 +106,6 @@ def check_subnetwork_schedules(cfg: ExperimentConfig) -> None:
         fold_sizes = [sizes[lang] for lang in cfg.fold_sources(fold)]
         for name, sub in dynamic.items():
             check_reselection(sub, steps_for_sizes(sub, fold_sizes), f"subnetworks.systems.{name} (fold {fold})")
-
-
-def _saved_with(directory: Path, digest: str) -> bool:
-    """True if ``directory`` holds an SFT saved with ``digest`` (so what it is trained from, e.g. a
-    phase-1 store, is not needed)."""
-    try:
-        return (directory / "sft.json").is_file() and \
-            read_metadata(directory).get("training", {}).get("config_digest") == digest
-    except DeftxError:
-        return False
-
-
-def _link_or_copy(src: str | Path, dst: str | Path) -> None:
-    """A hard link where the file system allows, else a copy."""
-    import os
-    import shutil
-
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _adopt(source: Path, target: Path, log: Log) -> None:
-    """Copy ``source`` (a finished unit of another experiment) to ``target`` if ``target`` does not
-    exist; hard links where the file system allows. The unit's own digest check then decides
-    whether it is used."""
-    import shutil
-
-    if target.exists() or not source.is_dir():
-        return
-
-    tmp = target.with_name(f".{target.name}.adopt")
-    shutil.rmtree(tmp, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, tmp, copy_function=_link_or_copy)
-    tmp.replace(target)
-    log(f"adopted {source} as {target}")
-
-
-def _adopt_scores(other: Path, target: Path, pipeline: dict[str, Any], log: Log) -> None:
-    """Link the cached scores of the experiment in ``other`` if it evaluated on the same data
-    (scores are keyed by the digests of the models they score)."""
-    source = other / "scores"
-    try:
-        theirs = json.loads((other / "experiment.json").read_text(encoding="utf-8"))["pipeline"]
-    except (OSError, ValueError, KeyError):
-        return
-    same = ("model", "data", "task", "max_eval_examples", "eval_batch_size")
-    if not source.is_dir() or any(theirs.get(k) != pipeline.get(k) for k in same):
-        log(f"not reusing the scores of {other}: different evaluation settings")
-        return
-    target.mkdir(parents=True, exist_ok=True)
-    for path in source.glob("*.json"):
-        if not (target / path.name).exists():
-            _link_or_copy(path, target / path.name)
-
-
-def _digest_at(directory: str | Path) -> str:
-    """The config digest of the SFT saved in ``directory``, from its metadata alone."""
-    return str(read_metadata(directory).get("training", {}).get("config_digest", ""))
-
-
-def _digest_of(sft: SparseFineTuning) -> str:
-    return str(sft.metadata.training.get("config_digest", ""))
 
 
 class Experiment:
@@ -306,38 +135,42 @@ class Experiment:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _run_sft(self, job: SFTJob, directory: Path) -> SparseFineTuning:
-        sft = reuse_sft(directory, job.digest, self.log)
-        if sft is not None:
-            self.state.reused += 1
-        else:
-            self.executor.run(job, directory, self.log)
+    def _count(self, trained: bool) -> None:
+        if trained:
             self.state.trained += 1
-            sft = SparseFineTuning.load(directory)
-            self.log(f"saved {directory} ({sft.nnz:,} entries)")
+        else:
+            self.state.reused += 1
+
+    def _run_sft(self, job: Job, directory: Path) -> SparseFineTuning:
+        sft, trained = run_sft(job, directory, self.executor, self.log)
+        self._count(trained)
         self.state.sft_dirs[str(directory.relative_to(self.out))] = str(directory)
         return sft
 
-    def _run_phase1(self, job: SFTJob, store: Phase1Store) -> None:
-        if store.exists():
-            self.log(f"reusing {store.directory} (phase 1 with the same settings)")
-            self.state.reused += 1
-            return
-        self.executor.run(job, store.directory.with_name(f".{store.directory.name}.job"), self.log)
-        self.state.trained += 1
+    def _run_phase1(self, job: LanguageJob | TaskJob | MultiSourceJob) -> Phase1Store:
+        store, trained = run_phase1(job, self.executor, self.log)
+        self._count(trained)
+        return store
 
-    def _config_with(self, seed: int | None = None, language_selection=None, task_selection=None,
-                     task_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        config = copy.deepcopy(self.pipeline_dict)
+    def _phase1(self, name: str) -> Phase1:
+        directory = str(self.out / "phase1" / name)
+        self.state.phase1_dirs[name] = directory
+        return Phase1(directory)
+
+    def _config_with(self, seed: int | None = None, language_selection: SelectionConfig | None = None,
+                     task_selection: SelectionConfig | None = None,
+                     task_max_examples: int | None = None) -> PipelineConfig:
+        """The pipeline config with these settings changed (a copy)."""
+        config = copy.deepcopy(self.cfg.pipeline)
         if seed is not None:
-            config["seed"] = seed
+            config.seed = seed
         if language_selection is not None:
-            config["language_sft"]["selection"] = asdict(language_selection)
+            config.language_sft.selection = copy.deepcopy(language_selection)
         if task_selection is not None:
-            config["task_sft"]["selection"] = asdict(task_selection)
-        for key, value in (task_overrides or {}).items():
-            config["task_sft"][key] = value
-        return config
+            config.task_sft.selection = copy.deepcopy(task_selection)
+        if task_max_examples is not None:
+            config.task_sft.max_train_examples = task_max_examples
+        return config.validate()
 
     @contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -380,21 +213,20 @@ class Experiment:
             check_subnetwork_schedules(cfg)
         pipe_cfg, self.executor = start_run(cfg.pipeline, self.log, self._executor)
         self.cfg.pipeline = pipe_cfg
-        self.pipeline_dict = asdict(pipe_cfg)
         self.out = Path(pipe_cfg.output_dir)
         (self.out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
         self.targets = list(pipe_cfg.target_languages)
         self.languages = cfg.sft_languages()
         self.state.ledger = self._read_ledger()
         if cfg.reuse_from and not self.report_only:
-            _adopt_scores(Path(cfg.reuse_from), self.out / "scores", asdict(cfg.pipeline), self.log)
+            adopt_scores(Path(cfg.reuse_from), self.out / "scores", asdict(cfg.pipeline), self.log)
         trained = None
         with self._unit("MLM head"):
             trained = self._language_sfts()
         if trained is None:
             return self.state
         self.trained = trained
-        self.evaluator = _Evaluator(cfg, self.out / "scores", self.log, self.report_only)
+        self.evaluator = Evaluator(cfg, self.out / "scores", self.log, self.report_only)
         for seed in cfg.seeds if cfg.main_table else []:
             with self._timed(f"task SFTs and evaluation (seed {seed})"):
                 if cfg.main == "single_source":
@@ -418,52 +250,32 @@ class Experiment:
         cfg = self.cfg
         pipe = cfg.pipeline
         if cfg.reuse_from:
-            _adopt(Path(cfg.reuse_from) / "mlm-head", self.out / "mlm-head", self.log)
+            adopt(Path(cfg.reuse_from) / "mlm-head", self.out / "mlm-head", self.log)
         with self._timed("MLM head"):
             trained = train_pipeline_sfts(pipe, self.executor, [], self.log, with_task=False)   # the head only
-        head = str(trained.head_dir) if trained.head_dir is not None else None
         for i, lang in enumerate(self.languages, 1):
             with self._timed(f"language SFTs ({lang})"):
-                self._language(trained, head, i, lang)
+                self._language(trained, i, lang)
         return trained
 
-    def _language(self, trained: TrainedSFTs, head: str | None, i: int, lang: str) -> None:
-        cfg, pipe = self.cfg, self.cfg.pipeline
-        digest1 = phase1_digest(trained, "language", lang, pipe.language_sft)
-        store = Phase1Store(self.out / "phase1" / f"language-{lang}", digest1)
-        self.state.phase1_dirs[f"language-{lang}"] = str(store.directory)
+    def _language(self, trained: TrainedSFTs, i: int, lang: str) -> None:
+        cfg = self.cfg
+        phase1 = self._phase1(f"language-{lang}")
         self.log(f"== language {i}/{len(self.languages)}: {lang} ==")
         if cfg.reuse_from:
             for method in cfg.methods:
-                _adopt(Path(cfg.reuse_from) / "sfts" / method / f"lang-{lang}",
+                adopt(Path(cfg.reuse_from) / "sfts" / method / f"lang-{lang}",
                        self.out / "sfts" / method / f"lang-{lang}", self.log)
-        if not all(self._language_sft_ready(lang, method, digest1) for method in cfg.methods):
+        jobs = {method: trained.language_job(lang, self._config_with(language_selection=cfg.selection(method, "language")),
+                                             phase1=phase1) for method in cfg.methods}
+        directories = {method: self.out / "sfts" / method / f"lang-{lang}" for method in cfg.methods}
+        if not all(saved_with(directories[m], job_key(job)) for m, job in jobs.items()):
             with self._unit(f"language SFT phase 1 ({lang})"):
-                self._run_phase1(SFTJob("language", lang, self.pipeline_dict, digest1, head_path=head,
-                                        phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True),
-                                 store)
-        for method in cfg.methods:
+                self._run_phase1(trained.language_job(lang, phase1=phase1))
+        for method, job in jobs.items():
             with self._unit(f"language SFT {method} ({lang})"):
-                self._language_method(head, lang, method, store, digest1)
-
-    def _language_job_digest(self, method: str, lang: str, digest1: str) -> tuple[dict[str, Any], str]:
-        config = self._config_with(language_selection=self.cfg.selection(method, "language"))
-        digest = config_digest({"experiment": "language", "lang": lang, "phase1": digest1,
-                                "sft": config["language_sft"]})
-        return config, digest
-
-    def _language_sft_ready(self, lang: str, method: str, digest1: str) -> bool:
-        """True if ``method``'s SFT of ``lang`` is saved with the current settings (phase 1 is then
-        not needed for it)."""
-        _, digest = self._language_job_digest(method, lang, digest1)
-        return _saved_with(self.out / "sfts" / method / f"lang-{lang}", digest)
-
-    def _language_method(self, head: str | None, lang: str, method: str, store: Phase1Store, digest1: str) -> None:
-        config, digest = self._language_job_digest(method, lang, digest1)
-        directory = self.out / "sfts" / method / f"lang-{lang}"
-        self._run_sft(SFTJob("language", lang, config, digest, head_path=head,
-                             phase1_dir=str(store.directory), phase1_digest=digest1), directory)
-        self.state.language_sft_dirs.setdefault(method, {})[lang] = str(directory)
+                self._run_sft(job, directories[method])
+                self.state.language_sft_dirs.setdefault(method, {})[lang] = str(directories[method])
 
     def _language_sft(self, method: str, lang: str) -> SparseFineTuning:
         directory = self.state.language_sft_dirs.get(method, {}).get(lang)
@@ -471,34 +283,22 @@ class Experiment:
             raise MissingUnit(f"language SFT {method} ({lang})")
         return SparseFineTuning.load(directory)
 
-    def _task_phase1(self, method: str | None, seed: int) -> tuple[Phase1Store, str | None]:
-        """The task SFT's phase-1 store of ``method`` (None: on theta0, the full fine-tuning
-        baseline) at ``seed``."""
-        pipe = self.cfg.pipeline
-        config = self._config_with(seed=seed)
+    def _task_job(self, method: str | None, seed: int, selection: SelectionConfig | None = None) -> TaskJob:
+        """The task SFT job of ``method`` (None: on theta0, the full fine-tuning baseline) at
+        ``seed``, with its phase-1 store."""
         lang_path = None
-        extra: Any = "theta0"
-        if method is not None:
-            lang_sft = self._language_sft(method, pipe.source_language)   # MissingUnit in report-only mode
-            lang_path, extra = str(lang_sft.source), _digest_of(lang_sft)
-        trained = TrainedSFTs(self.out, {**self.trained.common, "seed": seed}, None, None)
-        digest1 = phase1_digest(trained, "task", pipe.source_language, pipe.task_sft, extra)
-        name = f"task-{method or FULL_FT}-seed{seed}"
-        store = Phase1Store(self.out / "phase1" / name, digest1)
-        self.state.phase1_dirs[name] = str(store.directory)
-        self._run_phase1(SFTJob("task", pipe.source_language, config, digest1, language_sft_path=lang_path,
-                                phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True), store)
-        return store, lang_path
+        if method is not None:   # MissingUnit in report-only mode
+            lang_path = str(self._language_sft(method, self.cfg.pipeline.source_language).source)
+        return self.trained.task_job(lang_path, self._config_with(seed=seed, task_selection=selection),
+                                     phase1=self._phase1(f"task-{method or FULL_FT}-seed{seed}"))
 
-    def _task_sft(self, method: str, seed: int, selection, name: str) -> SparseFineTuning:
-        store, lang_path = self._task_phase1(method, seed)
-        config = self._config_with(seed=seed, task_selection=selection)
-        digest = config_digest({"experiment": "task", "phase1": store.digest, "sft": config["task_sft"], "seed": seed})
-        directory = self.out / "sfts" / f"seed{seed}" / name
-        sft = self._run_sft(SFTJob("task", self.cfg.pipeline.source_language, config, digest,
-                                   language_sft_path=lang_path, phase1_dir=str(store.directory),
-                                   phase1_digest=store.digest), directory)
-        return sft
+    def _task_phase1(self, method: str | None, seed: int) -> Phase1Store:
+        """The task SFT's phase-1 store of ``method`` (None: the full fine-tuning baseline) at ``seed``."""
+        return self._run_phase1(self._task_job(method, seed))
+
+    def _task_sft(self, method: str, seed: int, selection: SelectionConfig, name: str) -> SparseFineTuning:
+        self._task_phase1(method, seed)
+        return self._run_sft(self._task_job(method, seed, selection), self.out / "sfts" / f"seed{seed}" / name)
 
     def _record(self, part: str, system: str, seed: int, scores, with_lang: bool, extra=None) -> None:
         for (lang, split), s in scores.items():
@@ -511,7 +311,7 @@ class Experiment:
         if cfg.full_ft:
             with self._unit(f"full fine-tuning (seed {seed})"):
                 self.log(f"== seed {seed}: full fine-tuning ==")
-                store, _ = self._task_phase1(None, seed)
+                store = self._task_phase1(None, seed)
                 scores = ev.scores(f"full_ft-seed{seed}-{store.digest}", langs, lambda lang: ev.fully_fine_tuned(store))
                 self._record("main", FULL_FT, seed, scores, with_lang=False)
         for method in cfg.methods:
@@ -525,50 +325,42 @@ class Experiment:
         task = self._task_sft(method, seed, cfg.selection(method, "task"), method)
         self.state.task_sft_dirs.setdefault(method, {})[seed] = str(task.source)
         lang_sfts = {lang: self._language_sft(method, lang) for lang in langs}
-        key = f"{method}-seed{seed}-{_digest_of(task)}-" + config_digest({lang: _digest_of(s) for lang, s in lang_sfts.items()})
+        key = f"{method}-seed{seed}-{key_of(task)}-" + scores_key({lang: key_of(s) for lang, s in lang_sfts.items()})
         scores = ev.scores(key, langs, lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
         self._record("main", method, seed, scores, with_lang=True)
-        alone = ev.scores(f"{method}-seed{seed}-{_digest_of(task)}-alone", langs, lambda lang, task=task: ev.composed(task, None))
+        alone = ev.scores(f"{method}-seed{seed}-{key_of(task)}-alone", langs, lambda lang, task=task: ev.composed(task, None))
         self._record("main", method, seed, alone, with_lang=False)
         self._overlaps("main", method, seed, task, lang_sfts)
 
     def _overlaps(self, part: str, system: str, seed: int, task: SparseFineTuning,
                   lang_sfts: dict[str, SparseFineTuning], languages: list[str] | None = None) -> None:
-        from deftx.analysis import mask_overlap
 
         for lang in languages or self.targets:
             o = mask_overlap(task, lang_sfts[lang])
             self.state.overlaps.append({"part": part, "system": system, "seed": seed, "language": lang, **o})
 
     def _multi_task(self, method: str | None, seed: int, fold: int,
-                    selection=None) -> tuple[Phase1Store, SparseFineTuning | None]:
+                    selection: SelectionConfig | None = None) -> tuple[Phase1Store, SparseFineTuning | None]:
         """The multi-source task SFT of ``method`` for ``fold`` (trained on the languages outside
         it): its phase-1 store and, for a method, the SFT (phase 2 from the store). ``method``
         None: full fine-tuning on the same data (theta0, no language SFTs), phase 1 only."""
         cfg = self.cfg
         sources = cfg.fold_sources(fold)
         config = self._config_with(seed=seed, task_selection=selection,
-                                   task_overrides={"max_train_examples": cfg.multi_source.max_examples_per_language})
-        paths = {lang: self.state.language_sft_dirs[method][lang] for lang in sources} if method else None
-        lang_digests = {lang: _digest_at(p) for lang, p in (paths or {}).items()}
-        p1_config = {k: v for k, v in config["task_sft"].items() if k not in ("selection", "sparse")}
-        digest1 = config_digest({"experiment": "multi_source-phase1", "sources": sources, "seed": seed,
-                                 "sft": p1_config, "common": self.trained.common, "lang_sfts": lang_digests})
-        name = f"multi-{method or FULL_FT}-fold{fold}-seed{seed}"
-        store = Phase1Store(self.out / "phase1" / name, digest1)
-        self.state.phase1_dirs[name] = str(store.directory)
-        digest = config_digest({"experiment": "multi_source", "phase1": digest1, "sft": config["task_sft"]})
+                                   task_max_examples=cfg.multi_source.max_examples_per_language)
+        paths = {lang: self.state.language_sft_dirs[method][lang] for lang in sources} if method else {}
+        job = MultiSourceJob(config, self.trained.fingerprint, tuple(sources), paths,
+                             phase1=self._phase1(f"multi-{method or FULL_FT}-fold{fold}-seed{seed}"))
         directory = self.out / "sfts" / f"seed{seed}" / f"multi-{method}-fold{fold}"
         if method is not None and cfg.reuse_from:
-            _adopt(Path(cfg.reuse_from) / "sfts" / f"seed{seed}" / directory.name, directory, self.log)
-        if method is None or not _saved_with(directory, digest):
-            self._run_phase1(SFTJob("task", "multi", config, digest1, sources=sources, source_sft_paths=paths,
-                                    phase1_dir=str(store.directory), phase1_digest=digest1, phase1_only=True), store)
+            adopt(Path(cfg.reuse_from) / "sfts" / f"seed{seed}" / directory.name, directory, self.log)
+        assert job.phase1 is not None
+        store = Phase1Store(job.phase1.directory, phase1_key(job))
+        if method is None or not saved_with(directory, job_key(job)):
+            store = self._run_phase1(job)
         if method is None:
             return store, None
-        task = self._run_sft(SFTJob("task", "multi", config, digest, sources=sources, source_sft_paths=paths,
-                                    phase1_dir=str(store.directory), phase1_digest=digest1), directory)
-        return store, task
+        return store, self._run_sft(job, directory)
 
     def _fold_banner(self, seed: int, what: str, fold: int) -> list[str]:
         cfg = self.cfg
@@ -604,10 +396,10 @@ class Experiment:
         if fold == 0:
             self.state.task_sft_dirs.setdefault(method, {})[seed] = str(task.source)
         lang_sfts = {lang: self._language_sft(method, lang) for lang in held_out}
-        scores = ev.scores(f"{method}-fold{fold}-seed{seed}-{_digest_of(task)}", held_out,
+        scores = ev.scores(f"{method}-fold{fold}-seed{seed}-{key_of(task)}", held_out,
                            lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
         self._record("main", method, seed, scores, with_lang=True, extra={"fold": fold})
-        alone = ev.scores(f"{method}-fold{fold}-seed{seed}-{_digest_of(task)}-alone", held_out,
+        alone = ev.scores(f"{method}-fold{fold}-seed{seed}-{key_of(task)}-alone", held_out,
                           lambda lang, task=task: ev.composed(task, None))
         self._record("main", method, seed, alone, with_lang=False, extra={"fold": fold})
         self._overlaps("main", method, seed, task, lang_sfts, held_out)
@@ -626,7 +418,7 @@ class Experiment:
         _, task = self._multi_task(method, seed, fold, cfg.selection(method, "task"))
         assert task is not None
         lang_sfts = {lang: self._language_sft(method, lang) for lang in held_out}
-        scores = ev.scores(f"multi-{method}-fold{fold}-seed{seed}-{_digest_of(task)}", held_out,
+        scores = ev.scores(f"multi-{method}-fold{fold}-seed{seed}-{key_of(task)}", held_out,
                            lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
         self._record("multi_source", method, seed, scores, with_lang=True,
                      extra={"fold": fold, "sources": cfg.fold_sources(fold)})
@@ -641,8 +433,6 @@ class Experiment:
                     self._subnetwork_unit(seed, fold, system)
 
     def _subnetwork_unit(self, seed: int, fold: int, system: str) -> None:
-        from deftx.subnetworks.artifact import SubnetworkModel
-
         cfg, ev = self.cfg, self.evaluator
         sub = cfg.subnetworks.system(system)
         held_out = self._fold_banner(seed, f"subnetworks, {system}", fold)
@@ -651,34 +441,20 @@ class Experiment:
         paths = {lang: self.state.language_sft_dirs.get(method, {}).get(lang) for lang in sources} if method else None
         if paths is not None and not all(paths.values()):
             raise MissingUnit(f"language SFTs {method} of {', '.join(lang for lang, p in paths.items() if not p)}")
-        config = self._config_with(seed=seed,
-                                   task_overrides={"max_train_examples": cfg.multi_source.max_examples_per_language})
-        lang_digests = {lang: _digest_at(p) for lang, p in (paths or {}).items()}
-        settings = asdict(sub)
-        digest = config_digest({"experiment": "subnetworks", "sources": sources, "seed": seed, "subnetworks": settings,
-                                "max_examples": cfg.multi_source.max_examples_per_language,
-                                "common": self.trained.common, "lang_sfts": lang_digests})
+        config = self._config_with(seed=seed, task_max_examples=cfg.multi_source.max_examples_per_language)
+        job = SubnetworkJob(config, self.trained.fingerprint, tuple(sources), paths or {}, sub,
+                            masks_cache=str(self.out / "subnetworks" / "probes"))
+        key = job_key(job)
         directory = self.out / "subnetworks" / f"seed{seed}" / f"{system}-fold{fold}"
-        model = None
-        if (directory / "subnetworks.json").is_file():
-            try:
-                candidate = SubnetworkModel.load(directory)
-                if candidate.info.get("config_digest") == digest:
-                    model = candidate
-                    self.log(f"reusing {directory} (same settings)")
-                    self.state.reused += 1
-            except DeftxError as exc:
-                self.log(f"{directory}: unusable ({exc}); retraining")
+        model = reuse_subnetwork_model(directory, key, self.log)
+        self._count(model is None)
         if model is None:
-            self.executor.run(SFTJob("task", "multi", config, digest, sources=sources, source_sft_paths=paths,
-                                     subnetworks=settings, masks_cache=str(self.out / "subnetworks" / "probes")),
-                              directory, self.log)
-            self.state.trained += 1
+            self.executor.run(job, directory, self.log)
             model = SubnetworkModel.load(directory)
             self.log(f"saved {directory} ({model.sft.nnz:,} changed entries)")
         self.state.sft_dirs[str((directory / "model").relative_to(self.out))] = str(directory / "model")
         lang_sfts = {lang: self._language_sft(method, lang) for lang in held_out} if method else {}
-        scores = ev.scores(f"subnet-{system}-fold{fold}-seed{seed}-{digest}", held_out,
+        scores = ev.scores(f"subnet-{system}-fold{fold}-seed{seed}-{key}", held_out,
                            lambda lang, model=model, lang_sfts=lang_sfts: ev.composed(model.sft_for(lang),
                                                                                       lang_sfts.get(lang)))
         self._record("subnetworks", system, seed, scores, with_lang=method is not None,
@@ -698,7 +474,7 @@ class Experiment:
         selection = cfg.ablation_selection(variant)
         self.log(f"== ablation {variant}: task SFT re-selected from the {base} phase 1 (seed {seed}) ==")
         task = self._task_sft(base, seed, selection, f"ablation-{variant}")
-        scores = ev.scores(f"ablation-{variant}-{_digest_of(task)}", self.targets,
+        scores = ev.scores(f"ablation-{variant}-{key_of(task)}", self.targets,
                            lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]))
         self._record("ablation", variant, seed, scores, with_lang=True,
                      extra={"selection": selection.hyperparameters(), "nnz": task.nnz,

@@ -1,7 +1,6 @@
 """Sweeps of the selection hyperparameters per target language: everything except Ray Tune itself.
 
 What is shared and what each trial recomputes (``sft: language``, the default):
-
   once per sweep        the MLM head warm-up (when the base model has none), the source-language
                         SFT and the task SFT on top of it (the NusaX pipeline's, reused if present)
   once per language     the target language SFT's head warm-up + phase 1 (``Phase1Store``): phase 1
@@ -18,20 +17,22 @@ shared work, turns a sampled point into a training job, and scores the result.
 
 from __future__ import annotations
 
-import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deftx.config import ConfigError, PipelineConfig, SelectionConfig, from_dict
+from deftx.config import ConfigError, PipelineConfig, SelectionConfig, from_dict, to_dict
+from deftx.core.sft import SparseFineTuning
 from deftx.data import NUSAX_LABELS, check_language, load_nusax_senti
 from deftx.errors import DataError
-from deftx.jobs.cache import config_digest
+from deftx.evaluation import ClassifierScorer
+from deftx.jobs.cache import phase1_key
 from deftx.jobs.executors import Executor
-from deftx.jobs.spec import Log, SFTJob
+from deftx.jobs.spec import LanguageJob, Log, Phase1, TaskJob
+from deftx.models import resolve_model_path
 from deftx.training.phase1_store import Phase1Store
-from deftx.workflows.pipeline import phase1_digest, train_pipeline_sfts
+from deftx.workflows.pipeline import run_phase1, train_pipeline_sfts
 from deftx.workflows.sweeps.space import SearchSpace, selection_from_sample
 
 
@@ -64,19 +65,29 @@ def check_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], n
 
 @dataclass
 class SharedWork:
-    """Plain data for trials: the pipeline config (absolute paths) and the shared artifacts."""
+    """Plain data for trials (it travels to Tune's trial processes): the pipeline config as a dict
+    (absolute paths), the base model's fingerprint and the shared artifacts."""
 
     config: dict[str, Any]
+    fingerprint: str
     sft: str                                    # "language" or "task": which SFT the trials train
     task_sft: str | None                        # shared task SFT (sft == language)
     source_sft: str                             # the source-language SFT (under the task SFT)
     language_sfts: dict[str, str] = field(default_factory=dict)   # shared target SFTs (sft == task)
     head_dir: str | None = None
-    phase1: dict[str, tuple[str, str]] = field(default_factory=dict)   # lang -> (store dir, digest)
-    seconds: dict[str, float] = field(default_factory=dict)           # wall time of each shared step
+    phase1: dict[str, str] = field(default_factory=dict)          # lang (or "task") -> store directory
+    seconds: dict[str, float] = field(default_factory=dict)       # wall time of each shared step
 
     def pipeline_config(self) -> PipelineConfig:
-        return from_dict(PipelineConfig, self.config)
+        return from_dict(PipelineConfig, self.config).validate()
+
+    def job(self, lang: str, cfg: PipelineConfig | None = None) -> LanguageJob | TaskJob:
+        """The swept SFT's job for target ``lang`` (phase 1 from the shared store)."""
+        cfg = cfg or self.pipeline_config()
+        if self.sft == "language":
+            return LanguageJob(cfg, self.fingerprint, lang, head=self.head_dir, phase1=Phase1(self.phase1[lang]))
+        return TaskJob(cfg, self.fingerprint, cfg.source_language, language_sft=self.source_sft,
+                       phase1=Phase1(self.phase1["task"]))
 
 
 def prepare_shared_work(cfg: PipelineConfig, space: SearchSpace, languages: list[str], executor: Executor,
@@ -91,52 +102,34 @@ def prepare_shared_work(cfg: PipelineConfig, space: SearchSpace, languages: list
         trained = train_pipeline_sfts(cfg, executor, [cfg.source_language, *languages], log)
     seconds["pipeline SFTs"] = time.perf_counter() - started
     assert trained.task_dir is not None
-    shared = SharedWork(config=asdict(cfg), sft=space.sft, task_sft=str(trained.task_dir),
-                        source_sft=str(trained.language_dir(cfg.source_language)),
-                        head_dir=str(trained.head_dir) if trained.head_dir else None)
+    shared = SharedWork(config=to_dict(cfg), fingerprint=trained.fingerprint, sft=space.sft,
+                        task_sft=str(trained.task_dir), source_sft=str(trained.language_dir(cfg.source_language)),
+                        head_dir=trained.head)
     if space.sft == "task":
         shared.language_sfts = {lang: str(trained.language_dir(lang)) for lang in languages}
-        stores = {"task": (cfg.source_language, "task", cfg.task_sft)}
+        shared.phase1 = {"task": str(out / "phase1" / f"task-{cfg.source_language}")}
     else:
-        stores = {lang: (lang, "language", cfg.language_sft) for lang in languages}
-    for key, (lang, kind, sft_cfg) in stores.items():
-        extra = trained.language[cfg.source_language].metadata.training.get("config_digest") if kind == "task" else None
-        digest = phase1_digest(trained, kind, lang, sft_cfg, extra)
-        directory = out / "phase1" / f"{kind}-{lang}"
-        shared.phase1[key] = (str(directory), digest)
-        if Phase1Store(directory, digest).exists():
-            log(f"reusing {directory} (phase 1 with the same settings)")
-            continue
-        log(f"== phase 1 of the {kind} SFT ({lang}), shared by every trial ==")
+        shared.phase1 = {lang: str(out / "phase1" / f"language-{lang}") for lang in languages}
+    for lang in (languages if space.sft == "language" else [cfg.source_language]):
+        job = shared.job(lang, cfg)
         step = time.perf_counter()
-        job = SFTJob(kind, lang, shared.config, digest, head_path=shared.head_dir if kind == "language" else None,
-                     language_sft_path=shared.source_sft if kind == "task" else None,
-                     phase1_dir=str(directory), phase1_digest=digest, phase1_only=True)
-        executor.run(job, out / "phase1" / f".{kind}-{lang}.job", log)
-        seconds[f"phase 1 {kind}-{lang}"] = time.perf_counter() - step
+        if not Phase1Store(job.phase1.directory, phase1_key(job)).exists():   # type: ignore[union-attr]
+            log(f"== phase 1 of the {space.sft} SFT ({lang}), shared by every trial ==")
+        if run_phase1(job, executor, log)[1]:
+            seconds[f"phase 1 {space.sft}-{lang}"] = time.perf_counter() - step
     shared.seconds = seconds
     return shared
 
 
-def trial_job(shared: SharedWork, lang: str, sample: dict[str, Any]) -> tuple[SFTJob, SelectionConfig]:
+def trial_job(shared: SharedWork, lang: str, sample: dict[str, Any]) -> tuple[LanguageJob | TaskJob, SelectionConfig]:
     """The training job of one trial: the swept SFT with the sampled selection, phase 1 from the
     store."""
-    config = copy.deepcopy(shared.config)
-    key = "language_sft" if shared.sft == "language" else "task_sft"
-    base = from_dict(SelectionConfig, config[key]["selection"])
-    selection = selection_from_sample(base, sample)
-    config[key]["selection"] = asdict(selection)
-    store, p1_digest = shared.phase1[lang if shared.sft == "language" else "task"]
-    digest = config_digest({"trial": key, "lang": lang, "selection": asdict(selection), "sft": config[key],
-                            "phase1": p1_digest})
-    cfg = from_dict(PipelineConfig, config)
-    if shared.sft == "language":
-        job = SFTJob("language", lang, config, digest, head_path=shared.head_dir, phase1_dir=store,
-                     phase1_digest=p1_digest)
-    else:
-        job = SFTJob("task", cfg.source_language, config, digest, language_sft_path=shared.source_sft,
-                     phase1_dir=store, phase1_digest=p1_digest)
-    return job, selection
+    cfg = shared.pipeline_config()
+    sft_cfg = cfg.language_sft if shared.sft == "language" else cfg.task_sft
+    selection = selection_from_sample(sft_cfg.selection, sample)
+    sft_cfg.selection = selection
+    cfg.validate()
+    return shared.job(lang, cfg), selection
 
 
 def composed_parts(shared: SharedWork, lang: str, trial_sft: str) -> tuple[str, str]:
@@ -150,9 +143,6 @@ def composed_parts(shared: SharedWork, lang: str, trial_sft: str) -> tuple[str, 
 def score_composition(cfg: PipelineConfig, task_dir: str, lang_dir: str, lang: str, split: str) -> dict[str, float]:
     """macro-F1 and accuracy of theta0 + phi_task + phi_lang on the objective's split:
     ``target_valid`` (``lang``'s validation examples) or ``source_valid``."""
-    from deftx.core.sft import SparseFineTuning
-    from deftx.evaluation import ClassifierScorer
-    from deftx.models import resolve_model_path
 
     eval_lang = lang if split == "target_valid" else cfg.source_language
     scorer = ClassifierScorer(resolve_model_path(cfg.model.name_or_path, log=lambda line: None), NUSAX_LABELS,

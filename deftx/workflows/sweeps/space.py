@@ -144,22 +144,38 @@ def parse_dimension(name: str, spec: Any, key: str) -> Dimension:
         return Dimension(name, kind, options)
     if name in _DISCRETE:
         raise ConfigError(f"{key}: {name} takes {{choice: [...]}} or a constant, not {kind}")
+    if name == "rank" and kind != "randint":
+        raise ConfigError(f"{key}: a rank is an integer; use {{randint: [low, high]}} or {{choice: [...]}}")
+    low, high = _range(kind, args, key)
+    for v in (low, high):
+        _check_value(name, v, f"{key}.{kind}")
+    return Dimension(name, kind, (low, high))
+
+
+def _range(kind: str, args: list, key: str) -> tuple[float, float]:
+    """The ``[low, high]`` of a ``uniform``, ``loguniform`` or ``randint`` dimension, checked."""
     if len(args) != 2:
         raise ConfigError(f"{key}.{kind}: expected [low, high], got {args!r}")
     low, high = (_number(v, f"{key}.{kind}") for v in args)
     if kind == "randint" and not all(float(v).is_integer() for v in (low, high)):
         raise ConfigError(f"{key}.randint: bounds must be integers, got {args!r}")
-    if kind == "randint":
-        low, high = int(low), int(high)
-    elif name == "rank":
-        raise ConfigError(f"{key}: a rank is an integer; use {{randint: [low, high]}} or {{choice: [...]}}")
     if not low < high:
         raise ConfigError(f"{key}.{kind}: low must be below high, got {args!r}")
     if kind == "loguniform" and low <= 0:
         raise ConfigError(f"{key}.loguniform: bounds must be > 0, got {args!r}")
-    for v in (low, high):
-        _check_value(name, v, f"{key}.{kind}")
-    return Dimension(name, kind, (low, high))
+    return (int(low), int(high)) if kind == "randint" else (float(low), float(high))
+
+
+def parse_setting_dimension(name: str, spec: Any, key: str) -> Dimension:
+    """A dimension over any setting (a dotted key of a subnetwork system); its values are checked by
+    validating the system with each of them (see ``deftx.workflows.sweeps.subnetworks``)."""
+    parsed = spec_kind(spec, key)
+    if parsed is None:
+        return Dimension(name, "constant", (spec,))
+    kind, args = parsed
+    if kind == "choice":
+        return Dimension(name, kind, tuple(args))
+    return Dimension(name, kind, _range(kind, args, key))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Ray Tune sweeps of a subnetwork system's settings (density, re-selection interval, inner steps...).
+"""Sweeps of a subnetwork system's settings (density, re-selection interval, inner steps...), run by
+the same Tune runner as the selection sweeps (:func:`deftx.workflows.sweeps.tune.fit_trials`), over
+dimensions parsed by the same space parser (:mod:`deftx.workflows.sweeps.space`).
 
 A space file names one system of a results experiment (``subnetworks.systems``) and the settings a
 trial samples, as dotted keys of its ``SubnetworkConfig`` (``selection.density``,
@@ -23,11 +25,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deftx.config import ClusterConfig, from_dict, read_yaml
+from deftx.config import from_dict, read_yaml
 from deftx.errors import ConfigError
 from deftx.jobs.spec import Log
+from deftx.tracking.tracker import RunHandle, Tracker
 from deftx.workflows.experiments.config import ExperimentConfig
-from deftx.workflows.sweeps.space import Dimension, spec_kind
+from deftx.workflows.experiments.report import metric_of, per_seed_average, select
+from deftx.workflows.experiments.runner import Experiment
+from deftx.workflows.sweeps.space import Dimension, parse_setting_dimension
+from deftx.workflows.sweeps.tune import fit_trials, report, start_sweep_ray, trial_identity, trial_logger
 
 SEARCHERS = ("optuna", "random")
 
@@ -42,26 +48,6 @@ class SubnetworkSpace:
 
     def describe(self) -> dict[str, str]:
         return {k: f"{d.kind} {list(d.values)}" for k, d in self.dimensions.items()}
-
-
-def _parse(name: str, spec: Any, key: str) -> Dimension:
-    """A dimension over any setting; values are checked later, by validating the system with them."""
-    parsed = spec_kind(spec, key)
-    if parsed is None:
-        return Dimension(name, "constant", (spec,))
-    kind, args = parsed
-    if kind == "choice":
-        return Dimension(name, kind, tuple(args))
-    if len(args) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args):
-        raise ConfigError(f"{key}.{kind}: expected [low, high] numbers, got {args!r}")
-    low, high = args
-    if kind == "randint" and not all(float(v).is_integer() for v in args):
-        raise ConfigError(f"{key}.randint: bounds must be integers, got {args!r}")
-    if not low < high:
-        raise ConfigError(f"{key}.{kind}: low must be below high, got {args!r}")
-    if kind == "loguniform" and low <= 0:
-        raise ConfigError(f"{key}.loguniform: bounds must be > 0, got {args!r}")
-    return Dimension(name, kind, (int(low), int(high)) if kind == "randint" else (float(low), float(high)))
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
@@ -107,7 +93,7 @@ def load_subnetwork_space(path: str | Path, cfg: ExperimentConfig) -> Subnetwork
     if not isinstance(dims, dict) or not dims:
         raise ConfigError(f"{path}: dimensions: give at least one setting to sample")
     space = SubnetworkSpace(system=system, searcher=searcher, seed=seed, source=str(path),
-                            dimensions={k: _parse(k, v, f"{path}: dimensions.{k}") for k, v in dims.items()})
+                            dimensions={k: parse_setting_dimension(k, v, f"{path}: dimensions.{k}") for k, v in dims.items()})
     for key, dim in space.dimensions.items():   # every bound and option must give a valid system
         for value in dim.candidates():
             trial = copy.deepcopy(cfg)
@@ -149,39 +135,25 @@ def trial_config(cfg: ExperimentConfig, space: SubnetworkSpace, sample: dict[str
 
 
 def objective_of(state, metric: str) -> float:
-    from deftx.workflows.experiments.report import per_seed_average, select
-
     rows = select(state.records, part="subnetworks", split="valid")
     values = per_seed_average(rows, list(state.config.pipeline.target_languages), metric)
     return sum(values) / len(values) if values else float("nan")
 
 
 def _trial(sample: dict[str, Any], *, base: dict[str, Any], space: dict[str, Any], settings: dict[str, Any]) -> None:
-    from ray import tune
-
-    from deftx.tracking.tracker import RunHandle, Tracker
-    from deftx.workflows.experiments.report import metric_of
-    from deftx.workflows.experiments.runner import Experiment
-
+    """One Tune trial: the experiment with the sampled system only; reports the objective."""
     cfg = from_dict(ExperimentConfig, base)
     sp = SubnetworkSpace(**{**space, "dimensions": {k: Dimension(**d) for k, d in space["dimensions"].items()}})
-    ctx = tune.get_context()
-    trial_id = ctx.get_trial_id()
+    trial_id, cpus = trial_identity()
     trial_dir = Path(settings["trial_root"]) / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     trial = trial_config(cfg, sp, sample, settings["shared_dir"], str(trial_dir))
     trial.pipeline.tracking.enabled = False   # the trial's run is logged below, nested under the sweep
-    log_path = trial_dir / "trial.log"
-
-    def log(line: str) -> None:
-        with open(log_path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-
+    log = trial_logger(trial_dir)
     if trial.pipeline.cluster.backend == "local":
         import torch
 
-        torch.set_num_threads(trial.pipeline.threads or
-                              max(1, int(ctx.get_trial_resources().required_resources.get("CPU", 1))))
+        torch.set_num_threads(trial.pipeline.threads or cpus)
     state = Experiment(trial, log=log).run()
     metric, _ = metric_of(trial)
     value = objective_of(state, metric)
@@ -192,10 +164,10 @@ def _trial(sample: dict[str, Any], *, base: dict[str, Any], space: dict[str, Any
     if settings["tracking"]:
         run = tracker.start_run(settings["experiment"], f"trial-{trial_id}", parent=RunHandle(settings["parent"]),
                                 params={"sample": sample, "system": sp.system},
-                                tags={"deftx.workflows.sweeps.shared": settings["name"], "deftx.trial": trial_id})
+                                tags={"deftx.sweep": settings["name"], "deftx.trial": trial_id})
         tracker.log_metrics(run, {key: value, **per_language})
         tracker.end_run(run)
-    tune.report({key: value, **per_language})
+    report({key: value, **per_language})
 
 
 @dataclass
@@ -225,23 +197,12 @@ def _short(value: Any) -> str:
 def run_subnetwork_sweep(cfg: ExperimentConfig, space: SubnetworkSpace, num_samples: int, *,
                          name: str | None = None, log: Log = print) -> SubnetworkSweepResult:
     """The shared work, then ``num_samples`` Tune trials of ``space`` (see the module docstring)."""
-    import ray
-    from ray import tune
-
-    from deftx.jobs.ray import connect
-    from deftx.tracking.tracker import Tracker
-    from deftx.workflows.experiments.report import metric_of
-    from deftx.workflows.experiments.runner import Experiment
-    from deftx.workflows.sweeps.tune import TRIAL_CPU, sweep_cluster, tune_distribution
-
     if num_samples < 1:
         raise ConfigError(f"--samples: must be >= 1, got {num_samples}")
     started = time.perf_counter()
     name = name or f"{cfg.dataset}-{cfg.preset}-{space.system}"
     pipe = cfg.pipeline
-    connect(pipe.cluster if pipe.cluster.backend == "ray" else
-            ClusterConfig(**{**asdict(pipe.cluster), "backend": "ray", "check_resources": False}), log)
-    pipe.cluster = sweep_cluster(pipe.cluster, ray.cluster_resources().get("CPU", 1.0))
+    pipe.cluster, resources = start_sweep_ray(pipe.cluster, log)
 
     log("== shared work: language SFTs and the main table, if the experiment has one (reused when finished) ==")
     shared_state = Experiment(shared_config(cfg, space), log=log).run()
@@ -254,36 +215,18 @@ def run_subnetwork_sweep(cfg: ExperimentConfig, space: SubnetworkSpace, num_samp
     experiment = pipe.tracking.experiment or f"deftx-subnetworks-sweep-{cfg.dataset}"
     sweep_run = tracker.start_run(experiment, f"sweep-{name}", params={
         "system": space.system, "space": space.describe(), "num_samples": num_samples, "objective": key,
-        "searcher": space.searcher, "seed": shared_state.config.seeds[0]}, tags={"deftx.workflows.sweeps.shared": name})
+        "searcher": space.searcher, "seed": shared_state.config.seeds[0]}, tags={"deftx.sweep": name})
     out = Path(shared_dir) / "sweeps" / name
     settings = {"trial_root": str(out / "trials"), "shared_dir": shared_dir, "objective": key, "name": name,
                 "tracking": pipe.tracking.enabled and not tracker.offline, "tracking_uri": tracker.uri,
                 "experiment": experiment, "parent": sweep_run.run_id}
-    total = ray.cluster_resources().get("CPU", 1.0)
-    resources = {"cpu": TRIAL_CPU} if pipe.cluster.backend == "ray" else {"cpu": max(1.0, float(int(total)))}
     space_data = {**asdict(space), "dimensions": {k: asdict(d) for k, d in space.dimensions.items()}}
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=asdict(cfg), space=space_data,
-                                                         settings=settings), resources)
     storage = Path(pipe.cluster.storage_path or Path(shared_dir) / "tune").resolve()
-    path = storage / name
     try:
-        if tune.Tuner.can_restore(str(path)):
-            log(f"[sweep] resuming {path} (finished trials are kept)")
-            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            searcher = None
-            if space.searcher == "optuna":
-                from ray.tune.search.optuna import OptunaSearch
-
-                searcher = OptunaSearch(seed=cfg.seeds[0])
-            tuner = tune.Tuner(
-                trainable, param_space={k: tune_distribution(d) for k, d in space.dimensions.items()},
-                tune_config=tune.TuneConfig(metric=key, mode="max", num_samples=num_samples, search_alg=searcher,
-                                            max_concurrent_trials=1),
-                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=0)))
         log(f"== sweep {name}: {num_samples} trials of {space.system}, objective {key} ==")
-        grid = tuner.fit()
+        grid = fit_trials(_trial, {"base": asdict(cfg), "space": space_data, "settings": settings},
+                          resources=resources, path=storage / name, dimensions=space.dimensions, metric=key,
+                          num_samples=num_samples, searcher=space.searcher, seed=cfg.seeds[0], log=log)
     except BaseException:
         tracker.end_run(sweep_run, "FAILED")
         raise

@@ -3,8 +3,8 @@
 Ray Train V2 pattern: a Tune trial is a function that runs the trial's training job with the
 pipeline's executor (a ``TorchTrainer`` of DeepSpeed workers launched from inside the trial, or
 the trial's own process with ``cluster.backend: local``), scores the composed model, registers it,
-and reports to Tune. On 2 CPUs the trial holds 0.01 CPU and the workers the rest
-(``notes/stack.md`` §5).
+and reports to Tune. On 2 CPUs the trial holds 0.01 CPU and the workers the rest (a trial that
+held a whole CPU would leave its own workers unschedulable).
 
 - Searcher: Optuna (TPE) or random sampling; scheduler: ASHA or the median rule on the objective,
   reported after every ``eval_every`` phase-2 steps (``deftx.training.probe``) and at the end.
@@ -18,15 +18,22 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deftx.config import ClusterConfig, PipelineConfig
+from deftx.config import ClusterConfig, PipelineConfig, SelectionConfig
+from deftx.core.roles import parameter_roles
+from deftx.core.sft import SparseFineTuning, read_metadata
+from deftx.data import NUSAX_LABELS, load_nusax_mt_text
 from deftx.errors import DeftxError
 from deftx.jobs.executors import LocalExecutor, make_executor
-from deftx.jobs.spec import Log
+from deftx.jobs.ray import connect
+from deftx.jobs.spec import Log, Probe
+from deftx.models import load_classifier, load_masked_lm, resolve_model_path
+from deftx.tracking.plots import close, language_bars, trial_scatter
 from deftx.tracking.registry import PendingRegistration, Registry, composed_model_name
+from deftx.tracking.runs import log_sft, spectra_figure
 from deftx.tracking.tracker import RunHandle, Tracker
 from deftx.training.probe import read_reports
 from deftx.workflows.pipeline import check_run_outputs, start_run
@@ -38,7 +45,7 @@ from deftx.workflows.sweeps.shared import (
     score_composition,
     trial_job,
 )
-from deftx.workflows.sweeps.space import Dimension, SearchSpace
+from deftx.workflows.sweeps.space import Dimension, SearchSpace, selection_from_sample
 
 TRIAL_CPU = 0.01
 
@@ -70,6 +77,75 @@ def sweep_cluster(cluster: ClusterConfig, total_cpus: float) -> ClusterConfig:
         raise DeftxError(f"the Ray cluster has {total_cpus:g} CPUs: too few for {cluster.num_workers} workers and a "
                          f"trial")
     return ClusterConfig(**{**asdict(cluster), "cpus_per_worker": math.floor(share * 100) / 100})
+
+
+def start_sweep_ray(cluster: ClusterConfig, log: Log) -> tuple[ClusterConfig, dict[str, float]]:
+    """Connect to (or start) Ray, which Tune needs whatever the backend; the cluster settings fitted
+    to leave room for the trials, and each trial's resources (``ray``: the trial only launches
+    workers; ``local``: it trains itself, with every CPU of the node, since Ray sets a task's torch
+    threads from its CPUs and one CPU would halve training speed)."""
+    import ray
+
+
+    connect(cluster if cluster.backend == "ray" else
+            ClusterConfig(**{**asdict(cluster), "backend": "ray", "check_resources": False}), log)
+    total = ray.cluster_resources().get("CPU", 1.0)
+    resources = {"cpu": TRIAL_CPU} if cluster.backend == "ray" else {"cpu": max(1.0, float(int(total)))}
+    return sweep_cluster(cluster, total), resources
+
+
+def fit_trials(trial: Any, arguments: dict[str, Any], *, resources: dict[str, float], path: Path,
+               dimensions: dict[str, Dimension], metric: str, num_samples: int, searcher: str, seed: int,
+               scheduler: Any = None, max_concurrent: int = 1, log: Log = print):
+    """Run (or resume, when ``path`` holds an interrupted experiment) a Tune experiment of
+    ``num_samples`` trials of ``trial(sample, **arguments)`` over ``dimensions``, maximising
+    ``metric``; the result grid. Every sweep of deftx runs its trials here."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(trial, **arguments), resources)
+    if tune.Tuner.can_restore(str(path)):
+        log(f"[sweep] resuming the experiment in {path} (finished trials are kept)")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        search = None
+        if searcher == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search = OptunaSearch(seed=seed)   # metric and mode come from the TuneConfig
+        tuner = tune.Tuner(
+            trainable, param_space={name: tune_distribution(d) for name, d in dimensions.items()},
+            tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=num_samples, search_alg=search,
+                                        scheduler=scheduler, max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    return tuner.fit()
+
+
+def trial_identity() -> tuple[str, int]:
+    """Inside a trial: its id and the CPUs Tune gave it."""
+    from ray import tune
+
+    ctx = tune.get_context()
+    return ctx.get_trial_id(), max(1, int(ctx.get_trial_resources().required_resources.get("CPU", 1)))
+
+
+def report(metrics: dict[str, Any]) -> None:
+    """Inside a trial: report ``metrics`` to Tune."""
+    from ray import tune
+
+    tune.report(metrics)
+
+
+def trial_logger(trial_dir: Path) -> Log:
+    """A trial's log: lines appended to ``trial_dir/trial.log`` (trials run in Ray's processes,
+    whose output is not the user's terminal)."""
+    log_path = trial_dir / "trial.log"
+
+    def log(line: str) -> None:
+        with open(log_path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+    return log
 
 
 @dataclass
@@ -115,31 +191,25 @@ def _short(value: Any) -> str:
 def _trial(sample: dict[str, Any], *, shared: dict[str, Any], lang: str, settings: dict[str, Any]) -> None:
     """One Tune trial: train the swept SFT with ``sample``, follow its phase-2 evaluations, score,
     register, report."""
-    from ray import tune
-
     work = SharedWork(**shared)
     cfg = work.pipeline_config()
-    ctx = tune.get_context()
-    trial_dir = Path(settings["trial_root"]) / ctx.get_trial_id()
+    trial_id, cpus = trial_identity()
+    trial_dir = Path(settings["trial_root"]) / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     key, split = settings["objective"], settings["split"]
     job, selection = trial_job(work, lang, sample)
     report_path = trial_dir / "phase2-evaluations.jsonl"
     report_path.unlink(missing_ok=True)
     if settings["eval_every"] and work.sft == "language":
-        job.probe = {"every": settings["eval_every"], "task_sft": work.task_sft, "language": lang, "split": split,
-                     "report_path": str(report_path)}
-    log_path = trial_dir / "trial.log"
-
-    def log(line: str) -> None:
-        with open(log_path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-
+        assert work.task_sft is not None
+        job = replace(job, probe=Probe(every=settings["eval_every"], task_sft=work.task_sft, language=lang,
+                                       split=split, report_path=str(report_path)))
+    log = trial_logger(trial_dir)
     if cfg.cluster.backend == "local":
         import torch
 
-        torch.set_num_threads(cfg.threads or max(1, int(ctx.get_trial_resources().required_resources.get("CPU", 1))))
-        executor = LocalExecutor()
+        torch.set_num_threads(cfg.threads or cpus)
+        executor: Any = LocalExecutor()
     else:
         executor = make_executor(cfg, log)
     errors: list[BaseException] = []
@@ -158,8 +228,8 @@ def _trial(sample: dict[str, Any], *, shared: dict[str, Any], lang: str, setting
         new = read_reports(report_path, seen)
         for record in new:
             iteration += 1
-            tune.report({**{k: v for k, v in record.items() if k != "step"}, "phase2_step": record["step"],
-                         "final": 0})
+            report({**{k: v for k, v in record.items() if k != "step"}, "phase2_step": record["step"],
+                    "final": 0})
         seen += len(new)
         worker.join(timeout=1.0)
     if errors:
@@ -170,10 +240,7 @@ def _trial(sample: dict[str, Any], *, shared: dict[str, Any], lang: str, setting
     params = {"language": lang, **selection.hyperparameters()}
     tracker = Tracker(settings["tracking_uri"], enabled=settings["tracking"], log=log)
     if settings["tracking"]:
-        from deftx.tracking.runs import log_sft
-
-        trial_id = ctx.get_trial_id()
-        tags = {"deftx.workflows.sweeps.shared": settings["name"], "deftx.trial": trial_id}
+        tags = {"deftx.sweep": settings["name"], "deftx.trial": trial_id}
         run = log_sft(tracker, settings["experiment"], RunHandle(settings["parent_runs"].get(lang)),
                       trial_dir / "sft", f"trial-{lang}-{trial_id}", extra_params={"sample": sample})
         tracker.log_metrics(run, metrics)
@@ -183,7 +250,7 @@ def _trial(sample: dict[str, Any], *, shared: dict[str, Any], lang: str, setting
                                           task=cfg.task, language=lang, task_sft=task_dir, language_sft=lang_dir,
                                           score=metrics[key], objective=key, params=params, metrics=metrics, tags=tags)
             Registry(tracker).submit(pending, output_dir=settings["output_dir"], parent=run)
-    tune.report({**metrics, "phase2_step": -1, "final": 1})
+    report({**metrics, "phase2_step": -1, "final": 1})
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -194,14 +261,6 @@ def _language_seed(seed: int, lang: str) -> int:
     import zlib
 
     return (seed * 1_000_003 + zlib.crc32(lang.encode())) % (2**31)
-
-
-def _searcher(space: SearchSpace, seed: int):
-    if space.searcher == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        return OptunaSearch(seed=seed)   # metric and mode come from the TuneConfig
-    return None   # Tune's default: random sampling of the distributions
 
 
 def _scheduler(space: SearchSpace, max_reports: int):
@@ -219,7 +278,6 @@ def _scheduler(space: SearchSpace, max_reports: int):
 
 def _reports_per_trial(cfg: PipelineConfig, space: SearchSpace) -> int:
     """Phase-2 evaluations plus the final report (ASHA's max_t)."""
-    from deftx.data import load_nusax_mt_text
 
     if not space.eval_every or space.sft != "language":
         return 1
@@ -231,19 +289,11 @@ def _reports_per_trial(cfg: PipelineConfig, space: SearchSpace) -> int:
 def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num_samples: int, *,
               name: str | None = None, log: Log = print, max_concurrent: int = 1) -> SweepResult:
     """Tune experiments (one per target language) over ``space``; see the module docstring."""
-    import ray
-    from ray import tune
-
     started = time.perf_counter()
     languages = check_sweep(cfg, space, languages, num_samples)
     check_run_outputs(cfg)
     name = name or f"{Path(cfg.output_dir).name}-sweep"
-    from deftx.jobs.ray import connect
-
-    # Tune needs Ray whatever the backend; with `local` the trials train in their own processes
-    connect(cfg.cluster if cfg.cluster.backend == "ray" else
-            ClusterConfig(**{**asdict(cfg.cluster), "backend": "ray", "check_resources": False}), log)
-    cfg.cluster = sweep_cluster(cfg.cluster, ray.cluster_resources().get("CPU", 1.0))
+    cfg.cluster, resources = start_sweep_ray(cfg.cluster, log)
     cfg, executor = start_run(cfg, log, None)
     out = Path(cfg.output_dir)
     shared = prepare_shared_work(cfg, space, languages, executor, log)
@@ -255,15 +305,11 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
     sweep_run = tracker.start_run(experiment, f"sweep-{name}", params={
         "space": {lang: space.describe(lang) for lang in languages}, "num_samples": num_samples,
         "objective": key, "searcher": space.searcher, "scheduler": space.scheduler.kind,
-        "eval_every": space.eval_every, "sft": space.sft}, tags={"deftx.workflows.sweeps.shared": name})
+        "eval_every": space.eval_every, "sft": space.sft}, tags={"deftx.sweep": name})
     tracker.log_metrics(sweep_run, {f"shared_seconds.{k}": v for k, v in shared.seconds.items()})
     storage = Path(cfg.cluster.storage_path or out / "tune").resolve()
     result = SweepResult(name=name, output_dir=str(out), shared_seconds=shared.seconds)
     max_reports = _reports_per_trial(cfg, space)
-    # ray: the trial only launches workers; local: the trial trains, with every CPU of the node
-    # (Ray sets a task's OMP/torch threads from its CPUs: 1 CPU would halve training speed here)
-    total = ray.cluster_resources().get("CPU", 1.0)
-    resources = {"cpu": TRIAL_CPU} if cfg.cluster.backend == "ray" else {"cpu": max(1.0, float(int(total)))}
     try:
         for lang in languages:
             lang_started = time.perf_counter()
@@ -274,25 +320,12 @@ def run_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], num
                         "tracking": cfg.tracking.enabled and not tracker.offline, "register": cfg.tracking.register,
                         "tracking_uri": tracker.uri, "experiment": experiment, "output_dir": str(out),
                         "parent_runs": {lang: lang_run.run_id}}
-            trainable = tune.with_resources(
-                tune.with_parameters(_trial, shared=asdict(shared), lang=lang, settings=settings), resources)
-            path = storage / f"{name}-{lang}"
-            if tune.Tuner.can_restore(str(path)):
-                log(f"[sweep {lang}] resuming the experiment in {path} (finished trials are kept)")
-                tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
-                                           resume_errored=True)
-            else:
-                params = {n: tune_distribution(d) for n, d in space.for_language(lang).items()}
-                tuner = tune.Tuner(
-                    trainable, param_space=params,
-                    tune_config=tune.TuneConfig(metric=key, mode="max", num_samples=num_samples,
-                                                search_alg=_searcher(space, _language_seed(cfg.seed, lang)),
-                                                scheduler=_scheduler(space, max_reports),
-                                                max_concurrent_trials=max_concurrent),
-                    run_config=tune.RunConfig(name=path.name, storage_path=str(storage), verbose=0,
-                                              failure_config=tune.FailureConfig(max_failures=0)))
             log(f"== sweep {lang}: {num_samples} trials, objective {key} ==")
-            grid = tuner.fit()
+            grid = fit_trials(_trial, {"shared": asdict(shared), "lang": lang, "settings": settings},
+                              resources=resources, path=storage / f"{name}-{lang}",
+                              dimensions=space.for_language(lang), metric=key, num_samples=num_samples,
+                              searcher=space.searcher, seed=_language_seed(cfg.seed, lang),
+                              scheduler=_scheduler(space, max_reports), max_concurrent=max_concurrent, log=log)
             summary = _summarise(grid, lang, key, time.perf_counter() - lang_started, Path(settings["trial_root"]))
             if cfg.tracking.enabled and cfg.tracking.register and not tracker.offline:
                 model_name = composed_model_name(cfg.task, lang)
@@ -345,16 +378,12 @@ def _summarise(grid, lang: str, key: str, seconds: float, trial_root: Path) -> L
 def _active(sample: dict[str, Any]) -> dict[str, Any]:
     """The sampled values the trial's selection used (the DeFT-X ones only for deft_x, and only
     the active rank rule's value), in the order of ``SelectionConfig.hyperparameters()``."""
-    from deftx.config import SelectionConfig
-    from deftx.workflows.sweeps.space import selection_from_sample
 
     chosen = selection_from_sample(SelectionConfig(), sample).hyperparameters()
     return {k: v for k, v in chosen.items() if v is not None and (k in sample or k in ("rank", "energy"))}
 
 
 def _log_sweep_plots(tracker: Tracker, run: RunHandle, summary: LanguageResult, key: str) -> None:
-    from deftx.tracking.plots import trial_scatter
-
     fig = trial_scatter(summary.rows, key, title=f"{summary.language}: trials")
     if fig is not None:
         tracker.log_figure(run, fig, f"plots/trials-{summary.language}.png")
@@ -363,11 +392,6 @@ def _log_sweep_plots(tracker: Tracker, run: RunHandle, summary: LanguageResult, 
 def _log_spectra(tracker: Tracker, run: RunHandle, cfg: PipelineConfig, shared: SharedWork, lang: str,
                  summary: LanguageResult) -> None:
     """Singular values of the stored phase-1 change, with the best trial's DeFT-X ranks marked."""
-    from deftx.core.roles import parameter_roles
-    from deftx.core.sft import read_metadata
-    from deftx.models import load_classifier, load_masked_lm, resolve_model_path
-    from deftx.tracking.plots import close
-    from deftx.tracking.runs import spectra_figure
 
     best_dir = summary.best_trial_dir
     ranks = {}
@@ -375,13 +399,11 @@ def _log_spectra(tracker: Tracker, run: RunHandle, cfg: PipelineConfig, shared: 
         ranks = read_metadata(Path(best_dir) / "sft").get("selection", {}).get("ranks", {})
     path = resolve_model_path(cfg.model.name_or_path, log=lambda line: None)
     if shared.sft == "language":
-        store, kind = shared.phase1[lang][0], "language"
+        store, kind = shared.phase1[lang], "language"
         model = load_masked_lm(path, seed=cfg.seed)[0]
     else:   # the task SFT starts at theta0 + the source-language SFT
-        from deftx.core.sft import SparseFineTuning
-        from deftx.data import NUSAX_LABELS
 
-        store, kind = shared.phase1["task"][0], "task"
+        store, kind = shared.phase1["task"], "task"
         model = load_classifier(path, NUSAX_LABELS, seed=cfg.seed)
         SparseFineTuning.load(shared.source_sft).apply(model, with_head=False)
     base = {n: p.detach() for n, p in parameter_roles(model, kind).maskable.items()}
@@ -392,7 +414,5 @@ def _log_spectra(tracker: Tracker, run: RunHandle, cfg: PipelineConfig, shared: 
 
 
 def _log_language_bars(tracker: Tracker, run: RunHandle, result: SweepResult, key: str) -> None:
-    from deftx.tracking.plots import language_bars
-
     fig = language_bars({r.language: r.best_score for r in result.languages}, key, title=f"sweep {result.name}")
     tracker.log_figure(run, fig, "plots/best-per-language.png")
