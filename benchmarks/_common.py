@@ -163,7 +163,7 @@ def mb(nbytes: float) -> str:
 
 
 def summary(values: Sequence[float], digits: int = 2) -> str:
-    """'median [min-max] (n)' as in notes/performance.md."""
+    """'median [min-max] (n)'."""
     vals = list(values)
     if not vals:
         return "-"

@@ -1,4 +1,4 @@
-"""What a language-specific subnetwork costs per optimizer step (issue 7), in one run, on the same
+"""What a language-specific subnetwork costs per optimizer step, in one run, on the same
 model (offline multilingual-e5-small classifier), the same NusaX batches of 3 languages and the same
 thread count:
 

@@ -10,7 +10,7 @@ unlabelled language-SFT text come from, its labels and its metric.
   experiments train leave-fold-out); ``eng`` is English MultiNLI from the hub (``multi_nli``, the
   published setting; needs network). Evaluation: ``valid`` is the dev set, ``test`` the test set.
   Language-SFT text: the AmericasNLP 2021 training side of each language (``source`` must be a
-  directory laid out like ``/work/shared/data/americasnli``); for ``eng`` (hub) MultiNLI's premises.
+  directory laid out as :mod:`deftx.data.americasnli` describes); for ``eng`` (hub) MultiNLI's premises.
 """
 
 from __future__ import annotations

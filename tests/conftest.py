@@ -31,7 +31,7 @@ def pytest_configure(config):
         except DeftxError:
             pass  # the network tests report it
     _NETWORK = loopback.isolate()
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # every ray command must agree (notes/stack.md)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # every ray command must agree on the auth mode
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
@@ -80,7 +80,7 @@ def other_base_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def americasnli_dir():
-    """The AmericasNLI data directory (not bundled: the tests use ../shared/data when present)."""
+    """The AmericasNLI data directory (not bundled: tests that need it skip when the machine has no copy)."""
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "americasnli"
     if not path.is_dir():
         pytest.skip(f"{path} not present (AmericasNLI is not bundled)")

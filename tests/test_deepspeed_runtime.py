@@ -1,6 +1,6 @@
 """The two-phase SFT on 2 real ranks under DeepSpeed (``DeepSpeedRuntime``, no Ray): it trains,
 keeps LayerNorm frozen and the SFT within its masks, and a run interrupted after a checkpoint and
-resumed from it ends with the same SFT as an uninterrupted run, bit for bit (issue 4, part 4)."""
+resumed from it ends with the same SFT as an uninterrupted run, bit for bit."""
 
 from __future__ import annotations
 

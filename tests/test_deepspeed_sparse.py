@@ -1,6 +1,6 @@
 """Sparse phase under DeepSpeed ZeRO 0/2/3 with two real ranks (gloo over loopback): with weight
 decay on, entries outside the mask stay bit-identical to the reference in the fp32 master and in
-the forward weights, and masked entries do move (issue 4, part 3)."""
+the forward weights, and masked entries do move."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Subnetworks under DeepSpeed ZeRO with two real ranks (gloo over loopback; issue 7).
+"""Subnetworks under DeepSpeed ZeRO with two real ranks (gloo over loopback).
 
 1. Every step of a batch of language l leaves every entry outside m_l bit-identical, in the fp32
    master and in the forward weights, at ZeRO stages 0-3 (AdamW with weight decay, so both the

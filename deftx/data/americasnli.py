@@ -2,7 +2,7 @@
 target-language text, and MultiNLI (the English source-task training data).
 
 AmericasNLI is not bundled (see ``README.md`` of the data directory for provenance and licences).  ``source``
-is either a directory laid out like ``/work/shared/data/americasnli``::
+is either a directory laid out as below::
 
     dev/<code>.tsv                 final (ACL 2022) dev release; columns id, language, premise,
                                    hypothesis, label

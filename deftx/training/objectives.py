@@ -1,6 +1,5 @@
 """Losses. Masked-LM logits are computed only at the predicted positions: exact, and about 7x less
-work than the Hugging Face forward, which applies the 250k-word decoder at every position
-(notes/performance.md §4)."""
+work than the Hugging Face forward, which applies the 250k-word decoder at every position."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ sees masked gradients), and a projection after every optimizer step writes the r
 back (decoupled weight decay and any optimizer quirk cannot leak). Tensors without any masked
 entry are frozen (no gradient at all), fully masked tensors need neither hook nor projection.
 The hook is registered on the parameter before any engine wraps it, which is also what DeepSpeed
-requires (notes/stack.md §3).
+requires (its engine copies hooks only from the parameters it is given).
 """
 
 from __future__ import annotations

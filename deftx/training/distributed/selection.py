@@ -1,4 +1,4 @@
-"""Distributed mask selection over ``torch.distributed`` (first part of issue 4).
+"""Distributed mask selection over ``torch.distributed``.
 
 Each rank owns some of the maskable tensors (assigned by estimated scoring cost, not round-robin),
 scores only those, and the ranks agree on the exact global K-th score by summing radix histograms
