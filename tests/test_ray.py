@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PORTS = {"RAY_PORT": "6391", "RAY_DASHBOARD_PORT": "8291", "MLFLOW_PORT": "5091"}
@@ -171,23 +170,14 @@ def whole_sft(head, tiny_model_dir, tmp_path_factory):
     return root / "whole-sft"
 
 
-def test_the_ray_path_is_deterministic_run_to_run(head, tiny_model_dir, tmp_path, whole_sft):
-    """A second run of the same job (a new Ray Train run, new worker processes) gives the same SFT
-    bit for bit, and the same validation score: the Ray + DeepSpeed path is deterministic."""
-    from helpers import assert_same_sft
-
-    from deftx.core.sft import SparseFineTuning
-
-    _executor(head).run(_task_job(tiny_model_dir, tmp_path / "again"), tmp_path / "again-sft", print)
-    first, second = SparseFineTuning.load(whole_sft), SparseFineTuning.load(tmp_path / "again-sft")
-    assert first.nnz > 0
-    assert_same_sft(first, second)
-    assert first.metadata.metrics == second.metadata.metrics
-
-
 def test_killed_worker_resumes_and_ends_with_the_same_sft(head, tiny_model_dir, tmp_path, whole_sft):
     """SIGKILL one worker in the middle of phase 2: Ray Train restarts the group from the latest
-    checkpoint (FailureConfig max_failures=1) and the SFT equals an uninterrupted run's, bit for bit."""
+    checkpoint (FailureConfig max_failures=1) and the SFT equals an uninterrupted run's, bit for bit,
+    with the same validation scores. This run is a second, independent Ray Train run of the same job
+    (new worker processes train its phase 1 and the start of phase 2 afresh), so the equality also
+    shows that the Ray + DeepSpeed path is deterministic run to run."""
+    from helpers import assert_same_sft
+
     from deftx.core.sft import SparseFineTuning
 
     status = tmp_path / "status"
@@ -201,12 +191,9 @@ def test_killed_worker_resumes_and_ends_with_the_same_sft(head, tiny_model_dir, 
     whole, resumed = SparseFineTuning.load(whole_sft), SparseFineTuning.load(tmp_path / "killed-sft")
     assert resumed.metadata.training["resumed_from"]["phase"] == "sparse"
     assert resumed.metadata.training["resumed_from"]["step"] <= killed["step"]
-    assert whole.nnz > 0 and set(whole.diffs) == set(resumed.diffs)
-    for name in whole.diffs:
-        assert torch.equal(whole.diffs[name].indices, resumed.diffs[name].indices), name
-        assert torch.equal(whole.diffs[name].values, resumed.diffs[name].values), name
-    for name in whole.head:
-        assert torch.equal(whole.head[name], resumed.head[name]), name
+    assert whole.nnz > 0
+    assert_same_sft(whole, resumed)
+    assert whole.metadata.metrics == resumed.metadata.metrics and whole.metadata.metrics["source_valid"]
 
 
 def test_subnetwork_job_runs_on_ray_train_workers_under_deepspeed(head, tiny_model_dir, tmp_path):
