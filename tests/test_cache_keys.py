@@ -46,7 +46,8 @@ RELEVANT = {
     "multi_source": BASE + ["sources", "language_sfts", "config.task_sft.*"],
     "subnetworks": BASE + ["sources", "language_sfts", "subnetworks.*", "config.task_sft.max_train_examples"],
 }
-NOT_IN_PHASE1 = ["config.language_sft.selection.*", "config.language_sft.sparse.*"]
+NOT_IN_PHASE1 = ["config.language_sft.selection.*", "config.language_sft.sparse.*",
+                 "config.language_sft.sparse_update"]
 
 
 def _sft(directory: Path, value: float) -> str:

@@ -134,3 +134,104 @@ def test_distributed_selection_under_zero_equals_single_process(tmp_path, stage,
         assert set(saved[r]["masks"]) == set(want)
         for name in want:
             assert torch.equal(saved[r]["masks"][name], want[name]), (r, name)
+
+
+def _values_model():
+    """The tiny classifier without dropout (ranks' steps must match one process's exactly)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from deftx.core.roles import parameter_roles
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    roles = parameter_roles(model, "task")
+    for p in roles.frozen.values():
+        p.requires_grad_(False)
+    return model, roles
+
+
+def _values_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 100, (4, 10), generator=torch.Generator().manual_seed(step * 10 + rank))
+    return ids, torch.tensor([0, 1, 2, 0])
+
+
+def _values_setup():
+    from deftx.training.sparse_values import SparsePhase
+
+    model, roles = _values_model()
+    start = {n: p.detach().clone() for n, p in roles.maskable.items()}
+    g = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(p.shape, generator=g) < 0.1 for n, p in roles.maskable.items()}
+    phase = SparsePhase(model, roles.maskable, masks, start)
+    phase.install()
+    return model, roles, phase
+
+
+def _values_worker(rank: int, world: int, store: str, stage: int, out: str) -> None:
+    with loopback_group(rank, world, store):
+        import deepspeed
+
+        from deftx.training.distributed.engine import DeepSpeedEngine
+
+        model, roles, phase = _values_setup()
+        engine = DeepSpeedEngine(model, phase.trainable() + list(roles.head.values()), learning_rate=1e-2,
+                                 weight_decay=0.1, total_steps=STEPS, zero_stage=stage, micro_batch_size=4)
+        owned = sum(int(getattr(p, "ds_tensor", p).numel()) for p in phase.trainable())
+        for step in range(STEPS):
+            ids, labels = _values_batch(step, rank)
+            engine.backward(engine.module(input_ids=ids, labels=labels).loss)
+            engine.step()
+        values = {}
+        for key, p in sorted(phase.value_params().items()):
+            if stage == 3:
+                with deepspeed.zero.GatheredParameters([p]):
+                    values[key] = p.data.clone()
+            else:
+                values[key] = p.data.clone()
+        base = {}
+        for name, p in sorted(roles.maskable.items()):
+            if stage == 3:
+                with deepspeed.zero.GatheredParameters([p]):
+                    base[name] = p.data.clone()
+            else:
+                base[name] = p.data.clone()
+        torch.save({"values": values, "base": base, "owned": owned, "k": phase.bank.num_values()},
+                   f"{out}.rank{rank}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_values_phase_under_zero_equals_one_process(tmp_path, stage):
+    """Phase 2 on K values under ZeRO 0/2/3 with two ranks (each its own half of every batch) ends
+    with the values of one process training on the whole batches (to float rounding); the frozen
+    base never moves; under ZeRO-3 each rank holds about half of the values."""
+    from deftx.training.engine import TorchEngine
+
+    out = str(tmp_path / "values")
+    mp.spawn(_values_worker, args=(2, str(tmp_path / "store"), stage, out), nprocs=2, join=True)
+    saved = [torch.load(f"{out}.rank{r}") for r in range(2)]
+
+    model, roles, phase = _values_setup()
+    start = {n: p.detach().clone() for n, p in roles.maskable.items()}
+    engine = TorchEngine(model, phase.trainable() + list(roles.head.values()), learning_rate=1e-2,
+                         weight_decay=0.1, total_steps=STEPS)
+    for step in range(STEPS):
+        batches = [_values_batch(step, r) for r in range(2)]
+        losses = [model(input_ids=ids, labels=labels).loss for ids, labels in batches]
+        engine.backward(sum(losses) / 2)    # DeepSpeed averages the ranks' gradients
+        engine.step()
+    k = phase.bank.num_values()
+    for r in range(2):
+        assert saved[r]["k"] == k
+        for key, value in phase.value_params().items():
+            assert torch.allclose(saved[r]["values"][key], value.detach(), atol=1e-5, rtol=0), (stage, key)
+            assert not torch.equal(value.detach(), phase.bank.start_values(
+                next(n for n in phase.bank.names if n.replace(".", "__") == key))), key   # they trained
+        for name, tensor in saved[r]["base"].items():
+            assert torch.equal(tensor, start[name]), (stage, name)
+    if stage == 3:
+        assert max(s["owned"] for s in saved) <= k // 2 + len(phase.bank.names)
+    else:
+        assert saved[0]["owned"] == k

@@ -17,11 +17,12 @@ from deftx.training.lt_sft import train_sparse_fine_tuning
 from deftx.training.objectives import classification_loss, masked_lm_loss
 
 
-def _cfg(method: str, *, weight_decay: float = 0.0, l1: float = 0.0, steps: int = 6, warmup: int = 0) -> SFTConfig:
+def _cfg(method: str, *, weight_decay: float = 0.0, l1: float = 0.0, steps: int = 6, warmup: int = 0,
+         sparse_update: str = "values") -> SFTConfig:
     sel = SelectionConfig(method=method, density=0.05, rank=2 if method == "deft_x" else None,
                           energy=None if method == "deft_x" else 0.9, residual_keep=0.01)
     phase = PhaseConfig(max_steps=steps, batch_size=8, learning_rate=5e-3, weight_decay=weight_decay, l1_reg=l1)
-    return SFTConfig(selection=sel, full=phase, sparse=phase, head_warmup_steps=warmup)
+    return SFTConfig(selection=sel, full=phase, sparse=phase, head_warmup_steps=warmup, sparse_update=sparse_update)
 
 
 def _train_task(path, method, seed=0, **kw):
@@ -38,10 +39,11 @@ def _train_task(path, method, seed=0, **kw):
     return model, start, result
 
 
+@pytest.mark.parametrize("sparse_update", ["values", "dense"])
 @pytest.mark.parametrize("method", ["lt_sft", "deft_x"])
-def test_entries_outside_mask_stay_bit_identical(tiny_model_dir, method):
+def test_entries_outside_mask_stay_bit_identical(tiny_model_dir, method, sparse_update):
     """Weight decay and L1 are on: neither may move an entry outside the mask, and LayerNorm is frozen."""
-    model, start, result = _train_task(tiny_model_dir, method, weight_decay=0.1, l1=1.0)
+    model, start, result = _train_task(tiny_model_dir, method, weight_decay=0.1, l1=1.0, sparse_update=sparse_update)
     roles = parameter_roles(model, "task")
     prefix = "bert."
     changed_total = 0

@@ -137,12 +137,19 @@ class PhaseConfig:
         return min(steps, self.max_steps) if self.max_steps is not None else steps
 
 
+SPARSE_UPDATES = ("values", "dense")
+
+
 @dataclass
 class SFTConfig:
     """Training of one kind of SFT: selection plus the full (phase 1) and sparse (phase 2) phases.
 
     ``head_warmup_steps`` applies to language SFTs on a base model without a pretrained MLM head:
     the freshly initialised head is trained alone (body frozen) before phase 1.
+    ``sparse_update``: how phase 2 trains the K selected entries: ``values`` (default; one trainable
+    K-sized tensor over a frozen base, so gradients, optimizer state and communication are K-sized;
+    ``deftx.training.sparse_values``) or ``dense`` (the whole tensors with masked gradients and a
+    write-back outside the mask; the reference it is tested against).
     """
 
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -152,9 +159,12 @@ class SFTConfig:
     head_warmup_learning_rate: float = 1e-3
     mlm_probability: float = 0.15
     max_train_examples: int | None = None
+    sparse_update: str = "values"
 
     def validate(self, key: str) -> None:
         self.selection.validate(f"{key}.selection")
+        if self.sparse_update not in SPARSE_UPDATES:
+            raise fail(f"{key}.sparse_update", f"unknown {self.sparse_update!r}; valid: {', '.join(SPARSE_UPDATES)}")
         self.full.validate(f"{key}.full")
         self.sparse.validate(f"{key}.sparse")
         if self.head_warmup_steps < 0:

@@ -77,8 +77,8 @@ def _base_parts(job: Job) -> dict[str, Any]:
 def _sft_parts(sft: SFTConfig, phase1_only: bool) -> dict[str, Any]:
     parts = asdict(sft)
     if phase1_only:                         # phase 1 depends on neither the selection nor phase 2
-        parts.pop("selection")
-        parts.pop("sparse")
+        for name in ("selection", "sparse", "sparse_update"):
+            parts.pop(name)
     return parts
 
 

@@ -39,6 +39,7 @@ from deftx.training.runtime import (
     TrainingRuntime,
 )
 from deftx.training.sparse import L1Penalty, SparseUpdate
+from deftx.training.sparse_values import SparsePhase, can_parametrise
 
 
 @dataclass
@@ -200,26 +201,25 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
         masks = state.masks
         report = SelectionReport.from_masks(k, masks, state.selection.get("ranks", {}))
 
-    sparse = SparseUpdate(roles.maskable, masks, start)
-    sparse.install()
+    update = _sparse_update(cfg, model, roles.maskable, masks, start, n_params)
+    update.install()
     try:
         steps = cfg.sparse.num_steps(n_examples)
         seed_phase(stream.seed, PHASE_SPARSE, runtime.rank)
-        engine = runtime.engine(model, sparse.trainable() + list(roles.head.values()), cfg.sparse, steps)
+        engine = runtime.engine(model, update.trainable() + list(roles.head.values()), cfg.sparse, steps)
         start_step = runtime.resume_engine(engine, PHASE_SPARSE)
-        l1 = L1Penalty(roles.maskable, start, cfg.sparse.l1_reg, n_params) if cfg.sparse.l1_reg > 0 else None
         sparse_stream = stream if cfg.sparse.batch_size == cfg.full.batch_size else stream_for(cfg.sparse.batch_size)
         phases.append(run_phase(engine, runtime.batches(sparse_stream.batch_at), runtime.loss(loss_fn),
-                                num_steps=steps, start_step=start_step, regularizer=l1,
-                                after_step=[runtime.projector(sparse)], name=f"{label} phase 2/2 (sparse)",
+                                num_steps=steps, start_step=start_step, regularizer=update.regularizer,
+                                after_step=update.after_step(runtime), name=f"{label} phase 2/2 (sparse)",
                                 on_step=runtime.step_hook(engine, PHASE_SPARSE, state), log=log))
         state.phases.append(phases[-1].as_dict())
-        final = runtime.read(roles.maskable, everywhere=False)
+        final = update.final(runtime)
         final_head = runtime.read(roles.head, everywhere=False)
         runtime.end_phase(engine)
         del engine
     finally:
-        sparse.remove()
+        update.remove()
 
     if final is None or final_head is None:  # not the rank that extracts
         return SFTTrainingResult(sft=None, selection=report, phases=phases)
@@ -228,6 +228,74 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
                          "train_examples": n_examples, "world_size": runtime.world_size}
     sft = SparseFineTuning.extract(start, final, masks, final_head, metadata)
     return SFTTrainingResult(sft=sft, selection=report, phases=phases, masks=masks)
+
+
+class _DenseUpdate:
+    """Phase 2 over the whole tensors: gradients masked by a hook, theta_start written back outside
+    the mask after every step (``sparse_update: dense``, the reference)."""
+
+    def __init__(self, params: dict[str, nn.Parameter], masks: Mapping[str, torch.Tensor],
+                 start: dict[str, torch.Tensor], l1_reg: float, n_params: int) -> None:
+        self.params = params
+        self.sparse = SparseUpdate(params, masks, start)
+        self.regularizer = L1Penalty(params, start, l1_reg, n_params) if l1_reg > 0 else None
+
+    def install(self) -> None:
+        self.sparse.install()
+
+    def remove(self) -> None:
+        self.sparse.remove()
+
+    def trainable(self) -> list[nn.Parameter]:
+        return self.sparse.trainable()
+
+    def after_step(self, runtime: TrainingRuntime) -> list[Callable[[], None]]:
+        return [runtime.projector(self.sparse)]
+
+    def final(self, runtime: TrainingRuntime) -> dict[str, torch.Tensor] | None:
+        return runtime.read(self.params, everywhere=False)
+
+
+class _ValuesUpdate:
+    """Phase 2 over K trainable values on a frozen base (``sparse_update: values``; see
+    :mod:`deftx.training.sparse_values`)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], masks: Mapping[str, torch.Tensor],
+                 start: dict[str, torch.Tensor], l1_reg: float, n_params: int) -> None:
+        self.phase = SparsePhase(model, params, masks, start)
+        self.scale = l1_reg / max(n_params, 1)
+        self.regularizer = self._l1 if l1_reg > 0 else None
+
+    def _l1(self) -> torch.Tensor:
+        return self.phase.l1_distance() * self.scale
+
+    def install(self) -> None:
+        self.phase.install()
+
+    def remove(self) -> None:
+        self.phase.remove()
+
+    def trainable(self) -> list[nn.Parameter]:
+        return self.phase.trainable()
+
+    def after_step(self, runtime: TrainingRuntime) -> list[Callable[[], None]]:
+        return []    # nothing outside the mask is trainable, so nothing needs writing back
+
+    def final(self, runtime: TrainingRuntime) -> dict[str, torch.Tensor] | None:
+        if runtime.in_place:
+            self.phase.write_back()   # one process: the model itself ends at theta_start + phi
+        values = runtime.read(self.phase.value_params(), everywhere=False)   # collective under ZeRO-3
+        return self.phase.final_values(values) if values is not None else None
+
+
+def _sparse_update(cfg: SFTConfig, model: nn.Module, params: dict[str, nn.Parameter],
+                   masks: Mapping[str, torch.Tensor], start: dict[str, torch.Tensor],
+                   n_params: int) -> _DenseUpdate | _ValuesUpdate:
+    """Phase 2's update rule: K trainable values when configured and every maskable tensor lives in
+    a module the parametrisation supports, else the dense-masked reference."""
+    if cfg.sparse_update == "values" and can_parametrise(model, list(params)):
+        return _ValuesUpdate(model, params, masks, start, cfg.sparse.l1_reg, n_params)
+    return _DenseUpdate(params, masks, start, cfg.sparse.l1_reg, n_params)
 
 
 def _freeze(params: dict[str, nn.Parameter]) -> None:

@@ -20,6 +20,7 @@ import torch
 from deftx.core.roles import parameter_roles
 from deftx.evaluation import ClassifierScorer
 from deftx.training.runtime import PHASE_SPARSE, TrainingRuntime
+from deftx.training.sparse_values import SparsePhase
 
 Probe = Callable[[Mapping[str, torch.Tensor], int], dict[str, float]]
 
@@ -66,6 +67,10 @@ class ProbedRuntime:
             if step % self.every:
                 return
             values = self.inner.read(params, everywhere=False)   # collective under ZeRO-3
+            bank = getattr(engine.module, SparsePhase.ATTRIBUTE, None)
+            if bank is not None:   # phase 2 on K values over a frozen base: the effective weights
+                trained = self.inner.read(dict(bank.values.items()), everywhere=False)
+                values = bank.apply_to(values, trained) if values is not None and trained is not None else None
             if values is not None:
                 append_report(self.report_path, {"step": step, **self.probe(values, step)})
 

@@ -66,6 +66,7 @@ def load_values(model: nn.Module, kind: str, values: Mapping[str, torch.Tensor])
 class TrainingRuntime(Protocol):
     rank: int
     world_size: int
+    in_place: bool    # the model object passed in is the one trained (whole parameters, one process)
 
     def engine(self, model: nn.Module, params: list[nn.Parameter], cfg: PhaseConfig, steps: int) -> StepEngine: ...
 
@@ -106,6 +107,7 @@ class LocalRuntime:
 
     rank = 0
     world_size = 1
+    in_place = True
 
     def engine(self, model: nn.Module, params: list[nn.Parameter], cfg: PhaseConfig, steps: int) -> StepEngine:
         return TorchEngine(model, params, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,

@@ -95,6 +95,8 @@ class DirectoryCheckpointSink:
 class DeepSpeedRuntime:
     """``TrainingRuntime`` for a ``torch.distributed`` group (already initialised) under ZeRO."""
 
+    in_place = False   # every phase starts from a freshly built model
+
     def __init__(self, *, zero_stage: int = 2, checkpoint_every: int = 0, sink: CheckpointSink | None = None,
                  resume_from: str | Path | None = None, report_every: int = 10,
                  status_dir: str | Path | None = None) -> None:
