@@ -208,3 +208,21 @@ def assert_same_sft(a: SparseFineTuning, b: SparseFineTuning) -> None:
         assert torch.equal(a.diffs[name].values, b.diffs[name].values), name
     for name in a.head:
         assert torch.equal(a.head[name], b.head[name]), name
+
+
+def tiny_bert_classifier(dropout: bool = True):
+    """A 2-layer BERT classifier built from a config (seeded: the same weights in every process) and
+    its parameter roles, the frozen ones frozen. ``dropout=False`` for runs compared across ranks."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from deftx.core.roles import parameter_roles
+
+    torch.manual_seed(0)
+    extra = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=3, **extra))
+    roles = parameter_roles(model, "task")
+    for p in roles.frozen.values():
+        p.requires_grad_(False)
+    return model, roles

@@ -7,25 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import loopback_group
+from helpers import loopback_group, tiny_bert_classifier
 
 STEPS = 3
 
 
 def _tiny_task_model():
-    """A 2-layer BERT classifier from a config (seeded) and its parameter roles, frozen ones frozen."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from deftx.core.roles import parameter_roles
-
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=3))
-    roles = parameter_roles(model, "task")
-    for p in roles.frozen.values():
-        p.requires_grad_(False)
-    return model, roles
+    return tiny_bert_classifier()
 
 
 def _worker(rank: int, world: int, store: str, stage: int, out: str, weight_decay: float = 0.1) -> None:
@@ -137,19 +125,8 @@ def test_distributed_selection_under_zero_equals_single_process(tmp_path, stage,
 
 
 def _values_model():
-    """The tiny classifier without dropout (ranks' steps must match one process's exactly)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from deftx.core.roles import parameter_roles
-
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    roles = parameter_roles(model, "task")
-    for p in roles.frozen.values():
-        p.requires_grad_(False)
-    return model, roles
+    """Without dropout: the ranks' steps must match one process's exactly."""
+    return tiny_bert_classifier(dropout=False)
 
 
 def _values_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

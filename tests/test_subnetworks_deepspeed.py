@@ -12,25 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import loopback_group
+from helpers import loopback_group, tiny_bert_classifier
 
 STEPS = 6
 LANGUAGES = 3
 
 
 def _tiny():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from deftx.core.roles import parameter_roles
-
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    roles = parameter_roles(model, "task")
-    for p in roles.frozen.values():
-        p.requires_grad_(False)
-    return model, roles
+    return tiny_bert_classifier(dropout=False)
 
 
 def _full_values(roles, access, stage):
