@@ -76,7 +76,7 @@ class _Job:
 
     def output_kind(self) -> OutputKind:
         """The kind of directory the job leaves (what its executor may replace)."""
-        return SFT_OUTPUT
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ class ProbedRuntime:
             values = self.inner.read(params, everywhere=False)   # collective under ZeRO-3
             bank = getattr(engine.module, SparsePhase.ATTRIBUTE, None)
             if bank is not None:   # phase 2 on K values over a frozen base: the effective weights
-                trained = self.inner.read(dict(bank.values.items()), everywhere=False)
+                trained = self.inner.read(bank.values, everywhere=False)
                 values = bank.apply_to(values, trained) if values is not None and trained is not None else None
             if values is not None:
                 append_report(self.report_path, {"step": step, **self.probe(values, step)})

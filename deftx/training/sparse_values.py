@@ -236,7 +236,7 @@ class SparsePhase:
 
     def value_params(self) -> dict[str, nn.Parameter]:
         """The bank's parameters by key (what a runtime reads at the end of the phase)."""
-        return dict(self.bank.values.items())
+        return self.bank.values
 
     # -- hooks ---------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from deftx.config import PipelineConfig, from_dict
 from deftx.core.io import check_output_location
 from deftx.core.sft import SparseFineTuning
 from deftx.evaluation import ClassifierScorer
-from deftx.jobs.cache import base_identity, job_key, phase1_key, reuse_head, reuse_sft, saved_with
+from deftx.jobs.cache import base_identity, job_key, phase1_key, reuse_head, reuse_sft
 from deftx.jobs.executors import Executor, make_executor
 from deftx.jobs.spec import HeadJob, Job, LanguageJob, Log, TaskJob, capped, pipeline_languages, with_phase1
 from deftx.models import load_tokenizer, resolve_model_path
@@ -105,26 +105,31 @@ class TrainedSFTs:
         return TaskJob(cfg, self.fingerprint, cfg.source_language, language_sft=language_sft, **more)
 
 
-def run_sft(job: Job, directory: Path, executor: Executor, log: Log) -> tuple[SparseFineTuning, bool]:
-    """The SFT of ``job`` in ``directory``: reused if saved with the job's key, else trained there.
-    Returns (SFT, whether it was trained)."""
+def run_sft(job: Job, directory: Path, executor: Executor, log: Log,
+            banner: str | None = None) -> tuple[SparseFineTuning, bool]:
+    """The SFT of ``job`` in ``directory``: reused if saved with the job's key, else trained there
+    (after logging ``banner``). Returns (SFT, whether it was trained)."""
     sft = reuse_sft(directory, job_key(job), log)
     if sft is not None:
         return sft, False
+    if banner:
+        log(banner)
     executor.run(job, directory, log)
     sft = SparseFineTuning.load(directory)
     log(f"saved {directory} ({sft.nnz:,} entries)")
     return sft, True
 
 
-def run_phase1(job: Job, executor: Executor, log: Log) -> tuple[Phase1Store, bool]:
-    """Fill ``job``'s phase-1 store unless it holds this phase 1 already. Returns (store, whether
-    it was trained)."""
+def run_phase1(job: Job, executor: Executor, log: Log, banner: str | None = None) -> tuple[Phase1Store, bool]:
+    """Fill ``job``'s phase-1 store (after logging ``banner``) unless it holds this phase 1 already.
+    Returns (store, whether it was trained)."""
     assert job.phase1 is not None   # type: ignore[union-attr]
     store = Phase1Store(job.phase1.directory, phase1_key(job))  # type: ignore[union-attr,arg-type]
     if store.exists():
         log(f"reusing {store.directory} (phase 1 with the same settings)")
         return store, False
+    if banner:
+        log(banner)
     executor.run(with_phase1(job, job.phase1.directory, only=True),  # type: ignore[union-attr]
                  store.directory.with_name(f".{store.directory.name}.job"), log)
     return store, True
@@ -148,18 +153,14 @@ def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list
     trained = TrainedSFTs(cfg, fingerprint, head_dir)
     for i, lang in enumerate(languages, 1):
         directory = trained.language_dir(lang)
-        job = trained.language_job(lang)
-        if not saved_with(directory, job_key(job)):
-            log(f"== language SFT {i}/{len(languages)}: {lang} ({task_spec(cfg.task).language_name(lang)}) ==")
-        trained.language[lang], _ = run_sft(job, directory, executor, log)
+        banner = f"== language SFT {i}/{len(languages)}: {lang} ({task_spec(cfg.task).language_name(lang)}) =="
+        trained.language[lang], _ = run_sft(trained.language_job(lang), directory, executor, log, banner)
     if not with_task:
         return trained
 
     directory = out / "sfts" / f"task-{cfg.task}"
     job = trained.task_job(str(trained.language_dir(cfg.source_language)))
-    if not saved_with(directory, job_key(job)):
-        log(f"== task SFT: {cfg.task} on {cfg.source_language} ==")
-    trained.task, _ = run_sft(job, directory, executor, log)
+    trained.task, _ = run_sft(job, directory, executor, log, f"== task SFT: {cfg.task} on {cfg.source_language} ==")
     trained.task_dir = directory
     return trained
 

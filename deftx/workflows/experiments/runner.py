@@ -277,18 +277,21 @@ class Experiment:
                 self._run_sft(job, directories[method])
                 self.state.language_sft_dirs.setdefault(method, {})[lang] = str(directories[method])
 
-    def _language_sft(self, method: str, lang: str) -> SparseFineTuning:
+    def _language_sft_dir(self, method: str, lang: str) -> str:
         directory = self.state.language_sft_dirs.get(method, {}).get(lang)
         if directory is None:
             raise MissingUnit(f"language SFT {method} ({lang})")
-        return SparseFineTuning.load(directory)
+        return directory
+
+    def _language_sft(self, method: str, lang: str) -> SparseFineTuning:
+        return SparseFineTuning.load(self._language_sft_dir(method, lang))
 
     def _task_job(self, method: str | None, seed: int, selection: SelectionConfig | None = None) -> TaskJob:
         """The task SFT job of ``method`` (None: on theta0, the full fine-tuning baseline) at
         ``seed``, with its phase-1 store."""
         lang_path = None
         if method is not None:   # MissingUnit in report-only mode
-            lang_path = str(self._language_sft(method, self.cfg.pipeline.source_language).source)
+            lang_path = self._language_sft_dir(method, self.cfg.pipeline.source_language)
         return self.trained.task_job(lang_path, self._config_with(seed=seed, task_selection=selection),
                                      phase1=self._phase1(f"task-{method or FULL_FT}-seed{seed}"))
 

@@ -27,11 +27,9 @@ from deftx.core.sft import SparseFineTuning
 from deftx.data import NUSAX_LABELS, check_language, load_nusax_senti
 from deftx.errors import DataError
 from deftx.evaluation import ClassifierScorer
-from deftx.jobs.cache import phase1_key
 from deftx.jobs.executors import Executor
 from deftx.jobs.spec import LanguageJob, Log, Phase1, TaskJob
 from deftx.models import resolve_model_path
-from deftx.training.phase1_store import Phase1Store
 from deftx.workflows.pipeline import run_phase1, train_pipeline_sfts
 from deftx.workflows.sweeps.space import SearchSpace, selection_from_sample
 
@@ -113,9 +111,7 @@ def prepare_shared_work(cfg: PipelineConfig, space: SearchSpace, languages: list
     for lang in (languages if space.sft == "language" else [cfg.source_language]):
         job = shared.job(lang, cfg)
         step = time.perf_counter()
-        if not Phase1Store(job.phase1.directory, phase1_key(job)).exists():   # type: ignore[union-attr]
-            log(f"== phase 1 of the {space.sft} SFT ({lang}), shared by every trial ==")
-        if run_phase1(job, executor, log)[1]:
+        if run_phase1(job, executor, log, f"== phase 1 of the {space.sft} SFT ({lang}), shared by every trial ==")[1]:
             seconds[f"phase 1 {space.sft}-{lang}"] = time.perf_counter() - step
     shared.seconds = seconds
     return shared
