@@ -5,10 +5,11 @@ layers): K = 1% positions drawn uniformly without replacement, values N(0, 1e-3)
 
 Formats compared (same K, same values):
 
-* ``deftx``      ``SparseFineTuning.save(dir)`` -> ``sft.safetensors`` (int64 row-major indices + fp32
-                 values per tensor) + ``sft.json``; written atomically with fsync. Load =
-                 ``SparseFineTuning.load(dir)`` (SHA-256 check, index/shape/dtype validation) and
-                 ``apply(model, with_head=False, check_base=False)`` (``index_add_`` per tensor).
+* ``deftx``      ``SparseFineTuning.save(dir)`` -> ``sft.safetensors`` (format 2: per tensor, row-major
+                 indices as int32 counts per 65,536-entry block + int16 offsets, and fp32 values)
+                 + ``sft.json``; written atomically with fsync. Load = ``SparseFineTuning.load(dir)``
+                 (SHA-256 check, index/shape/dtype validation) and
+                 ``apply(model, with_head=False, check_base=False)`` (gather + ``index_put_`` per tensor).
 * ``reference``  composable-sft ``pytorch_diff.bin`` re-implemented from its description: a
                  ``torch.save`` pickle {'diffs': {name: {'size', 'index_steps', 'values'}}, 'abs': {}}
                  where index_steps is a Python list of delta-encoded sorted flat indices (flat index =
@@ -285,7 +286,7 @@ def main() -> None:
           f"maskable params would be {4 * total:,} B)")
     print("\nratios:")
     print(f"  size: reference / deftx = {size['reference'] / size['deftx']:.2f} "
-          f"(deftx files are {size['deftx'] / size['reference']:.2f}x the reference's: int64 absolute indices "
+          f"(deftx files are {size['deftx'] / size['reference']:.2f}x the reference's: 2-byte block offsets "
           f"vs pickled delta-encoded ints)")
     print(f"  save time: reference / deftx = {med_save['reference'] / med_save['deftx']:.1f}x")
     print(f"  load+apply time: reference / deftx = {med_load['reference'] / med_load['deftx']:.1f}x "

@@ -36,7 +36,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "SparseFineTuning": "deftx.core.sft", "SFTMetadata": "deftx.core.sft", "SparseDelta": "deftx.core.sft",

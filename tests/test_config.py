@@ -17,6 +17,8 @@ from deftx.errors import ConfigError
     (["task_sft.selection.method=magic"], "unknown method 'magic'"),
     (["task_sft.selection.svd_target=weights"], "unknown target 'weights'"),
     (["task_sft.selection.residual_keep=2"], r"residual_keep: must be in \[0, 1\]"),
+    (["task_sft.selection.svd_target=finetuned", "task_sft.selection.svd_solver=gram"],
+     r"task_sft\.selection\.svd_solver: the gram solver needs svd_target 'delta'"),
     (["target_languages=[jav,xyz]"], r"target_languages\[1\]: unknown NusaX language 'xyz'; valid: ace, ban"),
     (["source_language=en"], "source_language: unknown NusaX language 'en'"),
     (["target_languages=[jav,jav]"], "lists a language twice"),

@@ -94,6 +94,35 @@ def test_svd_target_projects_change_onto_basis_subspace():
                           atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(40, 25), (25, 40), (30, 30)])
+@pytest.mark.parametrize("setting", [{"rank": 3}, {"energy": 0.9}, {"energy": 0.5, "residual_keep": 0.1}])
+def test_gram_solver_equals_float64_truncated_svd(shape, setting):
+    """The Gram solver (the default for the delta target) gives the float64 truncated SVD's result
+    to float32 rounding, chooses the same rank, and reports the same spectrum; its tall and wide
+    orientations agree (the transpose of the result is the result of the transpose)."""
+    delta = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 1e-3
+    got, info = denoise_with_info(delta, **setting)
+    assert info.solver == "gram"
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    ref_rank = setting.get("rank") or select_rank(s, float((s ** 2).sum()), setting["energy"])
+    assert info.rank == ref_rank
+    low = (u[:, :ref_rank] * s[:ref_rank]) @ vh[:ref_rank]
+    ref, _ = prune_by_magnitude((delta.double() - low).float(), setting.get("residual_keep", 0.0))
+    assert torch.allclose(got.double(), low + ref.double(), atol=1e-9, rtol=0)
+    assert torch.allclose(torch.tensor(info.singular_values[:5], dtype=torch.float64), s[:5], rtol=1e-10)
+    transposed, _ = denoise_with_info(delta.T.contiguous(), **setting)
+    assert torch.allclose(transposed.T, got, atol=1e-9, rtol=0)
+    full = denoise(delta, solver="full", **setting)
+    assert torch.allclose(full, got, atol=2e-7, rtol=0)  # the float32 SVD agrees, to its coarser rounding
+
+
+def test_gram_solver_needs_the_delta_target():
+    delta = torch.randn(6, 4, generator=torch.Generator().manual_seed(9))
+    with pytest.raises(ValueError, match="gram solver"):
+        denoise(delta, rank=2, basis=delta + 1, solver="gram")
+    assert denoise_with_info(delta, rank=2, basis=delta + 1)[1].solver == "full"  # auto picks full
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"rank": 0}, "positive integer"),
     ({"rank": 2, "energy": 0.9}, "exactly one"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from deftx.core.roles import body_parameters, embedding_parameter_names, maskable_parameters, parameter_roles
+from deftx.core import topk
 from deftx.core.topk import (
     allocate_ties,
     find_threshold,
@@ -15,6 +16,9 @@ from deftx.core.topk import (
     mask_from_keys,
     resolve_budget,
     score_keys,
+    select_mask,
+    threshold_and_candidates,
+    tie_counts,
 )
 
 
@@ -140,6 +144,113 @@ def test_threshold_from_split_histograms_equals_single_process(split_seed):
         assert all(torch.equal(masks[n], want[n]) for n in names)
 
 
+def sorted_top_k(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The tie rule by a stable sort of all keys in canonical order (for sizes too large for
+    :func:`brute_force_top_k`)."""
+    names = sorted(scores)
+    keys = torch.cat([score_keys(scores[n]) for n in names])
+    order = torch.sort(keys, descending=True, stable=True).indices[:k]
+    flat = torch.zeros(keys.numel(), dtype=torch.bool)
+    flat[order] = True
+    out, offset = {}, 0
+    for n in names:
+        out[n] = flat[offset: offset + scores[n].numel()].view(scores[n].shape)
+        offset += scores[n].numel()
+    return out
+
+
+def _medium_scores(seed: int, levels: int | None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"b.w": (300, 200), "a.w": (50_000,), "c.w": (7,), "d.w": (0,), "e.w": (4, 999)}
+    if levels is None:
+        return {n: torch.rand(s, generator=g) for n, s in shapes.items()}
+    return {n: torch.randint(0, levels, s, generator=g).float() / levels for n, s in shapes.items()}
+
+
+@pytest.mark.parametrize("stride", [1, 3, 64])
+@pytest.mark.parametrize("levels", [None, 7, 1000])
+def test_candidate_search_equals_sorting(monkeypatch, stride, levels):
+    """The sampled pivot only narrows where the exact search looks: the masks equal a full stable
+    sort for every K, whether the search ran on candidates or fell back to all entries, and with
+    heavy ties at the threshold (few levels)."""
+    monkeypatch.setattr(topk, "SAMPLE_STRIDE", stride)
+    scores = _medium_scores(stride + (levels or 0), levels)
+    names = sorted(scores)
+    keys = [score_keys(scores[n]) for n in names]
+    total = sum(t.numel() for t in keys)
+    used_candidates = 0
+    for k in sorted({1, 2, 50, 777, 1000, 4000, total // 5, total // 2, total}):
+        got = global_top_k(scores, k)
+        want = sorted_top_k(scores, k)
+        assert sum(int(m.sum()) for m in got.values()) == k
+        assert all(torch.equal(got[n], want[n]) for n in names), k
+        _, cands = threshold_and_candidates(keys, k)
+        if cands is not None:
+            used_candidates += 1
+            assert sum(c.numel() for c in cands.keys) >= k
+            for t, ck, cp in zip(keys, cands.keys, cands.positions):
+                assert torch.equal(t[cp], ck)
+    assert used_candidates >= 3  # the fast path is what was tested, not only the fallback
+
+
+def test_misleading_sample_falls_back_to_all_entries(monkeypatch):
+    """Every sampled entry is large, so the pivot says "few entries are needed above it"; fewer
+    than K reach it, and the search must fall back to all entries and stay exact."""
+    monkeypatch.setattr(topk, "SAMPLE_STRIDE", 4)
+    t = torch.full((200_000,), 0.25)
+    t[:40_000:4] = 1.0 + torch.arange(10_000).float() / 10_000  # exactly sampled positions
+    t[1:40_000:4] = torch.linspace(0.5, 0.9, 10_000)
+    scores = {"x": t}
+    keys = [score_keys(t)]
+    k = 15_000
+    pivot = topk._sample_pivot([topk.TensorKeys(keys[0])], k, t.numel(), topk._identity)
+    assert pivot > 0 and int((keys[0] >= pivot).sum()) < k  # the sample did mislead
+    threshold, cands = threshold_and_candidates(keys, k)
+    assert cands is None
+    assert threshold == topk._radix_threshold(keys, k, topk._identity)
+    assert torch.equal(global_top_k(scores, k)["x"], sorted_top_k(scores, k)["x"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_candidate_search_split_over_processes(monkeypatch, world):
+    """Split over ``world`` simulated processes (histograms and counts summed), the candidate
+    search gives the single-process threshold, and the masks from each process's candidates and
+    canonical tie allocation equal the single-process masks."""
+    monkeypatch.setattr(topk, "SAMPLE_STRIDE", 5)
+    scores = _medium_scores(11, levels=50)
+    names = sorted(scores)
+    keys = {n: score_keys(scores[n]) for n in names}
+    owner = {n: i % world for i, n in enumerate(names)}
+    for k in (1, 300, 2500, 10_000):
+        single = global_top_k(scores, k)
+        comm = _ThreadAllReduce(world)
+        results: dict[int, object] = {}
+
+        def work(rank: int) -> None:
+            mine = [n for n in names if owner[n] == rank]
+            results[rank] = (mine, *threshold_and_candidates([keys[n] for n in mine], k, comm.reducer(rank)))
+
+        threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        thresholds = {results[r][1] for r in range(world)}
+        assert len(thresholds) == 1
+        threshold = thresholds.pop()
+        counts = dict.fromkeys(names, 0)
+        for r in range(world):
+            mine, _, cands = results[r]
+            counts.update(zip(mine, tie_counts([keys[n] for n in mine], threshold, cands)))
+        takes = dict(zip(names, allocate_ties([counts[n] for n in names], threshold.take_ties)))
+        for r in range(world):
+            mine, _, cands = results[r]
+            for i, n in enumerate(mine):
+                mask = select_mask(keys[n], threshold, takes[n], cands.keys[i] if cands else None,
+                                   cands.positions[i] if cands else None)
+                assert torch.equal(mask.view(scores[n].shape), single[n]), (k, n)
+
+
 @pytest.mark.parametrize("total,kwargs,expected", [
     (1000, {"density": 0.01}, 10),
     (1000, {"density": 1.0}, 1000),
@@ -203,3 +314,32 @@ def test_tied_decoder_is_rejected(tiny_model_dir):
     model = AutoModelForMaskedLM.from_pretrained(str(tiny_model_dir))
     with pytest.raises(ValueError, match="untie"):
         parameter_roles(model, "language")
+
+
+def test_lazy_change_keys_select_the_same_masks(monkeypatch):
+    """``select_masks`` reads LT-SFT scores a chunk at a time (``ChangeKeys``): the masks equal a
+    global top-K over the materialised |theta1 - theta0|, on the candidate path and the fallback."""
+    from deftx.core.scoring import ChangeKeys, change_magnitude, select_masks
+
+    g = torch.Generator().manual_seed(5)
+    theta0 = {"w": torch.randn(600, 300, generator=g), "b": torch.randn(300, generator=g),
+              "e": torch.randn(20_000, generator=g)}
+    theta1 = {n: t + 1e-3 * torch.randn(t.shape, generator=g) for n, t in theta0.items()}
+    theta1["e"][::3] = theta0["e"][::3]  # exact zeros: ties at zero
+    monkeypatch.setattr(topk, "_CHUNK", 1000)  # many chunks, one ending mid-tensor
+    scores = {n: change_magnitude(n, theta0[n], theta1[n]) for n in theta0}
+    for stride in (64, 7):
+        monkeypatch.setattr(topk, "SAMPLE_STRIDE", stride)
+        for k in (1, 1_000, 50_000, 190_000):
+            masks, report = select_masks(theta0, theta1, k)
+            want = global_top_k(scores, k)
+            assert all(torch.equal(masks[n], want[n]) for n in theta0), (stride, k)
+            assert report.selected == k
+    keys = ChangeKeys(theta0["w"], theta1["w"])
+    assert torch.equal(keys.keys(), score_keys(scores["w"]))
+    assert torch.equal(keys.chunk(1000, 5000), score_keys(scores["w"])[1000:5000])
+    assert torch.equal(keys.sample(13), score_keys(scores["w"])[::13])
+    bad = theta1["b"].clone()
+    bad[7] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        select_masks({"b": theta0["b"]}, {"b": bad}, 10)

@@ -32,6 +32,8 @@ from deftx.core.sft import (
     SFTMetadata,
     SparseFineTuning,
     current_base_fingerprint,
+    decode_indices,
+    encode_indices,
     read_metadata,
 )
 from deftx.errors import SFTFormatError
@@ -71,6 +73,21 @@ def saved_task_dir(tmp_path_factory, task_sft) -> Path:
     return task_sft.save(tmp_path_factory.mktemp("saved") / "task-sft")
 
 
+@pytest.fixture(scope="module")
+def saved_task_dir_v1(tmp_path_factory, task_sft) -> Path:
+    return task_sft.save(tmp_path_factory.mktemp("saved") / "task-sft-v1", format_version=1)
+
+
+@pytest.fixture
+def corrupt_dir_v1(tmp_path, saved_task_dir_v1) -> Path:
+    """A private, valid copy of the task SFT saved in format 1 for a test to damage."""
+    target = tmp_path / "sft-v1"
+    target.mkdir()
+    for name in (WEIGHTS_FILE, METADATA_FILE):
+        (target / name).write_bytes((saved_task_dir_v1 / name).read_bytes())
+    return target
+
+
 @pytest.fixture
 def corrupt_dir(tmp_path, saved_task_dir) -> Path:
     """A private, valid copy of the saved task SFT for a test to damage."""
@@ -88,6 +105,62 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 
 
 # ------------------------------------------------------------------------------ round trip & exactness
+
+FORMAT_1_FILE = Path(__file__).parent / "data" / "sft-format-1"  # written by deftx 0.1.0 (format 1)
+
+
+def _format_1_content():
+    """What the committed format-1 SFT holds (the generator its writer used)."""
+    g = torch.Generator().manual_seed(7)
+    diffs = {}
+    for name, shape in {WORDS: (700, 200), QUERY: (16, 16)}.items():
+        numel = shape[0] * shape[1]
+        idx = torch.sort(torch.randperm(numel, generator=g)[: numel // 50]).values
+        diffs[name] = (shape, idx, torch.randn(idx.numel(), generator=g))
+    return diffs, {"classifier.bias": torch.randn(3, generator=g)}
+
+
+def test_files_of_format_1_still_load_and_convert_to_format_2(tmp_path):
+    """An SFT written by deftx 0.1.0 loads unchanged; saved again it is format 2, at about a
+    third of the bytes per entry, and loads back to the same indices and values."""
+    assert read_doc(FORMAT_1_FILE)["format_version"] == 1
+    old = SparseFineTuning.load(FORMAT_1_FILE)
+    diffs, head = _format_1_content()
+    assert list(old.diffs) == sorted(diffs)
+    for name, (shape, idx, values) in diffs.items():
+        assert old.diffs[name].shape == shape
+        assert torch.equal(old.diffs[name].indices, idx) and torch.equal(old.diffs[name].values, values)
+    assert torch.equal(old.head["classifier.bias"], head["classifier.bias"])
+    new_dir = old.save(tmp_path / "v2")
+    assert read_doc(new_dir)["format_version"] == FORMAT_VERSION == 2
+    assert "diff/" + WORDS + "/offsets" in read_weights(new_dir)
+    new = SparseFineTuning.load(new_dir)
+    for name in diffs:
+        assert torch.equal(new.diffs[name].indices, old.diffs[name].indices)
+        assert torch.equal(new.diffs[name].values, old.diffs[name].values)
+    assert (new_dir / WEIGHTS_FILE).stat().st_size < 0.8 * (FORMAT_1_FILE / WEIGHTS_FILE).stat().st_size
+    again = SparseFineTuning.load(new.save(tmp_path / "v1-again", format_version=1))
+    assert all(torch.equal(again.diffs[n].indices, old.diffs[n].indices) for n in diffs)
+    with pytest.raises(ValueError, match="format_version"):
+        new.save(tmp_path / "v3", format_version=3)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 65_535, 65_536, 65_537, 200_001, 3 * 65_536])
+def test_index_encoding_round_trips(numel):
+    """Format 2's block/offset encoding is exact for any strictly increasing indices: block
+    boundaries, the first and last entry, empty and full tensors."""
+    g = torch.Generator().manual_seed(numel)
+    cases = [torch.empty(0, dtype=torch.int64), torch.arange(numel), torch.tensor([0]), torch.tensor([numel - 1]),
+             torch.sort(torch.randperm(numel, generator=g)[: max(1, numel // 3)]).values]
+    edges = torch.tensor([i for i in (65_535, 65_536, 131_071, 131_072) if i < numel], dtype=torch.int64)
+    cases.append(edges)
+    for idx in cases:
+        counts, offsets = encode_indices(idx, numel)
+        assert counts.dtype == torch.int32 and offsets.dtype == torch.int16
+        assert counts.numel() == -(-numel // 65_536) and int(counts.sum()) == idx.numel()
+        assert torch.equal(decode_indices(counts, offsets), idx.to(torch.int64))
+
+
 
 
 def test_save_load_round_trip_preserves_everything(saved_task_dir, task_sft):
@@ -599,22 +672,103 @@ CRAFTED = [_c_out_of_bounds, _c_negative, _c_duplicate, _c_unsorted, _c_int32, _
            _c_head_is_word_embeddings, _c_head_is_a_layer_norm]
 
 
-@pytest.mark.parametrize("corrupt", CRAFTED, ids=[f.__name__[3:] for f in CRAFTED])
-def test_crafted_weights_are_rejected(corrupt_dir, corrupt):
-    tensors, doc = read_weights(corrupt_dir), read_doc(corrupt_dir)
+def _check_crafted(directory: Path, corrupt, index_key: str) -> None:
+    tensors, doc = read_weights(directory), read_doc(directory)
     # sanity: the untouched copy loads
-    SparseFineTuning.load(corrupt_dir)
+    SparseFineTuning.load(directory)
     T, H = QUERY, "classifier.bias"
-    assert f"diff/{T}/indices" in tensors and f"head/{H}" in tensors and doc["tensors"][T]["nnz"] >= 3
+    assert f"diff/{T}/{index_key}" in tensors and f"head/{H}" in tensors and doc["tensors"][T]["nnz"] >= 3
     fragment = corrupt(tensors, doc, T, H)
-    rewrite_weights(corrupt_dir, tensors, doc)
+    rewrite_weights(directory, tensors, doc)
     with pytest.raises(SFTFormatError) as err:
-        SparseFineTuning.load(corrupt_dir)
+        SparseFineTuning.load(directory)
     message = _one_line(err)
-    assert str(corrupt_dir / WEIGHTS_FILE) in message
+    assert str(directory / WEIGHTS_FILE) in message
     assert fragment in message
-    if corrupt not in (_c_extra_tensor, _c_total_nnz, _c_head_is_word_embeddings, _c_head_is_a_layer_norm):
+    names_other = (_c_extra_tensor, _c_total_nnz, _c_head_is_word_embeddings, _c_head_is_a_layer_norm,
+                   _v2_stray_v1_indices)
+    if corrupt not in names_other:
         assert f"'{H}'" in message if "head" in corrupt.__name__ else f"'{T}'" in message
+
+
+@pytest.mark.parametrize("corrupt", CRAFTED, ids=[f.__name__[3:] for f in CRAFTED])
+def test_crafted_weights_are_rejected_format_1(corrupt_dir_v1, corrupt):
+    _check_crafted(corrupt_dir_v1, corrupt, "indices")
+
+
+# format 2: indices are (entries per 65,536-block as int32, offset in the block - 32768 as int16)
+
+
+def _off(t, n):
+    return t[f"diff/{n}/offsets"]
+
+
+def _v2_out_of_bounds(t, doc, T, H):
+    numel = 1
+    for s in doc["tensors"][T]["shape"]:
+        numel *= s
+    assert numel < 1 << 16  # one block: an offset >= numel is past the end
+    _off(t, T)[-1] = numel - (1 << 15)
+    return "index out of bounds"
+
+
+def _v2_duplicate(t, doc, T, H):
+    _off(t, T)[1] = _off(t, T)[0]
+    return "duplicate indices"
+
+
+def _v2_unsorted(t, doc, T, H):
+    o = _off(t, T)
+    o[0], o[1] = o[1].clone(), o[0].clone()
+    return "unsorted indices"
+
+
+def _v2_offsets_int32(t, doc, T, H):
+    t[f"diff/{T}/offsets"] = _off(t, T).to(torch.int32)
+    return "1-D int16"
+
+
+def _v2_blocks_int64(t, doc, T, H):
+    t[f"diff/{T}/blocks"] = t[f"diff/{T}/blocks"].to(torch.int64)
+    return "int32 counts"
+
+
+def _v2_blocks_length(t, doc, T, H):
+    t[f"diff/{T}/blocks"] = torch.cat([t[f"diff/{T}/blocks"], torch.zeros(1, dtype=torch.int32)])
+    return "int32 counts"
+
+
+def _v2_negative_count(t, doc, T, H):
+    b = t[f"diff/{T}/blocks"]
+    b[0] = -b[0]
+    return "negative block count"
+
+
+def _v2_count_mismatch(t, doc, T, H):
+    t[f"diff/{T}/blocks"][0] += 1
+    return "count"
+
+
+def _v2_missing_offsets(t, doc, T, H):
+    del t[f"diff/{T}/offsets"]
+    return "missing its indices or values"
+
+
+def _v2_stray_v1_indices(t, doc, T, H):
+    t[f"diff/{T}/indices"] = torch.tensor([0, 1], dtype=torch.int64)
+    return f"unexpected tensor 'diff/{T}/indices'"
+
+
+CRAFTED_V2 = [_v2_out_of_bounds, _v2_duplicate, _v2_unsorted, _v2_offsets_int32, _v2_blocks_int64,
+              _v2_blocks_length, _v2_negative_count, _v2_count_mismatch, _v2_missing_offsets, _v2_stray_v1_indices,
+              _c_float64, _c_length_mismatch, _c_nnz_mismatch, _c_head_shape, _c_head_float64, _c_missing_values,
+              _c_missing_head, _c_extra_tensor, _c_nan, _c_inf, _c_bad_shape_entry, _c_total_nnz,
+              _c_head_is_word_embeddings, _c_head_is_a_layer_norm]
+
+
+@pytest.mark.parametrize("corrupt", CRAFTED_V2, ids=[f.__name__.split("_", 2)[2] for f in CRAFTED_V2])
+def test_crafted_weights_are_rejected_format_2(corrupt_dir, corrupt):
+    _check_crafted(corrupt_dir, corrupt, "offsets")
 
 
 # ---------------------------------------------------------------------------------------- atomic writes

@@ -84,6 +84,9 @@ class SelectionConfig:
             raise fail(f"{key}.svd_target", f"unknown target {self.svd_target!r}; valid: {', '.join(SVD_TARGETS)}")
         if self.svd_solver not in SVD_SOLVERS:
             raise fail(f"{key}.svd_solver", f"unknown solver {self.svd_solver!r}; valid: {', '.join(SVD_SOLVERS)}")
+        if self.svd_solver == "gram" and self.svd_target != "delta":
+            raise fail(f"{key}.svd_solver", f"the gram solver needs svd_target 'delta' (got {self.svd_target!r}); "
+                       "use auto or full")
 
     def hyperparameters(self) -> dict[str, Any]:
         """What is recorded in SFT metadata (the DeFT-X fields only for deft_x)."""

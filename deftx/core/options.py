@@ -1,4 +1,4 @@
 """Names of the choices the core offers, importable without torch (configuration validates them)."""
 
 SVD_TARGETS: tuple[str, ...] = ("delta", "finetuned", "pretrained")   # what DeFT-X decomposes (deftx/core/denoise.py)
-SVD_SOLVERS: tuple[str, ...] = ("auto", "full", "randomized")
+SVD_SOLVERS: tuple[str, ...] = ("auto", "gram", "full", "randomized")

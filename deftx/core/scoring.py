@@ -16,7 +16,7 @@ import torch
 
 from deftx.core.denoise import DenoiseInfo, denoise_with_info
 from deftx.core.options import SVD_TARGETS
-from deftx.core.topk import count_selected, density_by_tensor, global_top_k
+from deftx.core.topk import KeySource, TensorKeys, score_keys, top_k_of_sources
 
 
 class MaskScorer(Protocol):
@@ -28,6 +28,31 @@ class MaskScorer(Protocol):
 def change_magnitude(name: str, theta0: torch.Tensor, theta1: torch.Tensor) -> torch.Tensor:
     """LT-SFT score: |theta1 - theta0|."""
     return (theta1.detach().float() - theta0.detach().float()).abs_()
+
+
+class ChangeKeys:
+    """The keys of :func:`change_magnitude` computed a slice at a time (a ``KeySource`` of
+    ``deftx.core.topk``): the selection reads the change where it needs it instead of holding a
+    score tensor as large as the model. Element-wise, so the keys equal those of the whole tensor."""
+
+    def __init__(self, theta0: torch.Tensor, theta1: torch.Tensor) -> None:
+        if theta0.shape != theta1.shape:
+            raise ValueError(f"shapes differ: {tuple(theta0.shape)} vs {tuple(theta1.shape)}")
+        self._a = theta0.detach().reshape(-1)
+        self._b = theta1.detach().reshape(-1)
+        self.numel = self._a.numel()
+
+    def _score(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return score_keys((b.float() - a.float()).abs_())
+
+    def sample(self, stride: int) -> torch.Tensor:
+        return self._score(self._a[::stride], self._b[::stride])
+
+    def chunk(self, start: int, stop: int) -> torch.Tensor:
+        return self._score(self._a[start:stop], self._b[start:stop])
+
+    def keys(self) -> torch.Tensor:
+        return self._score(self._a, self._b)
 
 
 @dataclass
@@ -77,8 +102,10 @@ class SelectionReport:
 
     @classmethod
     def from_masks(cls, k: int, masks: Mapping[str, torch.Tensor], ranks: Mapping[str, int]) -> SelectionReport:
-        return cls(k=k, selected=count_selected(masks), maskable=sum(m.numel() for m in masks.values()),
-                   density_by_tensor=density_by_tensor(masks), ranks=dict(ranks))
+        counts = {n: int(torch.count_nonzero(m)) for n, m in sorted(masks.items())}  # one pass per mask
+        return cls(k=k, selected=sum(counts.values()), maskable=sum(m.numel() for m in masks.values()),
+                   density_by_tensor={n: c / max(masks[n].numel(), 1) for n, c in counts.items()},
+                   ranks=dict(ranks))
 
     def as_dict(self) -> dict:
         return {"k": self.k, "selected": self.selected, "maskable": self.maskable,
@@ -90,11 +117,22 @@ def select_masks(theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torch.
     """Score every tensor, then pick exactly ``k`` entries globally (``deftx.core.topk`` tie rule)."""
     if set(theta0) != set(theta1):
         raise ValueError("theta0 and theta1 must hold the same tensors")
-    scores = {n: scorer(n, theta0[n], theta1[n]) for n in sorted(theta0)}
-    masks = global_top_k(scores, k)
-    del scores
+    sources = {n: key_source(scorer, n, theta0[n], theta1[n]) for n in sorted(theta0)}
+    flat = top_k_of_sources(sources, k)
+    del sources
+    masks = {n: flat[n].view(theta0[n].shape) for n in sorted(theta0)}
     infos = getattr(scorer, "infos", {})
     return masks, SelectionReport.from_masks(k, masks, {n: i.rank for n, i in infos.items()})
+
+
+def key_source(scorer: MaskScorer, name: str, theta0: torch.Tensor, theta1: torch.Tensor) -> KeySource:
+    """The selection keys of one tensor: computed lazily when its score is the plain change
+    magnitude (LT-SFT, and tensors DeFT-X does not denoise), else from the scorer's tensor."""
+    plain = scorer is change_magnitude or (isinstance(scorer, DenoisedChangeScorer)
+                                           and not scorer.denoises(name, theta0.shape))
+    if plain:
+        return ChangeKeys(theta0, theta1)
+    return TensorKeys(score_keys(scorer(name, theta0, theta1)))
 
 
 def make_scorer(method: str, *, rank: int | None = None, energy: float | None = None,

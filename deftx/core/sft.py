@@ -2,10 +2,15 @@
 
 On disk an SFT is a directory with two files:
 
-* ``sft.safetensors``: per maskable tensor ``diff/<name>/indices`` (int64 flat row-major indices,
-  strictly increasing) and ``diff/<name>/values`` (float32); per head tensor ``head/<name>``
-  (absolute values, dense). Body names are relative to the base model
+* ``sft.safetensors``: per maskable tensor its changed entries' flat row-major indices (strictly
+  increasing) and ``diff/<name>/values`` (float32); per head tensor ``head/<name>`` (absolute
+  values, dense). Body names are relative to the base model
   (``encoder.layer.0.attention.self.query.weight``), head names are full model names.
+  Format version 2 (written by default) stores an index as its block of 65,536 entries and its
+  offset in that block: ``diff/<name>/blocks`` (int32, the number of entries in each block of the
+  tensor) and ``diff/<name>/offsets`` (int16, offset - 32768). That is 2 bytes per entry instead of
+  8, so an SFT takes about 6 bytes per changed entry. Version 1 stored ``diff/<name>/indices``
+  (int64); deftx reads both and can still write version 1 (``save(..., format_version=1)``).
 * ``sft.json``: metadata (format version, kind, language, task, method and hyperparameters, base
   model id and weight fingerprint, tokenizer, label names, training data, metrics, deftx version),
   the expected shape and entry count of every tensor, and the SHA-256 of ``sft.safetensors``.
@@ -40,7 +45,10 @@ from deftx.core.roles import body_parameters, head_parameter_names
 from deftx.errors import SFTFormatError
 
 FORMAT_NAME = "deftx-sft"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written by default
+READABLE_VERSIONS = (1, 2)
+INDEX_BLOCK = 1 << 16  # format 2: indices = block * INDEX_BLOCK + offset
+_OFFSET_BIAS = 1 << 15  # offsets are stored as int16 (offset - 32768)
 WEIGHTS_FILE = "sft.safetensors"
 METADATA_FILE = "sft.json"
 DROP_EPS = 1e-7  # |phi| <= DROP_EPS is dropped when extracting (composable-sft's rule)
@@ -90,6 +98,25 @@ class SFTMetadata:
     def from_dict(cls, data: Mapping[str, Any]) -> SFTMetadata:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def encode_indices(indices: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Format-2 encoding of strictly increasing flat indices into a tensor of ``numel`` entries:
+    (entries per block of INDEX_BLOCK as int32, offsets in their block minus 32768 as int16)."""
+    blocks = -(-numel // INDEX_BLOCK)
+    idx = indices.to(torch.int64)
+    counts = torch.bincount(torch.bitwise_right_shift(idx, 16), minlength=blocks).to(torch.int32)
+    offsets = (torch.bitwise_and(idx, INDEX_BLOCK - 1) - _OFFSET_BIAS).to(torch.int16)
+    return counts, offsets
+
+
+def decode_indices(counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`encode_indices` (int64 flat indices); the caller validates the result."""
+    if counts.numel() <= 1:  # one block (tensors of at most 65,536 entries): no block numbers
+        return offsets.to(torch.int64) + _OFFSET_BIAS
+    block = torch.repeat_interleave(torch.arange(counts.numel(), dtype=torch.int64), counts.to(torch.int64),
+                                    output_size=offsets.numel())
+    return torch.bitwise_left_shift(block, 16) + (offsets.to(torch.int64) + _OFFSET_BIAS)
 
 
 class _AppliedState:
@@ -216,8 +243,10 @@ class SparseFineTuning:
         saved_body: dict[str, torch.Tensor] = {}
         for name, delta in self.diffs.items():
             flat = body[name].data.view(-1)
-            saved_body[name] = flat[delta.indices].clone()
-            flat.index_add_(0, delta.indices, delta.values.to(flat.dtype))
+            original = flat[delta.indices]  # a copy: kept for revert, and the base of the sum
+            # indices are unique, so writing original + value equals index_add_ bit for bit (faster)
+            flat.index_put_((delta.indices,), original + delta.values.to(flat.dtype))
+            saved_body[name] = original
         saved_head: dict[str, torch.Tensor] = {}
         if with_head:
             params = dict(model.named_parameters())
@@ -254,14 +283,22 @@ class SparseFineTuning:
 
     # -- save / load -------------------------------------------------------------------------
 
-    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write the SFT atomically to ``directory``."""
+    def save(self, directory: str | Path, overwrite: bool = False, format_version: int = FORMAT_VERSION) -> Path:
+        """Write the SFT atomically to ``directory`` (``format_version`` 1 for readers older than
+        format 2; see the module docstring)."""
         from safetensors.torch import save_file
 
+        if format_version not in READABLE_VERSIONS:
+            raise ValueError(f"format_version must be one of {READABLE_VERSIONS}, got {format_version!r}")
         directory = Path(directory)
         tensors: dict[str, torch.Tensor] = {}
         for name, delta in self.diffs.items():
-            tensors[f"diff/{name}/indices"] = delta.indices.to(torch.int64).contiguous()
+            if format_version == 1:
+                tensors[f"diff/{name}/indices"] = delta.indices.to(torch.int64).contiguous()
+            else:
+                counts, offsets = encode_indices(delta.indices, delta.numel)
+                tensors[f"diff/{name}/blocks"] = counts
+                tensors[f"diff/{name}/offsets"] = offsets
             tensors[f"diff/{name}/values"] = delta.values.to(torch.float32).contiguous()
         for name, value in self.head.items():
             tensors[f"head/{name}"] = value.to(torch.float32).contiguous()
@@ -270,7 +307,7 @@ class SparseFineTuning:
         with atomic_directory(directory, overwrite=overwrite, kind=SFT_OUTPUT) as tmp:
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
             doc = {
-                "format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta,
+                "format": FORMAT_NAME, "format_version": format_version, **meta,
                 "tensors": {n: {"shape": list(d.shape), "nnz": d.nnz} for n, d in self.diffs.items()},
                 "head": {n: {"shape": list(v.shape)} for n, v in self.head.items()},
                 "nnz": self.nnz,
@@ -298,13 +335,14 @@ class SparseFineTuning:
             tensors = load_file(str(weights))
         except Exception as exc:  # safetensors raises several types for a bad header
             raise SFTFormatError(f"{where}: not a readable safetensors file ({exc})") from None
-        diffs = _validated_diffs(tensors, doc, where)
+        diffs = _validated_diffs(tensors, doc, where, doc["format_version"])
         head = _validated_head(tensors, doc, where)
         _check_head_names(head, diffs, where)
         total = sum(d.nnz for d in diffs.values())
         if doc.get("nnz", total) != total:
             raise SFTFormatError(f"{where}: the tensors hold {total} entries, {METADATA_FILE} says {doc['nnz']}")
-        expected = {f"diff/{n}/{p}" for n in diffs for p in ("indices", "values")} | {f"head/{n}" for n in head}
+        parts = ("indices", "values") if doc["format_version"] == 1 else ("blocks", "offsets", "values")
+        expected = {f"diff/{n}/{p}" for n in diffs for p in parts} | {f"head/{n}" for n in head}
         extra = sorted(set(tensors) - expected)
         if extra:
             raise SFTFormatError(f"{where}: unexpected tensor '{extra[0]}' not listed in {METADATA_FILE}")
@@ -326,9 +364,10 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
         raise SFTFormatError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise SFTFormatError(f"{path}: not a deftx SFT (format field is {doc.get('format') if isinstance(doc, dict) else None!r})")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise SFTFormatError(f"{path}: unsupported format_version {doc.get('format_version')!r} "
-                             f"(this deftx reads {FORMAT_VERSION})")
+    version = doc.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise SFTFormatError(f"{path}: unsupported format_version {version!r} "
+                             f"(this deftx reads {', '.join(map(str, READABLE_VERSIONS))})")
     if doc.get("kind") not in ("language", "task"):
         raise SFTFormatError(f"{path}: kind must be 'language' or 'task', got {doc.get('kind')!r}")
     for key in ("tensors", "head"):
@@ -401,35 +440,113 @@ def _shape_of(entry: Any, name: str, where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _validated_diffs(tensors: dict[str, torch.Tensor], doc: dict[str, Any], where: str) -> dict[str, SparseDelta]:
-    diffs: dict[str, SparseDelta] = {}
+def _index_parts(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], version: int,
+                 where: str) -> tuple[torch.Tensor, ...] | None:
+    """The stored index tensors of one diff: (indices,) in format 1, (blocks, offsets) in format 2;
+    None when one is missing. Checks their types and layout only (values are checked together)."""
+    if version == 1:
+        idx = tensors.get(f"diff/{name}/indices")
+        if idx is not None and (idx.dtype != torch.int64 or idx.dim() != 1):
+            raise SFTFormatError(f"{where}: indices of '{name}' must be 1-D int64, got {idx.dtype} {list(idx.shape)}")
+        return None if idx is None else (idx,)
+    counts, offsets = tensors.get(f"diff/{name}/blocks"), tensors.get(f"diff/{name}/offsets")
+    if counts is None or offsets is None:
+        return None
+    if offsets.dtype != torch.int16 or offsets.dim() != 1:
+        raise SFTFormatError(f"{where}: offsets of '{name}' must be 1-D int16, got {offsets.dtype} {list(offsets.shape)}")
+    blocks = -(-math.prod(shape) // INDEX_BLOCK)
+    if counts.dtype != torch.int32 or tuple(counts.shape) != (blocks,):
+        raise SFTFormatError(f"{where}: blocks of '{name}' must be {blocks} int32 counts (shape {list(shape)}), "
+                             f"got {counts.dtype} {list(counts.shape)}")
+    return counts, offsets
+
+
+def _decode_all(names: list[str], parts: list[tuple[torch.Tensor, ...]], nnz: list[int], where: str) -> torch.Tensor:
+    """Format 2: the indices of all diffs, decoded together into one int64 tensor (a few vector
+    operations for the whole file instead of several per tensor)."""
+    counts = torch.cat([p[0] for p in parts]).to(torch.int64)
+    if counts.numel() and int(counts.min()) < 0:
+        bad = next(n for n, p in zip(names, parts) if p[0].numel() and int(p[0].min()) < 0)
+        raise SFTFormatError(f"{where}: negative block count in '{bad}'")
+    blocks = [p[0].numel() for p in parts]
+    ends = torch.cumsum(counts, 0)
+    block_ends = torch.tensor(blocks, dtype=torch.int64).cumsum(0)
+    totals = ends[block_ends - 1] if counts.numel() else torch.zeros(len(parts), dtype=torch.int64)
+    totals = torch.where(torch.tensor(blocks) > 0, totals, torch.zeros((), dtype=torch.int64))
+    per_tensor = torch.diff(totals, prepend=torch.zeros(1, dtype=torch.int64))
+    wrong = torch.nonzero(per_tensor != torch.tensor(nnz, dtype=torch.int64)).flatten()
+    if wrong.numel():
+        i = int(wrong[0])
+        raise SFTFormatError(f"{where}: the blocks of '{names[i]}' count {int(per_tensor[i])} entries but it has "
+                             f"{nnz[i]} offsets")
+    total = sum(nnz)
+    block_of_entry = torch.repeat_interleave(torch.arange(counts.numel()), counts, output_size=total)
+    first_block = torch.tensor([0, *blocks[:-1]], dtype=torch.int64).cumsum(0)
+    base = torch.repeat_interleave(first_block, torch.tensor(nnz, dtype=torch.int64), output_size=total)
+    offsets = torch.cat([p[1] for p in parts]).to(torch.int64)
+    return torch.bitwise_left_shift(block_of_entry - base, 16) + offsets + _OFFSET_BIAS
+
+
+def _validated_diffs(tensors: dict[str, torch.Tensor], doc: dict[str, Any], where: str,
+                     version: int = FORMAT_VERSION) -> dict[str, SparseDelta]:
+    """The diffs of a weights file, each checked (shapes, dtypes, counts against ``sft.json``,
+    strictly increasing indices within bounds, finite values). Type and count checks run per
+    tensor; the value checks run on all diffs at once."""
+    names, shapes, parts, values = [], [], [], []
     for name, entry in doc["tensors"].items():
         shape = _shape_of(entry, name, where)
-        idx = tensors.get(f"diff/{name}/indices")
+        stored = _index_parts(tensors, name, shape, version, where)
         val = tensors.get(f"diff/{name}/values")
-        if idx is None or val is None:
+        if stored is None or val is None:
             raise SFTFormatError(f"{where}: tensor '{name}' is missing its indices or values")
-        if idx.dtype != torch.int64 or idx.dim() != 1:
-            raise SFTFormatError(f"{where}: indices of '{name}' must be 1-D int64, got {idx.dtype} {list(idx.shape)}")
         if val.dtype != torch.float32 or val.dim() != 1:
             raise SFTFormatError(f"{where}: values of '{name}' must be 1-D float32, got {val.dtype} {list(val.shape)}")
-        if idx.numel() != val.numel():
-            raise SFTFormatError(f"{where}: '{name}' has {idx.numel()} indices but {val.numel()} values")
-        if idx.numel() != entry.get("nnz"):
-            raise SFTFormatError(f"{where}: '{name}' has {idx.numel()} entries, {METADATA_FILE} says {entry.get('nnz')}")
-        numel = math.prod(shape)
-        if idx.numel():
-            if int(idx.min()) < 0 or int(idx.max()) >= numel:
-                raise SFTFormatError(f"{where}: index out of bounds in '{name}' (shape {list(shape)}, "
-                                     f"indices span {int(idx.min())}..{int(idx.max())})")
-            steps = idx[1:] - idx[:-1]
-            if steps.numel() and int(steps.min()) <= 0:
-                kind = "duplicate" if int(steps.min()) == 0 else "unsorted"
-                raise SFTFormatError(f"{where}: {kind} indices in '{name}'")
-            if not bool(torch.isfinite(val).all()):
-                raise SFTFormatError(f"{where}: non-finite values in '{name}'")
-        diffs[name] = SparseDelta(shape, idx, val)
-    return diffs
+        n = stored[-1].numel()
+        if n != val.numel():
+            raise SFTFormatError(f"{where}: '{name}' has {n} indices but {val.numel()} values")
+        if n != entry.get("nnz"):
+            raise SFTFormatError(f"{where}: '{name}' has {n} entries, {METADATA_FILE} says {entry.get('nnz')}")
+        names.append(name)
+        shapes.append(shape)
+        parts.append(stored)
+        values.append(val)
+    if not names:
+        return {}
+    nnz = [v.numel() for v in values]
+    every = torch.cat([p[0] for p in parts]) if version == 1 else _decode_all(names, parts, nnz, where)
+    starts = [0]
+    for n in nnz:
+        starts.append(starts[-1] + n)
+
+    def owner(position: int) -> int:  # the diff holding entry ``position`` of ``every``
+        return max(i for i in range(len(names)) if starts[i] <= position and nnz[i])
+
+    steps = every[1:] - every[:-1]
+    if steps.numel():
+        boundaries = torch.tensor([s - 1 for s in starts[1:-1] if 0 < s], dtype=torch.int64)
+        steps[boundaries] = 1  # between two diffs the indices start again
+        if int(steps.min()) <= 0:
+            i = owner(int(torch.nonzero(steps <= 0)[0]) + 1)
+            own = every[starts[i]: starts[i + 1]]
+            kind = "duplicate" if int((own[1:] - own[:-1]).min()) == 0 else "unsorted"
+            raise SFTFormatError(f"{where}: {kind} indices in '{names[i]}'")
+    nonempty = [i for i, n in enumerate(nnz) if n]
+    if nonempty:  # the indices increase, so each diff's first and last are its extremes
+        first = every[torch.tensor([starts[i] for i in nonempty])]
+        last = every[torch.tensor([starts[i + 1] - 1 for i in nonempty])]
+        limit = torch.tensor([math.prod(shapes[i]) for i in nonempty], dtype=torch.int64)
+        bad = torch.nonzero((first < 0) | (last >= limit)).flatten()
+        if bad.numel():
+            j = int(bad[0])
+            i = nonempty[j]
+            raise SFTFormatError(f"{where}: index out of bounds in '{names[i]}' (shape {list(shapes[i])}, "
+                                 f"indices span {int(first[j])}..{int(last[j])})")
+    joined = torch.cat(values)
+    if joined.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(joined))).all()):  # nan propagates
+        i = owner(int(torch.nonzero(~torch.isfinite(joined))[0]))
+        raise SFTFormatError(f"{where}: non-finite values in '{names[i]}'")
+    indices = every.split(nnz)
+    return {name: SparseDelta(shape, idx, val) for name, shape, idx, val in zip(names, shapes, indices, values)}
 
 
 def _validated_head(tensors: dict[str, torch.Tensor], doc: dict[str, Any], where: str) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ class SparseUpdate:
     def install(self) -> None:
         for name, param in self.params.items():
             mask = self.masks[name]
-            selected = int(mask.sum())
+            selected = int(torch.count_nonzero(mask))
             if selected == 0:
                 self._frozen_state[name] = param.requires_grad
                 param.requires_grad_(False)

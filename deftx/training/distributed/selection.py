@@ -2,7 +2,7 @@
 
 Each rank owns some of the maskable tensors (assigned by estimated scoring cost, not round-robin),
 scores only those, and the ranks agree on the exact global K-th score by summing radix histograms
-(``deftx.core.topk.find_threshold`` with an all-reduce). Ties at the threshold are allocated in the
+(``deftx.core.topk.threshold_and_candidates`` with an all-reduce). Ties at the threshold are allocated in the
 canonical order of the single-process selection, and the bit-packed boolean masks are all-gathered
 so every rank ends with the full mask set. The result equals ``deftx.core.scoring.select_masks`` bit
 for bit for any world size.
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from deftx.core.scoring import MaskScorer, SelectionReport
-from deftx.core.topk import allocate_ties, find_threshold, mask_from_keys, score_keys
+from deftx.core.scoring import MaskScorer, SelectionReport, key_source
+from deftx.core.topk import allocate_ties, select_mask, threshold_and_candidates, tie_counts
 
 
 def scoring_cost(shape: tuple[int, ...], denoised: bool) -> float:
@@ -86,16 +86,17 @@ def distributed_select_masks(plan: ShardPlan, theta0: Mapping[str, torch.Tensor]
     missing = [n for n in mine if n not in theta0 or n not in theta1]
     if missing:
         raise ValueError(f"rank {rank} owns {missing[0]} but was not given its values")
-    keys = {n: score_keys(scorer(n, theta0[n], theta1[n])) for n in mine}
-    threshold = find_threshold([keys[n] for n in mine], k, reduce=_all_reduce_sum)
-    ties = torch.zeros(len(names), dtype=torch.int64)
-    if threshold.take_ties:
+    keys = {n: key_source(scorer, n, theta0[n], theta1[n]) for n in mine}
+    threshold, candidates = threshold_and_candidates([keys[n] for n in mine], k, reduce=_all_reduce_sum)
+    takes = dict.fromkeys(names, 0)
+    if not threshold.all_ties:  # split the ties in canonical order over all ranks' tensors
+        ties = torch.zeros(len(names), dtype=torch.int64)
+        local_ties = dict(zip(mine, tie_counts([keys[n] for n in mine], threshold, candidates)))
         for i, n in enumerate(names):
-            if n in keys:
-                ties[i] = int((keys[n] == threshold.key).sum())
-    ties = _all_reduce_sum(ties)
-    takes = dict(zip(names, allocate_ties(ties.tolist(), threshold.take_ties)))
-    local = {n: mask_from_keys(keys[n], threshold, takes[n]) for n in mine}
+            ties[i] = local_ties.get(n, 0)
+        takes = dict(zip(names, allocate_ties(_all_reduce_sum(ties).tolist(), threshold.take_ties)))
+    local = {n: select_mask(keys[n], threshold, takes[n], candidates.keys[i] if candidates else None,
+                            candidates.positions[i] if candidates else None) for i, n in enumerate(mine)}
 
     # all-gather the owned masks, bit-packed; sizes follow from the plan, so no size exchange
     sizes = [sum(math.prod(plan.shapes[n]) for n in plan.owned(r)) for r in range(world)]
