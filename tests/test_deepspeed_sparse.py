@@ -77,17 +77,20 @@ def _selection_worker(rank: int, world: int, store: str, stage: int, method: str
     with loopback_group(rank, world, store):
 
         from deftx.core.roles import embedding_parameter_names
-        from deftx.core.scoring import make_scorer
+        from deftx.core.scoring import denoised_tensors, is_elementwise, make_scorer
         from deftx.training.distributed.engine import DeepSpeedEngine, gather_owned
-        from deftx.training.distributed.selection import distributed_select_masks, plan_shards
+        from deftx.training.distributed.selection import distributed_select_masks, local_part, plan_shards
 
         model, roles = _tiny_task_model()
         theta0 = {n: p.detach().clone() for n, p in roles.maskable.items()}
         shapes = {n: tuple(p.shape) for n, p in roles.maskable.items()}
         scorer = make_scorer(method, rank=2 if method == "deft_x" else None,
                              embedding_names=frozenset(embedding_parameter_names(model)))
-        plan = plan_shards(shapes, world, denoised={n: bool(getattr(scorer, "denoises", lambda *a: False)(n, s))
-                                                    for n, s in shapes.items()})
+        plan = plan_shards(shapes, world, denoised=denoised_tensors(scorer, shapes),
+                           elementwise={n: is_elementwise(scorer, n, s) for n, s in shapes.items()},
+                           split_min_numel=64)  # tiny model: split every element-wise tensor of 64+ entries
+        if world > 1:
+            assert any(p.span is not None for p in plan.pieces)
         engine = DeepSpeedEngine(model, list(roles.maskable.values()) + list(roles.head.values()),
                                  learning_rate=1e-2, weight_decay=0.0, total_steps=STEPS, zero_stage=stage,
                                  micro_batch_size=4)
@@ -95,10 +98,12 @@ def _selection_worker(rank: int, world: int, store: str, stage: int, method: str
             ids = torch.randint(0, 100, (4, 10), generator=torch.Generator().manual_seed(step * 10 + rank))
             engine.backward(engine.module(input_ids=ids, labels=torch.tensor([0, 1, 2, 0])).loss)
             engine.step()
-        mine = gather_owned(roles.maskable, plan.owners, rank, stage)
+        needed = plan.needed(rank)
+        mine = gather_owned(roles.maskable, needed, stage)
         assert set(mine) == set(plan.owned(rank))
-        masks, report = distributed_select_masks(plan, {n: theta0[n] for n in mine}, mine, 100, scorer)
-        everything = gather_owned(roles.maskable, {n: rank for n in shapes}, rank, stage)  # reference only
+        masks, report = distributed_select_masks(plan, {n: local_part(theta0[n], r) for n, r in needed.items()},
+                                                 mine, 100, scorer)
+        everything = gather_owned(roles.maskable, dict.fromkeys(shapes), stage)  # reference only
         torch.save({"masks": masks, "theta0": theta0, "theta1": everything}, f"{out}.rank{rank}")
 
 

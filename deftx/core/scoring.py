@@ -125,12 +125,24 @@ def select_masks(theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torch.
     return masks, SelectionReport.from_masks(k, masks, {n: i.rank for n, i in infos.items()})
 
 
+def is_elementwise(scorer: MaskScorer, name: str, shape: tuple[int, ...]) -> bool:
+    """True when ``scorer`` scores every entry of this tensor from that entry alone (the plain
+    change magnitude: LT-SFT, and tensors DeFT-X does not denoise), so any part of the tensor can
+    be scored on its own. False for unknown scorers."""
+    return scorer is change_magnitude or (isinstance(scorer, DenoisedChangeScorer)
+                                          and not scorer.denoises(name, shape))
+
+
+def denoised_tensors(scorer: MaskScorer, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, bool] | None:
+    """Which tensors ``scorer`` scores by an SVD (None when it has no such notion)."""
+    denoises = getattr(scorer, "denoises", None)
+    return {n: bool(denoises(n, s)) for n, s in shapes.items()} if callable(denoises) else None
+
+
 def key_source(scorer: MaskScorer, name: str, theta0: torch.Tensor, theta1: torch.Tensor) -> KeySource:
-    """The selection keys of one tensor: computed lazily when its score is the plain change
-    magnitude (LT-SFT, and tensors DeFT-X does not denoise), else from the scorer's tensor."""
-    plain = scorer is change_magnitude or (isinstance(scorer, DenoisedChangeScorer)
-                                           and not scorer.denoises(name, theta0.shape))
-    if plain:
+    """The selection keys of one tensor (or of a part of an element-wise-scored one): computed
+    lazily when its score is the plain change magnitude, else from the scorer's tensor."""
+    if is_elementwise(scorer, name, tuple(theta0.shape)):
         return ChangeKeys(theta0, theta1)
     return TensorKeys(score_keys(scorer(name, theta0, theta1)))
 

@@ -120,26 +120,53 @@ def project_outside_mask(params: Mapping[str, nn.Parameter], masks: Mapping[str,
 
 
 @torch.no_grad()
-def gather_owned(params: Mapping[str, torch.Tensor], owners: Mapping[str, int], rank: int,
+def gather_owned(params: Mapping[str, torch.Tensor], needed: Mapping[str, tuple[int, int] | None],
                  zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 copies of the tensors this rank owns (``owners[name] == rank``).
+    """fp32 copies of what this rank scores: ``needed`` maps a tensor name to a flat span
+    [start, stop), or None for the whole tensor (``ShardPlan.needed(rank)``).
 
-    Under ZeRO-3 a parameter is partitioned; each one is gathered in turn (a collective that every
-    rank enters, in name order) and only its owner keeps a copy, so no rank ever holds more than
-    one gathered tensor beyond the ones it owns. Under ZeRO 0-2 every rank holds full weights, and
-    so does every rank for plain tensors (not ZeRO-3 parameters)."""
+    Under ZeRO-3 a parameter is partitioned. A span that is exactly this rank's partition is read
+    from it without communication; every other parameter is gathered in turn (a collective that
+    every rank enters, in name order, unless every rank reads its own partition of it) and each rank
+    copies only its part, so no rank ever holds more than one gathered tensor beyond its own parts.
+    Under ZeRO 0-2 every rank holds full weights, and so does every rank for plain tensors."""
     out: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, data: torch.Tensor) -> None:
+        span = needed[name]
+        part = data if span is None else data.reshape(-1)[span[0]: span[1]]
+        out[name] = part.detach().float().clone()
+
     for name in sorted(params):
         p = params[name]
         if zero_stage == 3 and hasattr(p, "ds_id"):
+            own = _own_partition(p, needed.get(name))
+            if own is not None:  # the plan splits this tensor along the partitions: no gather
+                out[name] = own
+                continue
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p]):
-                if owners[name] == rank:
-                    out[name] = p.data.detach().float().clone()
-        elif owners[name] == rank:
-            out[name] = p.data.detach().float().clone()
+                if name in needed:
+                    keep(name, p.data)
+        elif name in needed:
+            keep(name, p.data)
     return out
+
+
+def _own_partition(param: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor | None:
+    """The entries ``span`` of a ZeRO-3 parameter when they are exactly this rank's partition."""
+    import torch.distributed as dist
+
+    if span is None:
+        return None
+    numel, world = int(param.ds_numel), dist.get_world_size()
+    size = -(-numel // world)
+    rank = dist.get_rank()
+    if span != (min(rank * size, numel), min((rank + 1) * size, numel)) or param.ds_tensor.numel() != size:
+        raise ValueError(f"span {span} of a ZeRO-3 parameter is not rank {rank}'s partition "
+                         f"(plan and DeepSpeed partitioning disagree)")
+    return param.ds_tensor.detach()[: span[1] - span[0]].float().clone()
 
 
 class DeepSpeedValueAccess:

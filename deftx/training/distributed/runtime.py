@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deftx.config import PhaseConfig
-from deftx.core.scoring import MaskScorer, SelectionReport
+from deftx.core.scoring import MaskScorer, SelectionReport, denoised_tensors, is_elementwise
 from deftx.errors import DeftxError
 from deftx.training.batches import IGNORE_INDEX
 from deftx.training.distributed.engine import (
@@ -45,7 +45,7 @@ from deftx.training.distributed.engine import (
     project_outside_mask,
     use_weights_only_loading,
 )
-from deftx.training.distributed.selection import distributed_select_masks, plan_shards
+from deftx.training.distributed.selection import distributed_select_masks, local_part, plan_shards
 from deftx.training.phase import LossFn
 from deftx.training.runtime import PHASE_ORDER, BatchAt, ModelBuilder, ResumeState, load_values
 from deftx.training.sparse import SparseUpdate
@@ -179,11 +179,12 @@ class DeepSpeedRuntime:
     def select(self, start: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], k: int,
                scorer: MaskScorer) -> tuple[dict[str, torch.Tensor], SelectionReport]:
         shapes = {n: tuple(start[n].shape) for n in params}
-        denoises = getattr(scorer, "denoises", None)
-        plan = plan_shards(shapes, self.world_size,
-                           denoised={n: bool(denoises(n, s)) for n, s in shapes.items()} if denoises else None)
-        mine = gather_owned(params, plan.owners, self.rank, self.zero_stage)
-        return distributed_select_masks(plan, {n: start[n] for n in mine}, mine, k, scorer)
+        plan = plan_shards(shapes, self.world_size, denoised=denoised_tensors(scorer, shapes),
+                           elementwise={n: is_elementwise(scorer, n, s) for n, s in shapes.items()})
+        needed = plan.needed(self.rank)
+        mine = gather_owned(params, needed, self.zero_stage)
+        return distributed_select_masks(plan, {n: local_part(start[n], span) for n, span in needed.items()}, mine,
+                                        k, scorer)
 
     def projector(self, sparse: SparseUpdate) -> Callable[[], None]:
         """The post-step write-back of theta_start outside the mask. Without weight decay it is not
