@@ -217,3 +217,38 @@ def test_values_phase_under_zero_equals_one_process(tmp_path, stage):
         assert max(s["owned"] for s in saved) <= k // 2 + len(phase.bank.names)
     else:
         assert saved[0]["owned"] == k
+
+
+def _norm_worker(rank: int, world: int, store: str, stage: int, out: str) -> None:
+    with loopback_group(rank, world, store):
+        from deftx.training.distributed.engine import DeepSpeedEngine
+
+        model, roles = tiny_bert_classifier(dropout=False)
+        params = list(roles.maskable.values()) + list(roles.head.values())
+        engine = DeepSpeedEngine(model, params, learning_rate=1e-3, weight_decay=0.0, total_steps=2,
+                                 zero_stage=stage, micro_batch_size=2)
+        ids = torch.randint(0, 100, (4, 10), generator=torch.Generator().manual_seed(3))[2 * rank: 2 * rank + 2]
+        engine.backward(engine.module(input_ids=ids, labels=torch.tensor([0, 1, 2, 0])[2 * rank: 2 * rank + 2]).loss)
+        engine.step()
+        assert engine.optimizer.get_grad_norm_direct.__name__ == "direct_norm"  # deftx's rule is in use
+        torch.save(float(engine.engine.get_global_grad_norm()), f"{out}.rank{rank}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_clipping_norm_matches_the_single_process_rule(tmp_path, stage):
+    """ZeRO-1/2 compute the clipping norm by deftx's replacement of DeepSpeed's float64-copy norm
+    (per-tensor float32 norms, as ``clip_grad_norm_``); over two ranks it equals the norm of the
+    gradient one process averages over the whole batch."""
+    out = str(tmp_path / "norm")
+    mp.spawn(_norm_worker, args=(2, str(tmp_path / "store"), stage, out), nprocs=2, join=True)
+    model, roles = tiny_bert_classifier(dropout=False)
+    ids = torch.randint(0, 100, (4, 10), generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 2, 0])
+    halves = [model(input_ids=ids[:2], labels=labels[:2]).loss, model(input_ids=ids[2:], labels=labels[2:]).loss]
+    ((halves[0] + halves[1]) / 2).backward()  # the gradient averaged over the two ranks
+    params = list(roles.maskable.values()) + list(roles.head.values())
+    want = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    for rank in range(2):
+        got = torch.load(f"{out}.rank{rank}")
+        assert got == pytest.approx(want, rel=1e-5), (rank, got, want)

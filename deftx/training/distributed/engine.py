@@ -76,11 +76,13 @@ class DeepSpeedEngine:
         optimizer = adamw(trainable, learning_rate=learning_rate, weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_ratio))
         config = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
-                  "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9,
+                  "zero_optimization": zero_config(zero_stage), "steps_per_print": 10**9,
                   "gradient_clipping": float(max_grad_norm or 0.0), "zero_allow_untested_optimizer": True}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=trainable, config=config)
         self.module = self.engine.module
+        if zero_stage in (1, 2):
+            use_direct_norm(self.optimizer)
         self.zero_stage = zero_stage
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -92,6 +94,51 @@ class DeepSpeedEngine:
     @property
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+CPU_BUCKET_SIZE = 50_000_000  # gradient elements reduced per bucket on CPU (DeepSpeed's default: 5e8)
+
+
+def zero_config(stage: int) -> dict:
+    """The ``zero_optimization`` section. On CPU, ZeRO-1/2 keep each gradient where autograd put it
+    (``contiguous_gradients: false``: no copy into a contiguous buffer during backward, which on
+    CPU only costs time) and reduce in buckets of 50M elements (the default 5e8 is a 2 GB fp32
+    buffer, allocated and faulted in each step). Measured on the offline e5-small at W=1, ZeRO-2:
+    backward 0.54 s -> 0.30 s per step (single process: 0.26 s). GPU runs keep DeepSpeed's defaults."""
+    out: dict = {"stage": stage}
+    if stage in (1, 2) and not torch.cuda.is_available():
+        out.update(contiguous_gradients=False, reduce_bucket_size=CPU_BUCKET_SIZE)
+    return out
+
+
+def use_direct_norm(optimizer) -> None:
+    """Make a ZeRO-1/2 optimizer compute the gradient norm for clipping the way the single-process
+    engine does (``torch.nn.utils.clip_grad_norm_``: each gradient's 2-norm in its own float32,
+    then the norm of those norms), instead of DeepSpeed's ``get_grad_norm_direct``, which copies
+    every gradient of the partition to float64 first: on CPU a copy of twice the model's size and
+    a slow float64 reduction per step (0.23 s of a 0.55 s e5-small step at W=1). The per-tensor
+    norms are combined in float64 and summed over the ranks as before. Only the 2-norm of
+    data-parallel training (no model or pipeline parallelism, which deftx does not use) is replaced."""
+    import torch.distributed as dist
+    from deepspeed.comm import pg_utils
+    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+
+    original = getattr(optimizer, "get_grad_norm_direct", None)
+    if original is None or pg_utils.is_parallel(getattr(optimizer, "model_parallel_group", None)):
+        return
+
+    def direct_norm(gradients, params, norm_type=2):
+        if float(norm_type) != 2.0:
+            return original(gradients, params, norm_type)
+        grads = [g.detach() for g in gradients if not getattr(g, "_zero_padding", False)]
+        norms = torch._foreach_norm(grads, 2) if grads else []
+        total = torch.stack(norms).double().pow(2).sum().float() if norms else torch.zeros((), dtype=torch.float32)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=optimizer.dp_process_group)
+        total = total.pow(0.5)
+        mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)
+        return total
+
+    optimizer.get_grad_norm_direct = direct_norm
 
 
 @torch.no_grad()
