@@ -252,3 +252,47 @@ def test_clipping_norm_matches_the_single_process_rule(tmp_path, stage):
     for rank in range(2):
         got = torch.load(f"{out}.rank{rank}")
         assert got == pytest.approx(want, rel=1e-5), (rank, got, want)
+
+
+def _embedding_worker(rank: int, world: int, store: str, sparse: bool, out: str) -> None:
+    with loopback_group(rank, world, store):
+        from deftx.training.distributed.engine import DeepSpeedEngine
+
+        model, roles = tiny_bert_classifier(dropout=False)
+        params = list(roles.maskable.values()) + list(roles.head.values())
+        engine = DeepSpeedEngine(model, params, learning_rate=1e-2, weight_decay=0.1, total_steps=STEPS,
+                                 zero_stage=0, micro_batch_size=2, sparse_embedding=sparse)
+        emb = model.get_input_embeddings()
+        grads_were_sparse = []
+        emb.weight.register_post_accumulate_grad_hook(lambda w: grads_were_sparse.append(w.grad.is_sparse))
+        for step in range(STEPS):
+            ids = torch.randint(0, 100, (4, 10), generator=torch.Generator().manual_seed(step))[2 * rank: 2 * rank + 2]
+            labels = torch.tensor([0, 1, 2, 0])[2 * rank: 2 * rank + 2]
+            engine.backward(engine.module(input_ids=ids, labels=labels).loss)
+            assert not emb.weight.grad.is_sparse  # dense again before clipping and AdamW
+            engine.step()
+        engine.close()
+        assert not emb.sparse
+        state = {n: p.detach().clone() for n, p in model.named_parameters()}
+        torch.save({"state": state, "sparse_grads": grads_were_sparse}, f"{out}.rank{rank}")
+
+
+@pytest.mark.slow
+def test_zero0_sparse_embedding_gradients_equal_dense_ones(tmp_path):
+    """Under ZeRO-0 the word embedding's gradient travels as the rows a batch touched (sparse) and
+    is made dense after the reduction: three AdamW steps with clipping and weight decay on two
+    ranks give the weights of the dense-gradient run (to float rounding), on both ranks."""
+    results = {}
+    for sparse in (True, False):
+        out = str(tmp_path / f"run-{sparse}")
+        mp.spawn(_embedding_worker, args=(2, str(tmp_path / f"store-{sparse}"), sparse, out), nprocs=2, join=True)
+        results[sparse] = [torch.load(f"{out}.rank{r}") for r in range(2)]
+    assert all(all(r["sparse_grads"]) and r["sparse_grads"] for r in results[True])
+    assert not any(any(r["sparse_grads"]) for r in results[False])
+    words = "bert.embeddings.word_embeddings.weight"
+    for rank in range(2):
+        got, want = results[True][rank]["state"], results[False][rank]["state"]
+        assert set(got) == set(want) and words in got
+        for name in want:
+            assert torch.allclose(got[name], want[name], atol=1e-6, rtol=0), name
+        assert not torch.equal(got[words], tiny_bert_classifier(dropout=False)[0].state_dict()[words])  # it trained

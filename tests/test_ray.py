@@ -164,7 +164,8 @@ def _kill_in_phase_2(status: Path, killed: dict) -> None:
 
 @pytest.fixture(scope="module")
 def whole_sft(head, tiny_model_dir, tmp_path_factory):
-    """The task SFT of an uninterrupted 2-worker run (ZeRO-2), the reference of the tests below."""
+    """The task SFT of an uninterrupted 2-worker run (ZeRO-0, the default: sparse embedding
+    gradients), the reference of the tests below."""
     root = tmp_path_factory.mktemp("whole")
     _executor(head).run(_task_job(tiny_model_dir, root / "whole"), root / "whole-sft", print)
     return root / "whole-sft"
@@ -209,7 +210,8 @@ def test_subnetwork_job_runs_on_ray_train_workers_under_deepspeed(head, tiny_mod
     from deftx.workflows.pipeline import absolute_paths
 
     cfg = absolute_paths(load_pipeline_config(overrides=[f"model.name_or_path={tiny_model_dir}",
-                                                         f"output_dir={tmp_path}", "task_sft.max_train_examples=32"]))
+                                                         f"output_dir={tmp_path}", "task_sft.max_train_examples=32",
+                                                         "cluster.zero_stage=2"]))
     settings = {"mode": "static", "meta_learning": "reptile", "inner_steps": 2,
                 "probe_steps": 2, "selection": {"density": 0.2}, "train": {"epochs": 1, "batch_size": 8}}
     job = SubnetworkJob(cfg, "test-fingerprint", ("jav", "sun"),

@@ -213,14 +213,16 @@ class ClusterConfig:
     DeepSpeed (the single-process reference). Checkpoints every ``checkpoint_every`` optimizer steps
     (0: only after each mask selection) go to ``storage_path`` (default ``<output_dir>/ray``; shared
     storage on a multi-node cluster); a failed worker group restarts from the latest one up to
-    ``max_failures`` times (-1: no limit)."""
+    ``max_failures`` times (-1: no limit). ZeRO-0 is the default: the word embedding's gradient
+    then travels as the rows a batch touched (``deftx/training/distributed/engine.py``), and on CPU
+    workers sharding saves no memory (benchmarks/README.md); ZeRO 1-3 shard for large models."""
 
     backend: str = "ray"
     address: str | None = None
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
-    zero_stage: int = 2
+    zero_stage: int = 0
     checkpoint_every: int = 50
     max_failures: int = 1
     storage_path: str | None = None

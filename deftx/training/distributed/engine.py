@@ -60,19 +60,42 @@ def use_weights_only_loading(engine) -> None:
     checkpoint_engine.load = weights_only_load
 
 
+def input_embedding(module: nn.Module) -> nn.Embedding | None:
+    """The model's word (input) embedding, when it is a plain ``nn.Embedding``."""
+    get = getattr(module, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return emb if isinstance(emb, nn.Embedding) else None
+
+
 class DeepSpeedEngine:
     """torch AdamW (fused on CPU) as DeepSpeed's client optimizer (no compiled optimizer ops
-    needed), a linear schedule, gradient clipping, ZeRO ``stage`` 0-3."""
+    needed), a linear schedule, gradient clipping, ZeRO ``stage`` 0-3.
+
+    Under ZeRO-0 with the word embedding trained (``sparse_embedding``), the embedding produces
+    sparse gradients: a batch touches a few hundred of its 250k rows, and DeepSpeed all-gathers
+    only those rows (their indices and values) instead of all-reducing the dense 96M-entry
+    gradient. After the reduction the gradient is made dense again, so clipping and AdamW see
+    the same averaged gradient as before (up to the order in which repeated tokens' rows are
+    summed). ZeRO 1-3 partition the gradients and do not take sparse ones."""
 
     def __init__(self, module: nn.Module, params: Sequence[nn.Parameter], *, learning_rate: float,
                  weight_decay: float, total_steps: int, warmup_ratio: float = 0.0,
-                 max_grad_norm: float | None = 1.0, zero_stage: int = 2, micro_batch_size: int = 1) -> None:
+                 max_grad_norm: float | None = 1.0, zero_stage: int = 2, micro_batch_size: int = 1,
+                 sparse_embedding: bool = True) -> None:
         import deepspeed
 
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage must be 0-3, got {zero_stage}")
         skip_inference_comm_op()
         trainable = [p for p in params if p.requires_grad]
+        self._sparse: nn.Embedding | None = None
+        emb = input_embedding(module) if sparse_embedding and zero_stage == 0 else None
+        hooked = emb is not None and bool(getattr(emb.weight, "_backward_hooks", None)
+                                          or getattr(emb.weight, "_post_accumulate_grad_hooks", None))
+        # a gradient hook (a mask of a sparse phase or of a subnetwork) expects a dense gradient
+        if emb is not None and not hooked and not emb.sparse and any(p is emb.weight for p in trainable):
+            emb.sparse = True
+            self._sparse = emb
         optimizer = adamw(trainable, learning_rate=learning_rate, weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_ratio))
         config = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
@@ -86,10 +109,20 @@ class DeepSpeedEngine:
         self.zero_stage = zero_stage
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self.engine.backward(loss)  # under ZeRO-0 this also reduces the gradients over the ranks
+        if self._sparse is not None:
+            weight = self._sparse.weight
+            if weight.grad is not None and weight.grad.is_sparse:
+                weight.grad = weight.grad.to_dense()  # sums the rows gathered from every rank
 
     def step(self) -> None:
         self.engine.step()
+
+    def close(self) -> None:
+        """Give the embedding back its dense gradients (the module outlives the engine)."""
+        if self._sparse is not None:
+            self._sparse.sparse = False
+            self._sparse = None
 
     @property
     def learning_rate(self) -> float:

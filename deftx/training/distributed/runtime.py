@@ -97,7 +97,7 @@ class DeepSpeedRuntime:
 
     in_place = False   # every phase starts from a freshly built model
 
-    def __init__(self, *, zero_stage: int = 2, checkpoint_every: int = 0, sink: CheckpointSink | None = None,
+    def __init__(self, *, zero_stage: int = 0, checkpoint_every: int = 0, sink: CheckpointSink | None = None,
                  resume_from: str | Path | None = None, report_every: int = 10,
                  status_dir: str | Path | None = None) -> None:
         if not dist.is_initialized():
@@ -138,6 +138,7 @@ class DeepSpeedRuntime:
         return fresh
 
     def end_phase(self, engine: DeepSpeedEngine) -> None:
+        engine.close()
         destroy = getattr(engine.engine, "destroy", None)
         if callable(destroy):
             destroy()
