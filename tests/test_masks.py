@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from deftx.core.roles import body_parameters, embedding_parameter_names, maskable_parameters, parameter_roles
 from deftx.core import topk
+from deftx.core.roles import body_parameters, embedding_parameter_names, maskable_parameters, parameter_roles
 from deftx.core.topk import (
     allocate_ties,
     find_threshold,
