@@ -257,18 +257,26 @@ def test_clipping_norm_matches_the_single_process_rule(tmp_path, stage):
 def _embedding_worker(rank: int, world: int, store: str, sparse: bool, out: str) -> None:
     with loopback_group(rank, world, store):
         from deftx.training.distributed.engine import DeepSpeedEngine
+        from deftx.training.sparse import L1Penalty
 
         model, roles = tiny_bert_classifier(dropout=False)
+        start = {n: p.detach().clone() for n, p in roles.maskable.items()}
         params = list(roles.maskable.values()) + list(roles.head.values())
         engine = DeepSpeedEngine(model, params, learning_rate=1e-2, weight_decay=0.1, total_steps=STEPS,
                                  zero_stage=0, micro_batch_size=2, sparse_embedding=sparse)
         emb = model.get_input_embeddings()
+        assert engine.reduced_apart == ((emb.weight,) if sparse else ())
+        # the L1 pull (composable-sft's, normalised by the parameter count) whose dense gradient on
+        # the embedding is added after the sparse reduction
+        l1 = L1Penalty(roles.maskable, start, 50.0, 1000, apart=engine.reduced_apart)
+        if sparse:
+            engine.after_reduction(l1.add_apart_gradients)
         grads_were_sparse = []
         emb.weight.register_post_accumulate_grad_hook(lambda w: grads_were_sparse.append(w.grad.is_sparse))
         for step in range(STEPS):
             ids = torch.randint(0, 100, (4, 10), generator=torch.Generator().manual_seed(step))[2 * rank: 2 * rank + 2]
             labels = torch.tensor([0, 1, 2, 0])[2 * rank: 2 * rank + 2]
-            engine.backward(engine.module(input_ids=ids, labels=labels).loss)
+            engine.backward(engine.module(input_ids=ids, labels=labels).loss + l1())
             assert not emb.weight.grad.is_sparse  # dense again before clipping and AdamW
             engine.step()
         engine.close()
@@ -280,8 +288,9 @@ def _embedding_worker(rank: int, world: int, store: str, sparse: bool, out: str)
 @pytest.mark.slow
 def test_zero0_sparse_embedding_gradients_equal_dense_ones(tmp_path):
     """Under ZeRO-0 the word embedding's gradient travels as the rows a batch touched (sparse) and
-    is made dense after the reduction: three AdamW steps with clipping and weight decay on two
-    ranks give the weights of the dense-gradient run (to float rounding), on both ranks."""
+    is made dense after the reduction, where the L1 pull's dense part is added: three AdamW steps
+    with an L1 pull, clipping and weight decay on two ranks give the weights of the dense-gradient
+    run with the L1 term in the loss (to float rounding), on both ranks."""
     results = {}
     for sparse in (True, False):
         out = str(tmp_path / f"run-{sparse}")

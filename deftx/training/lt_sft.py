@@ -162,7 +162,12 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
             seed_phase(stream.seed, PHASE_FULL, runtime.rank)
             engine = runtime.engine(model, list(roles.maskable.values()) + list(roles.head.values()), cfg.full, steps)
             start_step = runtime.resume_engine(engine, PHASE_FULL)
-            l1 = L1Penalty(roles.maskable, start, cfg.full.l1_reg, n_params) if cfg.full.l1_reg > 0 else None
+            l1 = None
+            if cfg.full.l1_reg > 0:
+                apart = getattr(engine, "reduced_apart", ())  # gradients a distributed engine reduces sparsely
+                l1 = L1Penalty(roles.maskable, start, cfg.full.l1_reg, n_params, apart=apart)
+                if apart:
+                    engine.after_reduction(l1.add_apart_gradients)
             phases.append(run_phase(engine, runtime.batches(stream.batch_at), runtime.loss(loss_fn), num_steps=steps,
                                     start_step=start_step, regularizer=l1, name=f"{label} phase 1/2 (full)",
                                     on_step=runtime.step_hook(engine, PHASE_FULL, state), log=log))

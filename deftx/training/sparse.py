@@ -11,7 +11,7 @@ requires (its engine copies hooks only from the parameters it is given).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -81,11 +81,19 @@ class _AbsDistance(torch.autograd.Function):
 
 class L1Penalty:
     """coefficient * sum |theta - reference| / normaliser (composable-sft normalises by the model's
-    total parameter count and adds the term once per optimizer step)."""
+    total parameter count and adds the term once per optimizer step).
+
+    Parameters in ``apart`` are left out of the loss term; :meth:`add_apart_gradients` adds their
+    part of its gradient, coefficient / normaliser * sign(theta - reference), to their ``.grad``
+    directly. A distributed engine uses it for a gradient it reduces on its own (the word
+    embedding's sparse one): the term is the same on every rank, so adding it after the reduction
+    gives the same averaged gradient without making the reduced one dense."""
 
     def __init__(self, params: Mapping[str, nn.Parameter], reference: Mapping[str, torch.Tensor],
-                 coefficient: float, normaliser: int) -> None:
-        self.pairs = [(params[n], reference[n]) for n in sorted(params)]
+                 coefficient: float, normaliser: int, apart: Sequence[nn.Parameter] = ()) -> None:
+        apart_ids = {id(p) for p in apart}
+        self.pairs = [(params[n], reference[n]) for n in sorted(params) if id(params[n]) not in apart_ids]
+        self.apart = [(params[n], reference[n]) for n in sorted(params) if id(params[n]) in apart_ids]
         self.coefficient = coefficient
         self.normaliser = max(normaliser, 1)
 
@@ -95,3 +103,14 @@ class L1Penalty:
             if param.requires_grad:
                 total = total + _AbsDistance.apply(param, ref)
         return total * (self.coefficient / self.normaliser)
+
+    @torch.no_grad()
+    def add_apart_gradients(self) -> None:
+        scale = self.coefficient / self.normaliser
+        for param, ref in self.apart:
+            if param.requires_grad:
+                term = torch.sign(param.detach() - ref).mul_(scale)
+                if param.grad is None:
+                    param.grad = term
+                else:
+                    param.grad.add_(term)

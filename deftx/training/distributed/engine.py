@@ -89,6 +89,7 @@ class DeepSpeedEngine:
         skip_inference_comm_op()
         trainable = [p for p in params if p.requires_grad]
         self._sparse: nn.Embedding | None = None
+        self._after_reduction: list = []
         emb = input_embedding(module) if sparse_embedding and zero_stage == 0 else None
         hooked = emb is not None and bool(getattr(emb.weight, "_backward_hooks", None)
                                           or getattr(emb.weight, "_post_accumulate_grad_hooks", None))
@@ -108,12 +109,25 @@ class DeepSpeedEngine:
             use_direct_norm(self.optimizer)
         self.zero_stage = zero_stage
 
+    @property
+    def reduced_apart(self) -> tuple[nn.Parameter, ...]:
+        """Parameters whose gradient this engine reduces sparsely: a regulariser must add its dense
+        part to them after the reduction (``L1Penalty(apart=...)``, :meth:`after_reduction`)
+        instead of through the loss, or their gradient turns dense before it is reduced."""
+        return (self._sparse.weight,) if self._sparse is not None else ()
+
+    def after_reduction(self, add_gradients) -> None:
+        """Call ``add_gradients()`` after each backward's reduction, before clipping and AdamW."""
+        self._after_reduction.append(add_gradients)
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # under ZeRO-0 this also reduces the gradients over the ranks
         if self._sparse is not None:
             weight = self._sparse.weight
             if weight.grad is not None and weight.grad.is_sparse:
                 weight.grad = weight.grad.to_dense()  # sums the rows gathered from every rank
+        for add in self._after_reduction:
+            add()
 
     def step(self) -> None:
         self.engine.step()
@@ -123,6 +137,7 @@ class DeepSpeedEngine:
         if self._sparse is not None:
             self._sparse.sparse = False
             self._sparse = None
+        self._after_reduction.clear()
 
     @property
     def learning_rate(self) -> float:
