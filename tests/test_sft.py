@@ -30,6 +30,7 @@ from deftx.core.sft import (
     METADATA_FILE,
     WEIGHTS_FILE,
     SFTMetadata,
+    SparseDelta,
     SparseFineTuning,
     current_base_fingerprint,
     decode_indices,
@@ -563,15 +564,28 @@ def _c_negative(t, doc, T, H):
     return "index out of bounds"
 
 
-def _c_duplicate(t, doc, T, H):
-    _idx(t, T)[1] = _idx(t, T)[0]
-    return "duplicate indices"
+def _repeat_first(key: str, name: str):
+    """A corruption that repeats the first stored index (format 1 ``indices``, format 2 ``offsets``)."""
+    def corrupt(t, doc, T, H):
+        stored = t[f"diff/{T}/{key}"]
+        stored[1] = stored[0]
+        return "duplicate indices"
+    corrupt.__name__ = name
+    return corrupt
 
 
-def _c_unsorted(t, doc, T, H):
-    i = _idx(t, T)
-    i[0], i[1] = i[1].clone(), i[0].clone()
-    return "unsorted indices"
+def _swap_first_two(key: str, name: str):
+    """A corruption that swaps the first two stored indices."""
+    def corrupt(t, doc, T, H):
+        stored = t[f"diff/{T}/{key}"]
+        stored[0], stored[1] = stored[1].clone(), stored[0].clone()
+        return "unsorted indices"
+    corrupt.__name__ = name
+    return corrupt
+
+
+_c_duplicate = _repeat_first("indices", "_c_duplicate")
+_c_unsorted = _swap_first_two("indices", "_c_unsorted")
 
 
 def _c_int32(t, doc, T, H):
@@ -712,15 +726,8 @@ def _v2_out_of_bounds(t, doc, T, H):
     return "index out of bounds"
 
 
-def _v2_duplicate(t, doc, T, H):
-    _off(t, T)[1] = _off(t, T)[0]
-    return "duplicate indices"
-
-
-def _v2_unsorted(t, doc, T, H):
-    o = _off(t, T)
-    o[0], o[1] = o[1].clone(), o[0].clone()
-    return "unsorted indices"
+_v2_duplicate = _repeat_first("offsets", "_v2_duplicate")
+_v2_unsorted = _swap_first_two("offsets", "_v2_unsorted")
 
 
 def _v2_offsets_int32(t, doc, T, H):
@@ -847,3 +854,21 @@ def test_checked_apply_after_unchecked_apply(task_sft, lang_sft, classifier):
     task_sft.revert(classifier)
     unchecked.revert(classifier)
     assert differing_tensors(classifier, theta0) == []
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_empty_tensors_between_others_round_trip(tmp_path, version):
+    """A tensor with no entries at all (shape with a 0) among others: format 2's per-tensor block
+    counts line up, and both formats load back what was saved."""
+    g = torch.Generator().manual_seed(4)
+    diffs = {}
+    for name, shape in {"a.empty": (0, 4), "b.weight": (300, 400), "c.empty": (0,), "d.weight": (70_000,)}.items():
+        numel = shape[0] * (shape[1] if len(shape) > 1 else 1)
+        idx = torch.sort(torch.randperm(numel, generator=g)[: numel // 7]).values
+        diffs[name] = SparseDelta(shape, idx, torch.randn(idx.numel(), generator=g))
+    sft = SparseFineTuning(diffs, {}, SFTMetadata(kind="language", language="xyz"))
+    loaded = SparseFineTuning.load(sft.save(tmp_path / "sft", format_version=version))
+    for name, delta in diffs.items():
+        assert loaded.diffs[name].shape == delta.shape
+        assert torch.equal(loaded.diffs[name].indices, delta.indices)
+        assert torch.equal(loaded.diffs[name].values, delta.values)

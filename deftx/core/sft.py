@@ -469,10 +469,12 @@ def _decode_all(names: list[str], parts: list[tuple[torch.Tensor, ...]], nnz: li
         bad = next(n for n, p in zip(names, parts) if p[0].numel() and int(p[0].min()) < 0)
         raise SFTFormatError(f"{where}: negative block count in '{bad}'")
     blocks = [p[0].numel() for p in parts]
-    ends = torch.cumsum(counts, 0)
-    block_ends = torch.tensor(blocks, dtype=torch.int64).cumsum(0)
-    totals = ends[block_ends - 1] if counts.numel() else torch.zeros(len(parts), dtype=torch.int64)
-    totals = torch.where(torch.tensor(blocks) > 0, totals, torch.zeros((), dtype=torch.int64))
+    ends = torch.cumsum(counts, 0)  # entries in all blocks up to each block
+    block_ends = torch.tensor(blocks, dtype=torch.int64).cumsum(0)  # blocks up to each tensor's end
+    totals = torch.zeros(len(parts), dtype=torch.int64)  # entries up to each tensor's end
+    if counts.numel():
+        reached = block_ends > 0  # an empty tensor (no blocks) ends where the one before it does
+        totals[reached] = ends[block_ends[reached] - 1]
     per_tensor = torch.diff(totals, prepend=torch.zeros(1, dtype=torch.int64))
     wrong = torch.nonzero(per_tensor != torch.tensor(nnz, dtype=torch.int64)).flatten()
     if wrong.numel():
