@@ -4,6 +4,7 @@ extraction, compatibility checks, rejection of corrupt directories, atomic write
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -79,24 +80,23 @@ def saved_task_dir_v1(tmp_path_factory, task_sft) -> Path:
     return task_sft.save(tmp_path_factory.mktemp("saved") / "task-sft-v1", format_version=1)
 
 
+def _private_copy(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for name in (WEIGHTS_FILE, METADATA_FILE):
+        (target / name).write_bytes((source / name).read_bytes())
+    return target
+
+
 @pytest.fixture
 def corrupt_dir_v1(tmp_path, saved_task_dir_v1) -> Path:
     """A private, valid copy of the task SFT saved in format 1 for a test to damage."""
-    target = tmp_path / "sft-v1"
-    target.mkdir()
-    for name in (WEIGHTS_FILE, METADATA_FILE):
-        (target / name).write_bytes((saved_task_dir_v1 / name).read_bytes())
-    return target
+    return _private_copy(saved_task_dir_v1, tmp_path / "sft-v1")
 
 
 @pytest.fixture
 def corrupt_dir(tmp_path, saved_task_dir) -> Path:
     """A private, valid copy of the saved task SFT for a test to damage."""
-    target = tmp_path / "sft"
-    target.mkdir()
-    for name in (WEIGHTS_FILE, METADATA_FILE):
-        (target / name).write_bytes((saved_task_dir / name).read_bytes())
-    return target
+    return _private_copy(saved_task_dir, tmp_path / "sft")
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -552,10 +552,7 @@ def _idx(t, n):
 
 
 def _c_out_of_bounds(t, doc, T, H):
-    numel = 1
-    for s in doc["tensors"][T]["shape"]:
-        numel *= s
-    _idx(t, T)[-1] = numel
+    _idx(t, T)[-1] = math.prod(doc["tensors"][T]["shape"])
     return "index out of bounds"
 
 
@@ -588,9 +585,16 @@ _c_duplicate = _repeat_first("indices", "_c_duplicate")
 _c_unsorted = _swap_first_two("indices", "_c_unsorted")
 
 
-def _c_int32(t, doc, T, H):
-    t[f"diff/{T}/indices"] = _idx(t, T).to(torch.int32)
-    return "int64"
+def _retyped(key: str, dtype: torch.dtype, fragment: str, name: str):
+    """A corruption that stores one of the index tensors with another dtype."""
+    def corrupt(t, doc, T, H):
+        t[f"diff/{T}/{key}"] = t[f"diff/{T}/{key}"].to(dtype)
+        return fragment
+    corrupt.__name__ = name
+    return corrupt
+
+
+_c_int32 = _retyped("indices", torch.int32, "int64", "_c_int32")
 
 
 def _c_2d_indices(t, doc, T, H):
@@ -718,9 +722,7 @@ def _off(t, n):
 
 
 def _v2_out_of_bounds(t, doc, T, H):
-    numel = 1
-    for s in doc["tensors"][T]["shape"]:
-        numel *= s
+    numel = math.prod(doc["tensors"][T]["shape"])
     assert numel < 1 << 16  # one block: an offset >= numel is past the end
     _off(t, T)[-1] = numel - (1 << 15)
     return "index out of bounds"
@@ -730,14 +732,8 @@ _v2_duplicate = _repeat_first("offsets", "_v2_duplicate")
 _v2_unsorted = _swap_first_two("offsets", "_v2_unsorted")
 
 
-def _v2_offsets_int32(t, doc, T, H):
-    t[f"diff/{T}/offsets"] = _off(t, T).to(torch.int32)
-    return "1-D int16"
-
-
-def _v2_blocks_int64(t, doc, T, H):
-    t[f"diff/{T}/blocks"] = t[f"diff/{T}/blocks"].to(torch.int64)
-    return "int32 counts"
+_v2_offsets_int32 = _retyped("offsets", torch.int32, "1-D int16", "_v2_offsets_int32")
+_v2_blocks_int64 = _retyped("blocks", torch.int64, "int32 counts", "_v2_blocks_int64")
 
 
 def _v2_blocks_length(t, doc, T, H):

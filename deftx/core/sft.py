@@ -112,11 +112,22 @@ def encode_indices(indices: torch.Tensor, numel: int) -> tuple[torch.Tensor, tor
 
 def decode_indices(counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`encode_indices` (int64 flat indices); the caller validates the result."""
-    if counts.numel() <= 1:  # one block (tensors of at most 65,536 entries): no block numbers
-        return offsets.to(torch.int64) + _OFFSET_BIAS
-    block = torch.repeat_interleave(torch.arange(counts.numel(), dtype=torch.int64), counts.to(torch.int64),
-                                    output_size=offsets.numel())
-    return torch.bitwise_left_shift(block, 16) + (offsets.to(torch.int64) + _OFFSET_BIAS)
+    return decode_many([counts], [offsets])
+
+
+def decode_many(counts: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
+    """The indices of several diffs decoded together and concatenated (a few vector operations for
+    a whole file instead of several per tensor). Each diff's block counts must be non-negative and
+    sum to its number of offsets; the caller checks that first."""
+    blocks = [c.numel() for c in counts]
+    nnz = [o.numel() for o in offsets]
+    total = sum(nnz)
+    block_of_entry = torch.repeat_interleave(torch.arange(sum(blocks)), torch.cat(counts).to(torch.int64),
+                                             output_size=total)
+    first_block = torch.tensor([0, *blocks[:-1]], dtype=torch.int64).cumsum(0)  # each diff's first block
+    base = torch.repeat_interleave(first_block, torch.tensor(nnz, dtype=torch.int64), output_size=total)
+    joined = torch.cat(offsets).to(torch.int64)
+    return torch.bitwise_left_shift(block_of_entry - base, 16) + joined + _OFFSET_BIAS
 
 
 class _AppliedState:
@@ -462,8 +473,8 @@ def _index_parts(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, 
 
 
 def _decode_all(names: list[str], parts: list[tuple[torch.Tensor, ...]], nnz: list[int], where: str) -> torch.Tensor:
-    """Format 2: the indices of all diffs, decoded together into one int64 tensor (a few vector
-    operations for the whole file instead of several per tensor)."""
+    """Format 2: the block counts checked (non-negative, summing to each diff's entries), then the
+    indices of all diffs decoded together into one int64 tensor (:func:`decode_many`)."""
     counts = torch.cat([p[0] for p in parts]).to(torch.int64)
     if counts.numel() and int(counts.min()) < 0:
         bad = next(n for n, p in zip(names, parts) if p[0].numel() and int(p[0].min()) < 0)
@@ -481,12 +492,7 @@ def _decode_all(names: list[str], parts: list[tuple[torch.Tensor, ...]], nnz: li
         i = int(wrong[0])
         raise SFTFormatError(f"{where}: the blocks of '{names[i]}' count {int(per_tensor[i])} entries but it has "
                              f"{nnz[i]} offsets")
-    total = sum(nnz)
-    block_of_entry = torch.repeat_interleave(torch.arange(counts.numel()), counts, output_size=total)
-    first_block = torch.tensor([0, *blocks[:-1]], dtype=torch.int64).cumsum(0)
-    base = torch.repeat_interleave(first_block, torch.tensor(nnz, dtype=torch.int64), output_size=total)
-    offsets = torch.cat([p[1] for p in parts]).to(torch.int64)
-    return torch.bitwise_left_shift(block_of_entry - base, 16) + offsets + _OFFSET_BIAS
+    return decode_many([p[0] for p in parts], [p[1] for p in parts])
 
 
 def _validated_diffs(tensors: dict[str, torch.Tensor], doc: dict[str, Any], where: str,

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from deftx.training.distributed.selection import partition_span
 from deftx.training.engine import adamw, linear_schedule
 
 SHM_COMM_OP = "deepspeed_shm_comm"
@@ -167,7 +169,6 @@ def use_direct_norm(optimizer) -> None:
     a slow float64 reduction per step (0.23 s of a 0.55 s e5-small step at W=1). The per-tensor
     norms are combined in float64 and summed over the ranks as before. Only the 2-norm of
     data-parallel training (no model or pipeline parallelism, which deftx does not use) is replaced."""
-    import torch.distributed as dist
     from deepspeed.comm import pg_utils
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
@@ -251,14 +252,10 @@ def gather_owned(params: Mapping[str, torch.Tensor], needed: Mapping[str, tuple[
 
 def _own_partition(param: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor | None:
     """The entries ``span`` of a ZeRO-3 parameter when they are exactly this rank's partition."""
-    import torch.distributed as dist
-
     if span is None:
         return None
-    numel, world = int(param.ds_numel), dist.get_world_size()
-    size = -(-numel // world)
-    rank = dist.get_rank()
-    if span != (min(rank * size, numel), min((rank + 1) * size, numel)) or param.ds_tensor.numel() != size:
+    numel, world, rank = int(param.ds_numel), dist.get_world_size(), dist.get_rank()
+    if span != partition_span(numel, rank, world) or param.ds_tensor.numel() != -(-numel // world):
         raise ValueError(f"span {span} of a ZeRO-3 parameter is not rank {rank}'s partition "
                          f"(plan and DeepSpeed partitioning disagree)")
     return param.ds_tensor.detach()[: span[1] - span[0]].float().clone()
@@ -289,7 +286,5 @@ class DeepSpeedValueAccess:
         project_outside_mask(params, masks, reference, self.zero_stage)
 
     def sum_across_ranks(self, tensors: Sequence[torch.Tensor]) -> None:
-        import torch.distributed as dist
-
         for t in tensors:
             dist.all_reduce(t)
