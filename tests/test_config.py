@@ -29,6 +29,7 @@ from deftx.errors import ConfigError
     (["data.source=/does/not/exist"], "is not 'bundled', 'hub' or an existing directory"),
     (["model.max_length=4"], "max_length: must be >= 8"),
     (["task_sft.selection.density=null"], "set exactly one of density"),
+    (["cluster.checkpoint_minutes=-1"], r"cluster\.checkpoint_minutes: must be >= 0 \(0: off\)"),
 ])
 def test_invalid_values_fail_with_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:

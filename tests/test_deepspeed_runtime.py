@@ -16,7 +16,7 @@ class Interrupted(RuntimeError):
 
 def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_at: tuple[str, int] | None,
            resume: bool, phase1: tuple[str, str] | None = None, stop_after_phase1: bool = False,
-           density: float = 0.05):
+           density: float = 0.05, checkpointing: dict | None = None):
     from deftx.config import PhaseConfig, SelectionConfig, SFTConfig
     from deftx.core.roles import embedding_parameter_names
     from deftx.core.sft import SFTMetadata
@@ -51,8 +51,8 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
         stream_for = lambda bs: masked_lm_stream(tok, texts, batch_size=bs, seed=0, max_length=64,
                                                  mlm_probability=0.15)
     sink = DirectoryCheckpointSink(checkpoints)
-    runtime = DeepSpeedRuntime(zero_stage=stage, checkpoint_every=2, sink=sink,
-                               resume_from=sink.latest() if resume else None)
+    runtime = DeepSpeedRuntime(zero_stage=stage, sink=sink, resume_from=sink.latest() if resume else None,
+                               **(checkpointing or {"checkpoint_every": 2}))
     if crash_at is not None:  # stop both ranks right after the given step (a checkpoint precedes it)
         hook = runtime.step_hook
 
@@ -76,24 +76,26 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
 
 
 def _worker(rank: int, world: int, store: str, path: str, kind: str, stage: int, out: str,
-            crash_at: tuple[str, int] | None) -> None:
+            crash_at: tuple[str, int] | None, checkpointing: dict | None) -> None:
     with loopback_group(rank, world, store):
         try:
-            result = _train(rank, path, kind, stage, f"{out}/checkpoints", crash_at, resume=False)
+            result = _train(rank, path, kind, stage, f"{out}/checkpoints", crash_at, resume=False,
+                            checkpointing=checkpointing)
         except Interrupted:
             dist.barrier()
-            result = _train(rank, path, kind, stage, f"{out}/checkpoints", None, resume=True)
+            result = _train(rank, path, kind, stage, f"{out}/checkpoints", None, resume=True,
+                            checkpointing=checkpointing)
         if rank == 0:
             result.sft.save(f"{out}/sft", overwrite=True)
         else:
             assert result.sft is None
 
 
-def _run(tmp_path, name: str, model_dir, kind: str, stage: int, crash_at=None):
+def _run(tmp_path, name: str, model_dir, kind: str, stage: int, crash_at=None, checkpointing=None):
     out = tmp_path / name
     out.mkdir()
-    mp.spawn(_worker, args=(2, str(out / "store"), str(model_dir), kind, stage, str(out), crash_at), nprocs=2,
-             join=True)
+    mp.spawn(_worker, args=(2, str(out / "store"), str(model_dir), kind, stage, str(out), crash_at, checkpointing),
+             nprocs=2, join=True)
     from deftx.core.sft import SparseFineTuning
 
     return SparseFineTuning.load(out / "sft")
@@ -109,6 +111,24 @@ def test_resumed_task_sft_equals_uninterrupted_run(tmp_path, tiny_model_dir, sta
     assert whole.metadata.training["world_size"] == 2
     assert [p["name"] for p in whole.metadata.training["phases"]] == [
         "test phase 1/2 (full)", "test phase 2/2 (sparse)"]
+    assert_same_sft(whole, resumed)
+
+
+def _checkpoint_names(tmp_path, name: str) -> list[str]:
+    return sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir() if p.is_dir())
+
+
+@pytest.mark.slow
+def test_time_based_checkpoints_come_at_report_steps_and_resume_exactly(tmp_path, tiny_model_dir):
+    """``checkpoint_minutes``: none before the interval has passed (only the one after the
+    selection), and once it has, one at each progress report; a run stopped after one and resumed
+    from it ends with the SFT of an uninterrupted run (ZeRO-0, the default)."""
+    patient = {"checkpoint_every": 0, "checkpoint_minutes": 60.0, "report_every": 2}
+    eager = {"checkpoint_every": 0, "checkpoint_minutes": 1e-9, "report_every": 4}
+    whole = _run(tmp_path, "whole", tiny_model_dir, "task", 0, checkpointing=patient)
+    assert _checkpoint_names(tmp_path, "whole") == ["2-sparse-00000000"]  # the selection
+    resumed = _run(tmp_path, "resumed", tiny_model_dir, "task", 0, crash_at=("sparse", 5), checkpointing=eager)
+    assert _checkpoint_names(tmp_path, "resumed") == ["1-full-00000004", "2-sparse-00000000", "2-sparse-00000004"]
     assert_same_sft(whole, resumed)
 
 

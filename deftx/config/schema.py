@@ -210,9 +210,11 @@ class ClusterConfig:
     """Where the phases run. ``ray``: every phase on ``num_workers`` Ray Train workers under
     DeepSpeed ZeRO ``zero_stage``; ``address`` null starts an embedded Ray on 127.0.0.1 (or joins the
     cluster of ``ray job submit``, which sets RAY_ADDRESS). ``local``: one process, no Ray, no
-    DeepSpeed (the single-process reference). Checkpoints every ``checkpoint_every`` optimizer steps
-    (0: only after each mask selection) go to ``storage_path`` (default ``<output_dir>/ray``; shared
-    storage on a multi-node cluster); a failed worker group restarts from the latest one up to
+    DeepSpeed (the single-process reference). Checkpoints go to ``storage_path`` after each mask
+    selection, every ``checkpoint_every`` optimizer steps (0: off) and at the first progress report
+    (every ``report_every`` steps) once ``checkpoint_minutes`` have passed since the last one (0: off),
+    whichever comes first (``storage_path`` default ``<output_dir>/ray``; shared storage on a
+    multi-node cluster); a failed worker group restarts from the latest one up to
     ``max_failures`` times (-1: no limit). ZeRO-0 is the default: the word embedding's gradient
     then travels as the rows a batch touched (``deftx/training/distributed/engine.py``), and on CPU
     workers sharding saves no memory (benchmarks/README.md); ZeRO 1-3 shard for large models."""
@@ -223,7 +225,8 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     zero_stage: int = 0
-    checkpoint_every: int = 50
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0
     max_failures: int = 1
     storage_path: str | None = None
     report_every: int = 10
@@ -241,6 +244,8 @@ class ClusterConfig:
             raise fail(f"{key}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.checkpoint_every < 0:
             raise fail(f"{key}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        if not self.checkpoint_minutes >= 0:
+            raise fail(f"{key}.checkpoint_minutes", f"must be >= 0 (0: off), got {self.checkpoint_minutes}")
         if self.max_failures < -1:
             raise fail(f"{key}.max_failures", f"must be >= -1 (-1: retry forever), got {self.max_failures}")
         if self.report_every < 1:

@@ -182,6 +182,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             log(f"[{job.name}] the run already finished; nothing to do")
             return
         runtime = DeepSpeedRuntime(zero_stage=cluster.zero_stage, checkpoint_every=cluster.checkpoint_every,
+                                   checkpoint_minutes=cluster.checkpoint_minutes,
                                    sink=_report_sink, resume_from=resume_dir, report_every=cluster.report_every,
                                    status_dir=cluster.status_dir)
         output = run_job(job, runtime, log)

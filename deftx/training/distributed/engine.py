@@ -99,6 +99,10 @@ class DeepSpeedEngine:
         if emb is not None and not hooked and not emb.sparse and any(p is emb.weight for p in trainable):
             emb.sparse = True
             self._sparse = emb
+            # DeepSpeed rebuilds the reduced gradient with torch.sparse_coo_tensor, which warns on
+            # every rank that invariant checks are off unless told explicitly: they stay off (the
+            # indices come from the embedding's own backward), now without the warning
+            torch.sparse.check_sparse_tensor_invariants.disable()
         optimizer = adamw(trainable, learning_rate=learning_rate, weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_ratio))
         config = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
