@@ -40,8 +40,12 @@ from deftx.ray_env import (
     start_failure_message,
 )
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and
+# notices a finished run only at the next poll: 0.5 s cut the tear-down of a run from 4.3 s to 1.4 s
+# here, for one small call per worker and poll. A value in the environment wins.
 RUNTIME_ENV_VARS = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+                    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
 CONNECT_TIMEOUT_S = 5.0
 
 
