@@ -199,3 +199,17 @@ def load_note(when: str) -> str:
                  "single-threaded Python code is barely affected: timings and ratios are distorted. Re-run when "
                  "idle, or with OMP_WAIT_POLICY=PASSIVE (or --threads 1).")
     return note
+
+
+def add_json_option(parser) -> None:
+    parser.add_argument("--json", metavar="FILE", help="also write the key figures to FILE (as JSON; "
+                        "benchmarks/distributed_phases.py collects them into one table)")
+
+
+def write_json(path: str | None, figures: dict) -> None:
+    """Write ``figures`` to ``path`` (if given) for a collecting script."""
+    if path:
+        import json
+
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(figures, fh, indent=1)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _common import gb, machine_info, peak_rss, reset_peak_rss, table
+from _common import add_json_option, gb, machine_info, peak_rss, reset_peak_rss, table, write_json
 from torch import nn
 
 SHAPES = {
@@ -145,16 +145,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="e5,xlmr")
     parser.add_argument("--quick", action="store_true", help="a small model only (seconds)")
+    add_json_option(parser)
     args = parser.parse_args()
     print(machine_info())
     models = ["quick"] if args.quick else args.models.split(",")
     rows = []
+    figures: dict = {}
     for model in models:
         results = {(w, s): run(model, w, s) for w, s in ((1, "distributed"), (2, "distributed"), (2, "rank0"))}
         one, two, rank0 = results[(1, "distributed")], results[(2, "distributed")], results[(2, "rank0")]
         t1, t2, t0 = max(one["seconds"]), max(two["seconds"]), max(rank0["seconds"])
         p1, p2, p0 = max(one["peak"]), max(two["peak"]), max(rank0["peak"])
         g1, g2, g0 = max(one["gather"]), max(two["gather"]), max(rank0["gather"])
+        figures[model] = {"w1_seconds": t1, "w2_seconds": t2, "rank0_seconds": t0, "maskable": two["maskable"]}
         rows.append([model, f"{two['maskable']:,}", f"{t1:.2f} ({g1:.2f})", f"{t2:.2f} ({g2:.2f})",
                      f"{t0:.2f} ({g0:.2f})", f"{t2 / t1:.2f}x", f"{t2 / t0:.2f}x", gb(p1), gb(p2), gb(p0)])
     print("\nDeFT-X selection (energy 0.9, K = 1%) under ZeRO-3; seconds = slowest rank; peak RSS = largest "
@@ -162,6 +165,7 @@ def main() -> None:
     print("(in brackets: of which gathering the ZeRO-3 partitions; ratios are times, lower is faster)")
     print(table(["model", "maskable", "W=1 s", "W=2 s", "W=2 all-on-rank-0 s", "W=2 / W=1",
                  "W=2 / rank-0", "peak W=1", "peak W=2", "peak rank-0"], rows))
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":

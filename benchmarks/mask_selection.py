@@ -227,6 +227,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1, help="seed of the theta1 noise")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads in the children "
                    "(default: torch's default)")
+    C.add_json_option(p)
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -333,6 +334,8 @@ def main() -> None:
                 print(f"overlap {m} vs LT-SFT: {inter:,} of K ({inter / results[m]['k']:.1%}) "
                       f"(DeFT-X denoising changes the ranking, as intended)")
     print("\n" + C.load_note("at end") + f"; total benchmark wall time {time.perf_counter() - t_start:.0f} s")
+    C.write_json(args.json, {m: {"median_seconds": float(np.median(r["times"])), "extra_rss_bytes": r["extra"],
+                                 "selected": r["selected"]} for m, r in results.items()})
 
 
 if __name__ == "__main__":

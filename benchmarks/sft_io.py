@@ -170,6 +170,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="repetitions of save and of load+apply (median)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's default)")
+    C.add_json_option(p)
     p.add_argument("--keep", help="write the files into this directory and keep them (default: a temp dir)")
     args = p.parse_args()
     if args.repeats < 1:
@@ -297,6 +298,8 @@ def main() -> None:
     print(f"security: the reference file {wo_msg}; reading it needs torch.load(weights_only=False), which "
           f"unpickles arbitrary objects (arbitrary code execution on load). deftx reads safetensors + JSON only.")
     print("\n" + C.load_note("at end") + f"; total wall time {time.perf_counter() - t_start:.0f} s")
+    C.write_json(args.json, {"bytes": size, "load_apply_seconds": med_load, "save_seconds": med_save, "k": k,
+                             "identical": identical})
 
 
 if __name__ == "__main__":

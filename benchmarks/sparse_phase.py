@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from _common import benchmark_model_path, machine_info, mb, table
+from _common import add_json_option, benchmark_model_path, machine_info, mb, table, write_json
 
 WARMUP = 2
 
@@ -89,18 +89,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--densities", default="0.01,0.05")
     parser.add_argument("--quick", action="store_true", help="a tiny random model (a smoke run, not a result)")
+    add_json_option(parser)
     args = parser.parse_args()
     print(machine_info())
     path = benchmark_model_path(args.quick)
     full = measure(path, "phase 1 (full)", 1.0, args.steps)
     rows = [["phase 1 (full)", "-", f"{full['seconds']:.3f}", "1.00", f"{full['trainable']:,}", mb(full["state"])]]
+    figures: dict = {"phase 1": full}
     for density in (float(d) for d in args.densities.split(",")):
         for mode in ("phase 2, dense-masked", "phase 2, K values"):
             res = measure(path, mode, density, args.steps)
+            figures[f"{mode} @ {density:g}"] = res
             rows.append([mode, f"{density:g}", f"{res['seconds']:.3f}", f"{res['seconds'] / full['seconds']:.2f}",
                          f"{res['trainable']:,}", mb(res["state"])])
     print(table(["phase", "density", "s/step (median)", "vs phase 1", "trainable entries", "AdamW state (body)"],
                 rows))
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import tempfile
 import time
 
 import torch
-from _common import benchmark_model_path, machine_info, table
+from _common import add_json_option, benchmark_model_path, machine_info, table, write_json
 
 from deftx.ray_env import prepare_ray_process
 
@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--stages", default="0,2", help="ZeRO stages of the Ray runs")
     parser.add_argument("--quick", action="store_true", help="a tiny random model (seconds)")
+    add_json_option(parser)
     args = parser.parse_args()
     print(machine_info())
     model_path = benchmark_model_path(args.quick)
@@ -145,6 +146,10 @@ def main() -> None:
     for stage, (rate, wall) in ray_runs.items():
         print(f"Ray run ZeRO-{stage}: wall time {wall:.1f} s, of which about {wall - args.steps / rate:.1f} s "
               f"start-up and tear-down (actors, imports, model load, DeepSpeed initialisation)")
+    write_json(args.json, {"plain": base, "deepspeed_zero2_no_ray": no_ray["steps_per_second"],
+                           "ray": {str(stage): rate for stage, (rate, _) in ray_runs.items()},
+                           "ray_startup_seconds": {str(stage): wall - args.steps / rate
+                                                   for stage, (rate, wall) in ray_runs.items()}})
 
 
 if __name__ == "__main__":

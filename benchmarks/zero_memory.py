@@ -17,7 +17,16 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _common import benchmark_model_path, gb, machine_info, peak_rss, reset_peak_rss, table
+from _common import (
+    add_json_option,
+    benchmark_model_path,
+    gb,
+    machine_info,
+    peak_rss,
+    reset_peak_rss,
+    table,
+    write_json,
+)
 
 
 def _worker(rank: int, world: int, store: str, stage: int, model_path: str, steps: int, out: str) -> None:
@@ -69,10 +78,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--stages", default="0,2,3", help="ZeRO stages to measure")
+    add_json_option(parser)
     args = parser.parse_args()
     print(machine_info())
     model_path = benchmark_model_path(args.quick)
     rows = []
+    figures: dict = {}
     stages = [int(s) for s in args.stages.split(",")]
     for stage in stages:
         with tempfile.TemporaryDirectory() as tmp:
@@ -80,16 +91,18 @@ def main() -> None:
             mp.spawn(_worker, args=(2, os.path.join(tmp, "store"), stage, model_path, args.steps, out), nprocs=2,
                      join=True)
             peaks = torch.load(out)
-        rows.append([f"ZeRO-{stage}", *(gb(max(p[f"phase {i}"] for p in peaks)) for i in (1, 2))])
+        worst = [max(p[f"phase {i}"] for p in peaks) for i in (1, 2)]
+        figures[str(stage)] = worst
+        rows.append([f"ZeRO-{stage}", *(gb(b) for b in worst)])
     print(f"\npeak RSS per worker (largest of 2 ranks), task SFT on {'a tiny model' if args.quick else 'e5-small'}, "
           f"{args.steps} steps per phase, batch 8 (4 per rank), torch AdamW as DeepSpeed's client optimizer")
     print(table(["stage", "phase 1 (dense)", "phase 2 (sparse)"], rows))
-    if 0 in stages:
-        ref = rows[stages.index(0)]
-        for stage, row in zip(stages, rows):
-            if stage:
-                ratios = [float(row[i].split()[0]) / float(ref[i].split()[0]) for i in (1, 2)]
+    if "0" in figures:
+        for stage, worst in figures.items():
+            if stage != "0":
+                ratios = [b / ref for b, ref in zip(worst, figures["0"])]
                 print(f"ZeRO-{stage} / ZeRO-0: phase 1 {ratios[0]:.2f}x, phase 2 {ratios[1]:.2f}x")
+    write_json(args.json, {"peak_rss_bytes": figures})
 
 
 if __name__ == "__main__":

@@ -178,3 +178,29 @@ def test_phase1_store_reuse_gives_the_sft_of_a_full_run(tiny_xlmr_dir, tmp_path)
     fresh = _train_language(tiny_xlmr_dir, other, (tmp_path / "phase1", "digest-b"))
     assert "phase1_reused_from" not in fresh.sft.metadata.training
     assert_same_sft(fresh.sft, scratch.sft)
+
+
+@pytest.mark.parametrize("numel", [7, 2**18, 2**18 * 3 + 5])
+def test_chunked_l1_gradients_equal_the_whole_tensor_expression_bit_for_bit(numel):
+    """The L1 pull's gradient, scale * sign(theta - start), computed a cache-sized chunk at a time
+    (added to a gradient, and through autograd) has the bits of the whole-tensor expression."""
+    from deftx.training.sparse import L1Penalty, add_sign_distance_
+
+    gen = torch.Generator().manual_seed(numel)
+    start = torch.randn(numel, generator=gen)
+    theta = start.clone()
+    theta[::3] += torch.randn(theta[::3].shape, generator=gen) * 1e-3   # every third entry moved, the rest tied
+    scale = 0.1 / 117_486_720
+    grad = torch.randn(numel, generator=gen)
+    expected = grad + torch.sign(theta - start).mul_(scale)
+    added = grad.clone()
+    add_sign_distance_(added, theta, start, scale)
+    assert torch.equal(added, expected)
+
+    # a 2-D parameter through the autograd term, and through the gradient added after a reduction
+    param = torch.nn.Parameter(theta.reshape(1, -1).clone())
+    L1Penalty({"w": param}, {"w": start.reshape(1, -1)}, 0.1, 117_486_720)().backward()
+    assert torch.equal(param.grad, torch.sign(param.detach() - start.reshape(1, -1)).mul_(torch.tensor(scale)))
+    param.grad = grad.reshape(1, -1).clone()
+    L1Penalty({"w": param}, {"w": start.reshape(1, -1)}, 0.1, 117_486_720, apart=[param]).add_apart_gradients()
+    assert torch.equal(param.grad, expected.reshape(1, -1))
