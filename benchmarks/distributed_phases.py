@@ -1,7 +1,7 @@
 """The distributed-phases targets in one table: each figure measured in this run, one benchmark
 after the other on an otherwise idle machine, with the machine, load averages and versions.
 
-    python benchmarks/distributed_phases.py [--out DIR] [--skip-pipeline | --pipeline-logs RAY LOCAL RAY_S LOCAL_S]
+    python benchmarks/distributed_phases.py [--out DIR] [--skip-pipeline | --quick | --pipeline-logs RAY LOCAL RAY_S LOCAL_S]
 
 What runs (each in its own process, so one cannot leave memory or threads behind for the next):
 
@@ -203,6 +203,8 @@ def main() -> None:
     parser.add_argument("--out", help="directory for the logs and JSON of every part (default: a new temp dir)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--skip-pipeline", action="store_true", help="leave out the README main-job rows")
+    group.add_argument("--quick", action="store_true", help="every part on a tiny model, no pipelines: checks "
+                       "the script in about 3 minutes (figures without meaning)")
     group.add_argument("--pipeline-logs", nargs=4, metavar=("RAY_LOG", "LOCAL_LOG", "RAY_SECONDS", "LOCAL_SECONDS"),
                        help="read the main-job rows from two earlier runs instead of running them")
     args = parser.parse_args()
@@ -219,7 +221,7 @@ def main() -> None:
         ray_log, local_log, ray_s, local_s = args.pipeline_logs
         pipeline = (Path(ray_log).read_text(encoding="utf-8"), float(ray_s),
                     Path(local_log).read_text(encoding="utf-8"), float(local_s))
-    elif not args.skip_pipeline:
+    elif not (args.skip_pipeline or args.quick):
         print("  deftx pipeline --preset demo (Ray, 2 workers) ...", end=" ", flush=True)
         ray_log, ray_s = run_pipeline(out, local=False)
         print(f"{ray_s:.0f} s\n  deftx pipeline --preset demo --local ...", end=" ", flush=True)
@@ -227,16 +229,17 @@ def main() -> None:
         print(f"{local_s:.0f} s", flush=True)
         pipeline = (ray_log, ray_s, local_log, local_s)
 
-    throughput = run_script(out, "throughput.py", "--stages", "0,2")
-    sparse = run_script(out, "sparse_phase.py", "--densities", "0.01,0.05", "--steps", "8")
+    quick = ["--quick"] if args.quick else []
+    throughput = run_script(out, "throughput.py", "--stages", "0,2", *quick)
+    sparse = run_script(out, "sparse_phase.py", "--densities", "0.01,0.05", "--steps", "8", *quick)
     print("  gradient bytes per step (2 ranks, ZeRO-0) ...", end=" ", flush=True)
     started = time.perf_counter()
-    comm = {kind: communication(benchmark_model_path(False), kind) for kind in ("task", "language")}
+    comm = {kind: communication(benchmark_model_path(args.quick), kind) for kind in ("task", "language")}
     print(f"{time.perf_counter() - started:.0f} s", flush=True)
-    memory = run_script(out, "zero_memory.py", "--stages", "0,3")["peak_rss_bytes"]
-    masks = run_script(out, "distributed_masks.py")
-    selection = run_script(out, "mask_selection.py", "--methods", "lt_sft,deftx_energy")
-    sft_io = run_script(out, "sft_io.py")
+    memory = run_script(out, "zero_memory.py", "--stages", "0,3", *quick)["peak_rss_bytes"]
+    masks = run_script(out, "distributed_masks.py", *quick)
+    selection = run_script(out, "mask_selection.py", "--methods", "lt_sft,deftx_energy", *quick)
+    sft_io = run_script(out, "sft_io.py", *quick)
 
     rows = []
     if pipeline is not None:
