@@ -16,7 +16,7 @@ class Interrupted(RuntimeError):
 
 def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_at: tuple[str, int] | None,
            resume: bool, phase1: tuple[str, str] | None = None, stop_after_phase1: bool = False,
-           density: float = 0.05, checkpointing: dict | None = None):
+           density: float = 0.05, checkpointing: dict | None = None, alive_at_build: list | None = None):
     from deftx.config import PhaseConfig, SelectionConfig, SFTConfig
     from deftx.core.roles import embedding_parameter_names
     from deftx.core.sft import SFTMetadata
@@ -50,6 +50,19 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
         loss_fn = masked_lm_loss
         stream_for = lambda bs: masked_lm_stream(tok, texts, batch_size=bs, seed=0, max_length=64,
                                                  mlm_probability=0.15)
+    if alive_at_build is not None:   # count the models built earlier that are still alive at each build
+        import gc
+        import weakref
+
+        built: list = []
+        untracked = build
+
+        def build():
+            gc.collect()
+            alive_at_build.append(sum(ref() is not None for ref in built))
+            model = untracked()
+            built.append(weakref.ref(model))
+            return model
     sink = DirectoryCheckpointSink(checkpoints)
     runtime = DeepSpeedRuntime(zero_stage=stage, sink=sink, resume_from=sink.latest() if resume else None,
                                **(checkpointing or {"checkpoint_every": 2}))
@@ -112,6 +125,29 @@ def test_resumed_task_sft_equals_uninterrupted_run(tmp_path, tiny_model_dir, sta
     assert [p["name"] for p in whole.metadata.training["phases"]] == [
         "test phase 1/2 (full)", "test phase 2/2 (sparse)"]
     assert_same_sft(whole, resumed)
+
+
+def _release_worker(rank: int, world: int, store: str, path: str, out: str) -> None:
+    import json
+
+    with loopback_group(rank, world, store):
+        alive: list[int] = []
+        _train(rank, path, "task", 0, f"{out}/checkpoints", None, False, alive_at_build=alive)
+        if rank == 0:
+            with open(f"{out}/alive.json", "w") as fh:
+                json.dump(alive, fh)
+
+
+@pytest.mark.slow
+def test_a_phase_starts_after_the_previous_phase_model_is_released(tmp_path, tiny_model_dir):
+    """Phase 2 builds a fresh model (ZeRO-0): by then phase 1's model, its optimizer state and the
+    L1 term that referenced its parameters are gone, so two models never coexist."""
+    import json
+
+    mp.spawn(_release_worker, args=(2, str(tmp_path / "store"), str(tiny_model_dir), str(tmp_path)), nprocs=2,
+             join=True)
+    alive = json.loads((tmp_path / "alive.json").read_text())
+    assert len(alive) == 3 and alive == [0, 0, 0]   # embedding names, phase 1, phase 2
 
 
 def _checkpoint_names(tmp_path, name: str) -> list[str]:

@@ -214,6 +214,8 @@ def train_subnetworks(model: nn.Module | ModelBuilder, *, languages: list[str], 
             assert moved is not None
             masks[i] = select_subnetwork({n: start[n] for n in covered}, moved, k, scorer, structure)
             del moved
+            if not runtime.in_place:   # a fresh model is built: let the probed one go first
+                model = roles = None
             model = runtime.restart(model, build, {**start, **head_start}, "task")
             roles = parameter_roles(model, "task")
             _freeze(roles.frozen)

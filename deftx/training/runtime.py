@@ -70,8 +70,11 @@ class TrainingRuntime(Protocol):
 
     def engine(self, model: nn.Module, params: list[nn.Parameter], cfg: PhaseConfig, steps: int) -> StepEngine: ...
 
-    def restart(self, model: nn.Module, build: ModelBuilder | None, values: Mapping[str, torch.Tensor],
-                kind: str) -> nn.Module: ...
+    def restart(self, model: nn.Module | None, build: ModelBuilder | None, values: Mapping[str, torch.Tensor],
+                kind: str) -> nn.Module:
+        """The model at the start of the next phase, with ``values`` loaded. An in-place runtime
+        returns ``model`` itself; the others build a fresh one, and callers pass None once they have
+        dropped every reference to the trained model, so that two models never coexist."""
 
     def select(self, start: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], k: int,
                scorer: MaskScorer) -> tuple[dict[str, torch.Tensor], SelectionReport]:
@@ -113,9 +116,11 @@ class LocalRuntime:
         return TorchEngine(model, params, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                            total_steps=steps, warmup_ratio=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm)
 
-    def restart(self, model: nn.Module, build: ModelBuilder | None, values: Mapping[str, torch.Tensor],
+    def restart(self, model: nn.Module | None, build: ModelBuilder | None, values: Mapping[str, torch.Tensor],
                 kind: str) -> nn.Module:
         """The model at the start of a phase: the same object, with ``values`` written back."""
+        if model is None:
+            raise ValueError("the local runtime trains in place: restart needs the model")
         load_values(model, kind, values)
         return model
 

@@ -136,7 +136,7 @@ class DeepSpeedRuntime:
                                zero_stage=self.zero_stage,
                                micro_batch_size=max(cfg.batch_size // self.world_size, 1))
 
-    def restart(self, model: nn.Module, build: ModelBuilder | None, values: Mapping[str, torch.Tensor],
+    def restart(self, model: nn.Module | None, build: ModelBuilder | None, values: Mapping[str, torch.Tensor],
                 kind: str) -> nn.Module:
         if build is None:
             raise ValueError("the DeepSpeed runtime starts every phase from a fresh model: pass a model builder")
