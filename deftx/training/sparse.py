@@ -107,7 +107,7 @@ def add_sign_distance_(grad: torch.Tensor, param: torch.Tensor, ref: torch.Tenso
     if not _contiguous(grad, param, ref):
         grad.add_(torch.sign(param - ref).mul_(scale))
         return
-    buffer = torch.empty(min(CHUNK, param.numel()), dtype=param.dtype)
+    buffer = torch.empty(min(CHUNK, param.numel()), dtype=param.dtype, device=param.device)
     for g, p, r in _chunks(grad, param, ref):
         work = buffer[:p.numel()]
         torch.sub(p, r, out=work).sign_().mul_(scale)
