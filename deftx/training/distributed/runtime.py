@@ -274,9 +274,10 @@ class DeepSpeedRuntime:
     def step_hook(self, engine: DeepSpeedEngine | None, phase: str,
                   state: ResumeState) -> Callable[[int, float], None] | None:
         window: list[float] = []
-        started = [time.perf_counter()]   # start of the current report window
+        started = time.perf_counter()   # start of the current report window
 
         def on_step(step: int, loss: float) -> None:
+            nonlocal started
             window.append(loss)
             self._write_status(phase, step)
             by_steps = self.checkpoint_every > 0 and step % self.checkpoint_every == 0
@@ -288,9 +289,9 @@ class DeepSpeedRuntime:
             dist.all_reduce(reduced)
             by_time = self.checkpoint_minutes > 0 and float(reduced[1]) >= self.checkpoint_minutes * 60
             metrics = {"phase": phase, "step": step, "loss": float(reduced[0]) / self.world_size,
-                       "steps_per_second": len(window) / max(time.perf_counter() - started[0], 1e-9)}
+                       "steps_per_second": len(window) / max(time.perf_counter() - started, 1e-9)}
             window.clear()
-            started[0] = time.perf_counter()
+            started = time.perf_counter()
             if by_steps or by_time:
                 state.phase, state.step = phase, step
                 self._save(state, engine, metrics)
