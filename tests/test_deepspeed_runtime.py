@@ -16,7 +16,8 @@ class Interrupted(RuntimeError):
 
 def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_at: tuple[str, int] | None,
            resume: bool, phase1: tuple[str, str] | None = None, stop_after_phase1: bool = False,
-           density: float = 0.05, checkpointing: dict | None = None, alive_at_build: list | None = None):
+           density: float = 0.05, checkpointing: dict | None = None, alive_at_build: list | None = None,
+           held_at_build: list | None = None):
     from deftx.config import PhaseConfig, SelectionConfig, SFTConfig
     from deftx.core.roles import embedding_parameter_names
     from deftx.core.sft import SFTMetadata
@@ -66,6 +67,19 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
     sink = DirectoryCheckpointSink(checkpoints)
     runtime = DeepSpeedRuntime(zero_stage=stage, sink=sink, resume_from=sink.latest() if resume else None,
                                **(checkpointing or {"checkpoint_every": 2}))
+    if held_at_build is not None:   # bytes that the engines of earlier phases still hold at each build
+        engines: list = []
+        make_engine, unmeasured = runtime.engine, build
+
+        def engine(*args, **kwargs):
+            engines.append(make_engine(*args, **kwargs))   # kept alive on purpose: only release frees them
+            return engines[-1]
+
+        def build():
+            held_at_build.append(sum(_bytes_held(e) for e in engines))
+            return unmeasured()
+
+        runtime.engine = engine
     if crash_at is not None:  # stop both ranks right after the given step (a checkpoint precedes it)
         hook = runtime.step_hook
 
@@ -86,6 +100,36 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
         embedding_names=frozenset(embedding_parameter_names(build())), head_warmup=kind == "language",
         label="test", log=lambda s: None, phase1=Phase1Store(*phase1) if phase1 else None,
         stop_after_phase1=stop_after_phase1)
+
+
+def _bytes_held(engine) -> int:
+    """Bytes of the storages that a ``DeepSpeedEngine``'s model parameters (and their ZeRO-3
+    partitions), optimizer state and optimizer attributes point at."""
+    import torch
+
+    storages: dict[int, int] = {}
+
+    def add(value, depth: int = 0) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif depth < 2 and isinstance(value, (list, tuple)):
+            for item in value:
+                add(item, depth + 1)
+        elif depth < 2 and isinstance(value, dict):
+            for item in value.values():
+                add(item, depth + 1)
+
+    for param in engine.module.parameters():
+        add(param)
+        add(getattr(param, "ds_tensor", None))
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in list(inner.state.values()) + list(getattr(engine.optimizer, "state", {}).values()):
+        add(state, 1)
+    for value in vars(engine.optimizer).values():
+        add(value)
+    storages.pop(0, None)   # empty storages
+    return sum(storages.values())
 
 
 def _worker(rank: int, world: int, store: str, path: str, kind: str, stage: int, out: str,
@@ -148,6 +192,96 @@ def test_a_phase_starts_after_the_previous_phase_model_is_released(tmp_path, tin
              join=True)
     alive = json.loads((tmp_path / "alive.json").read_text())
     assert len(alive) == 3 and alive == [0, 0, 0]   # embedding names, phase 1, phase 2
+
+
+def _held_worker(rank: int, world: int, store: str, path: str, out: str) -> None:
+    import json
+
+    with loopback_group(rank, world, store):
+        held: list[int] = []
+        _train(rank, path, "language", 3, f"{out}/checkpoints", None, False, held_at_build=held)
+        with open(f"{out}/held{rank}.json", "w") as fh:
+            json.dump(held, fh)
+
+
+@pytest.mark.slow
+def test_zero3_phase_memory_is_freed_before_the_next_phase_builds(tmp_path, tiny_model_dir):
+    """DeepSpeed's stage-3 engine stays reachable after ``destroy``; ending a phase must still free
+    its memory: when the next phase builds its model, the engines of the earlier phases (kept
+    referenced here on purpose) hold no parameter, partition or optimizer-state bytes (language
+    SFT: head warm-up, phase 1, phase 2). Without the release the last two builds see 0.4 and 0.9 MB
+    of the tiny model still held."""
+    import json
+
+    mp.spawn(_held_worker, args=(2, str(tmp_path / "store"), str(tiny_model_dir), str(tmp_path)), nprocs=2,
+             join=True)
+    for rank in range(2):
+        held = json.loads((tmp_path / f"held{rank}.json").read_text())
+        assert held == [0, 0, 0, 0], held   # embedding names, initial model, after the warm-up, after phase 1
+
+
+def _start_parts_worker(rank: int, world: int, store: str, path: str, out: str) -> None:
+    import torch
+
+    from deftx.core.roles import embedding_parameter_names, parameter_roles
+    from deftx.core.scoring import make_scorer
+    from deftx.data import NUSAX_LABELS
+    from deftx.errors import DeftxError
+    from deftx.models import load_classifier
+    from deftx.training.distributed.runtime import DeepSpeedRuntime
+
+    with loopback_group(rank, world, store):
+        runtime = DeepSpeedRuntime(zero_stage=0)
+        model = load_classifier(path, NUSAX_LABELS, seed=0)
+        params = parameter_roles(model, "task").maskable
+        found = {}
+        for method in ("lt_sft", "deft_x"):
+            scorer = make_scorer(method, rank=2 if method == "deft_x" else None, residual_keep=0.01,
+                                 embedding_names=frozenset(embedding_parameter_names(model)))
+            parts = runtime.start_parts(params, scorer)
+            runtime.check_rebuilt(parts, parameter_roles(load_classifier(path, NUSAX_LABELS, seed=0),
+                                                         "task").maskable)   # the same weights: passes
+            other = parameter_roles(load_classifier(path, NUSAX_LABELS, seed=0), "task").maskable
+            with torch.no_grad():
+                for p in other.values():
+                    p.add_(1e-3)
+            try:
+                runtime.check_rebuilt(parts, other)
+                refused = ""
+            except DeftxError as exc:
+                refused = str(exc)
+            found[method] = (dict(parts), parts.spans, refused)
+        torch.save(found, f"{out}.rank{rank}")
+
+
+@pytest.mark.slow
+def test_each_rank_keeps_only_its_selection_share_of_theta_start(tmp_path, tiny_model_dir):
+    """With K-sized phase 2 the DeepSpeed runtime does not keep theta_start whole: each rank keeps
+    the pieces it scores in the selection, the ranks' pieces together are exactly theta_start (no
+    entry twice, none missing), and a rebuild that does not give theta_start again is refused."""
+    import torch
+
+    from deftx.core.roles import parameter_roles
+    from deftx.data import NUSAX_LABELS
+    from deftx.models import load_classifier
+
+    out = str(tmp_path / "parts")
+    mp.spawn(_start_parts_worker, args=(2, str(tmp_path / "store"), str(tiny_model_dir), out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(2)]
+    start = parameter_roles(load_classifier(str(tiny_model_dir), NUSAX_LABELS, seed=0), "task").maskable
+    total = sum(p.numel() for p in start.values())
+    for method in ("lt_sft", "deft_x"):
+        covered = {n: torch.zeros(p.numel(), dtype=torch.int64) for n, p in start.items()}
+        for rank in ranks:
+            parts, spans, refused = rank[method]
+            assert "did not rebuild theta_start" in refused
+            held = sum(t.numel() for t in parts.values())
+            assert 0 < held < 0.75 * total, (method, held, total)
+            for name, part in parts.items():
+                lo, hi = spans[name] if spans[name] is not None else (0, start[name].numel())
+                assert torch.equal(part.reshape(-1), start[name].detach().reshape(-1)[lo:hi]), name
+                covered[name][lo:hi] += 1
+        assert all(bool((c == 1).all()) for c in covered.values()), method
 
 
 def _checkpoint_names(tmp_path, name: str) -> list[str]:

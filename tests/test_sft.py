@@ -256,6 +256,34 @@ def test_extract_drops_small_and_unmasked_entries():
     assert sft.nnz == 7
 
 
+def test_extract_from_masked_entries_equals_extract_from_whole_tensors():
+    """What K-sized phase 2 hands over (positions, start and trained values at the mask) gives the
+    SFT that ``extract`` gives from the whole tensors, bit for bit: same drops, same values."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"w": (7, 9), "b": (9,), "none": (4, 3)}
+    start = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    masks = {n: torch.rand(s, generator=gen) < 0.4 for n, s in shapes.items()}
+    masks["none"][:] = False                                  # a tensor without any selected entry
+    trained = {n: t + torch.randn(t.shape, generator=gen) * masks[n] for n, t in start.items()}
+    trained["w"].view(-1)[masks["w"].view(-1).nonzero()[:3, 0]] = start["w"].view(-1)[
+        masks["w"].view(-1).nonzero()[:3, 0]] + 5e-8          # changes at most 1e-7: dropped by both
+    entries = {}
+    for n, t in start.items():
+        index = masks[n].view(-1).nonzero().view(-1)
+        entries[n] = (shapes[n], index, t.view(-1)[index], trained[n].view(-1)[index])
+    head = {"classifier.weight": torch.randn(3, 4, generator=gen)}
+    whole = SparseFineTuning.extract(start, trained, masks, head, SFTMetadata(kind="task"))
+    parts = SparseFineTuning.extract_entries(entries, head, SFTMetadata(kind="task"))
+    assert list(parts.diffs) == list(whole.diffs) == sorted(shapes)
+    for name, delta in whole.diffs.items():
+        assert parts.diffs[name].shape == delta.shape
+        assert torch.equal(parts.diffs[name].indices, delta.indices), name
+        assert torch.equal(parts.diffs[name].values, delta.values), name
+    assert whole.diffs["none"].nnz == 0 and whole.diffs["w"].nnz == int(masks["w"].sum()) - 3
+    assert torch.equal(parts.head["classifier.weight"], head["classifier.weight"])
+
+
+
 def test_extract_then_apply_reproduces_trained_weights_on_masked_entries(classifier):
     params = maskable_parameters(classifier)
     start = {n: p.detach().clone() for n, p in params.items()}

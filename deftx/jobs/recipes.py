@@ -113,11 +113,11 @@ def warm_up_mlm_head(model: torch.nn.Module, tokenizer, texts: list[str], sft_cf
     roles = parameter_roles(model, "language")
     stream = masked_lm_stream(tokenizer, texts, batch_size=sft_cfg.full.batch_size, seed=seed,
                               max_length=max_length, mlm_probability=sft_cfg.mlm_probability)
-    phase = train_head_only(model, roles.maskable, roles.head, stream, masked_lm_loss,
-                            steps=sft_cfg.head_warmup_steps, learning_rate=sft_cfg.head_warmup_learning_rate,
-                            label="mlm", log=log, runtime=runtime)
-    values = runtime.read(roles.head) or {}
-    return {n: v.detach().clone().contiguous() for n, v in values.items()}, phase
+    phase, values = train_head_only(model, roles.maskable, roles.head, stream, masked_lm_loss,
+                                    steps=sft_cfg.head_warmup_steps,
+                                    learning_rate=sft_cfg.head_warmup_learning_rate, label="mlm", log=log,
+                                    runtime=runtime)
+    return values, phase
 
 
 def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: SparseFineTuning | None,

@@ -65,9 +65,12 @@ def seed_phase(seed: int, phase: str, rank: int) -> None:
 def train_head_only(model: nn.Module, body: dict[str, nn.Parameter], head: dict[str, nn.Parameter],
                     stream: BatchStream, loss_fn: LossFn, *, steps: int, learning_rate: float, label: str,
                     log: Callable[[str], None] | None = None, runtime: TrainingRuntime | None = None,
-                    step_hook: Callable[..., Callable[[int, float], None] | None] | None = None) -> PhaseResult:
+                    step_hook: Callable[..., Callable[[int, float], None] | None] | None = None,
+                    ) -> tuple[PhaseResult, dict[str, torch.Tensor]]:
     """Train a freshly initialised head alone (body frozen), e.g. the MLM head of an encoder
-    released without one, so that phase 1 does not spend its steps fitting a random head."""
+    released without one, so that phase 1 does not spend its steps fitting a random head. Returns
+    the phase's result and the trained head's values (read on every rank before the runtime
+    releases the phase's model)."""
     runtime = runtime or LocalRuntime()
     for p in body.values():
         p.requires_grad_(False)
@@ -79,8 +82,10 @@ def train_head_only(model: nn.Module, body: dict[str, nn.Parameter], head: dict[
     hook = step_hook(engine) if step_hook is not None else None
     result = run_phase(engine, runtime.batches(stream.batch_at), runtime.loss(loss_fn), num_steps=steps,
                        start_step=start_step, name=f"{label} head warm-up", on_step=hook, log=log)
+    values = runtime.read(head) or {}
+    trained = {n: v.detach().clone().contiguous() for n, v in values.items()}
     runtime.end_phase(engine)
-    return result
+    return result, trained
 
 
 def _warmup_phase(learning_rate: float) -> PhaseConfig:
@@ -132,15 +137,15 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
         metadata.training = {**metadata.training, "phase1_reused_from": str(phase1.directory)}
 
     if cached is None and head_warmup and cfg.head_warmup_steps > 0 and not state.reached(PHASE_FULL):
-        phases.append(train_head_only(model, roles.maskable, roles.head, stream, loss_fn,
-                                      steps=cfg.head_warmup_steps, learning_rate=cfg.head_warmup_learning_rate,
-                                      label=label, log=log, runtime=runtime,
-                                      step_hook=lambda e: runtime.step_hook(e, PHASE_WARMUP, state)))
-        state.phases.append(phases[-1].as_dict())
-        head = runtime.read(roles.head)
-        state.head = {n: v.clone() for n, v in head.items()} if head is not None else {}
+        warmup, state.head = train_head_only(model, roles.maskable, roles.head, stream, loss_fn,
+                                             steps=cfg.head_warmup_steps,
+                                             learning_rate=cfg.head_warmup_learning_rate, label=label, log=log,
+                                             runtime=runtime,
+                                             step_hook=lambda e: runtime.step_hook(e, PHASE_WARMUP, state))
+        phases.append(warmup)
+        state.phases.append(warmup.as_dict())
         if not runtime.in_place:   # a fresh model is built: let the trained one go first
-            model = roles = head = None
+            model = roles = None
         model = runtime.restart(model, build, state.head, kind)
         roles = parameter_roles(model, kind)
         _freeze(roles.frozen)
@@ -149,10 +154,26 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
         roles = parameter_roles(model, kind)
         _freeze(roles.frozen)
 
-    start = _snapshot(roles.maskable)
+    sel = cfg.selection
+    scorer = make_scorer(sel.method, rank=sel.rank, energy=sel.energy, residual_keep=sel.residual_keep,
+                         svd_target=sel.svd_target, denoise_embeddings=sel.denoise_embeddings,
+                         embedding_names=embedding_names, solver=sel.svd_solver)
+    # theta_start is kept whole only where it is needed whole: by phase 1's L1 pull, by the
+    # dense-masked phase 2 and by a runtime that rewinds in place. Otherwise a runtime may keep only
+    # the part its rank scores in the selection (``start_parts``: 1/W of it under the DeepSpeed
+    # runtime), and phase 2 takes theta_start's masked entries from the rebuilt model. Phase 2
+    # trains K values (``sparse_update: values``) when configured and every maskable tensor lives in
+    # a module the parametrisation supports, else the dense-masked reference.
+    values_phase = cfg.sparse_update == "values" and can_parametrise(model, list(roles.maskable))
+    parts = None
+    if state.reached(PHASE_SPARSE):
+        start = {} if values_phase else _snapshot(roles.maskable)
+    else:
+        parts = runtime.start_parts(roles.maskable, scorer) if values_phase else None
+        whole = parts is None or (cfg.full.l1_reg > 0 and cached is None)
+        start = _snapshot(roles.maskable) if whole else parts
     head_start = _snapshot(roles.head)
     n_params = sum(p.numel() for p in model.parameters())
-    sel = cfg.selection
     k = resolve_budget(roles.num_maskable, k=sel.k, density=sel.density)
 
     if not state.reached(PHASE_SPARSE):
@@ -188,9 +209,6 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
             if engine is not None:
                 runtime.end_phase(engine)
             return SFTTrainingResult(sft=None, selection=None, phases=phases)
-        scorer = make_scorer(sel.method, rank=sel.rank, energy=sel.energy, residual_keep=sel.residual_keep,
-                             svd_target=sel.svd_target, denoise_embeddings=sel.denoise_embeddings,
-                             embedding_names=embedding_names, solver=sel.svd_solver)
         masks, report = runtime.select(start, theta1, k, scorer)
         if engine is not None:
             runtime.end_phase(engine)
@@ -202,7 +220,15 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
                     f"({100.0 * report.selected / max(report.maskable, 1):.3f}%) by {sel.method}", log)
         if not runtime.in_place:   # a fresh model is built: let phase 1's go first (0.47 GB for e5-small)
             model = roles = None
-        model = runtime.restart(model, build, {**start, **head_start}, kind)
+        if parts is not None:   # the rebuilt model is theta_start: only the head is loaded
+            start = {}
+            model = runtime.restart(model, build, head_start, kind)
+            runtime.check_rebuilt(parts, parameter_roles(model, kind).maskable)
+            parts = None
+        else:
+            model = runtime.restart(model, build, {**start, **head_start}, kind)
+            if values_phase:   # phase 2 reads theta_start's masked entries from the rewound model
+                start = {}
         roles = parameter_roles(model, kind)
         _freeze(roles.frozen)
     else:
@@ -210,7 +236,8 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
         masks = state.masks
         report = SelectionReport.from_masks(k, masks, state.selection.get("ranks", {}))
 
-    update = _sparse_update(cfg, model, roles.maskable, masks, start, n_params)
+    update = (_ValuesUpdate(model, roles.maskable, masks, cfg.sparse.l1_reg, n_params) if values_phase
+              else _DenseUpdate(roles.maskable, masks, start, cfg.sparse.l1_reg, n_params))
     update.install()
     try:
         steps = cfg.sparse.num_steps(n_examples)
@@ -235,7 +262,7 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
     metadata.selection = {**metadata.selection, **report.as_dict()}
     metadata.training = {**metadata.training, "phases": list(state.phases),
                          "train_examples": n_examples, "world_size": runtime.world_size}
-    sft = SparseFineTuning.extract(start, final, masks, final_head, metadata)
+    sft = update.extract(final, final_head, metadata)
     return SFTTrainingResult(sft=sft, selection=report, phases=phases, masks=masks)
 
 
@@ -264,14 +291,18 @@ class _DenseUpdate:
     def final(self, runtime: TrainingRuntime) -> dict[str, torch.Tensor] | None:
         return runtime.read(self.params, everywhere=False)
 
+    def extract(self, final: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
+                metadata: SFTMetadata) -> SparseFineTuning:
+        return SparseFineTuning.extract(self.sparse.reference, final, self.sparse.masks, head, metadata)
+
 
 class _ValuesUpdate:
     """Phase 2 over K trainable values on a frozen base (``sparse_update: values``; see
     :mod:`deftx.training.sparse_values`)."""
 
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], masks: Mapping[str, torch.Tensor],
-                 start: dict[str, torch.Tensor], l1_reg: float, n_params: int) -> None:
-        self.phase = SparsePhase(model, params, masks, start)
+                 l1_reg: float, n_params: int) -> None:
+        self.phase = SparsePhase(model, params, masks)   # theta_start: the parameters' values
         self.scale = l1_reg / max(n_params, 1)
         self.regularizer = self._l1 if l1_reg > 0 else None
 
@@ -290,21 +321,14 @@ class _ValuesUpdate:
     def after_step(self, runtime: TrainingRuntime) -> list[Callable[[], None]]:
         return []    # nothing outside the mask is trainable, so nothing needs writing back
 
-    def final(self, runtime: TrainingRuntime) -> dict[str, torch.Tensor] | None:
+    def final(self, runtime: TrainingRuntime) -> dict | None:
         if runtime.in_place:
             self.phase.write_back()   # one process: the model itself ends at theta_start + phi
         values = runtime.read(self.phase.value_params(), everywhere=False)   # collective under ZeRO-3
-        return self.phase.final_values(values) if values is not None else None
+        return self.phase.entries(values) if values is not None else None
 
-
-def _sparse_update(cfg: SFTConfig, model: nn.Module, params: dict[str, nn.Parameter],
-                   masks: Mapping[str, torch.Tensor], start: dict[str, torch.Tensor],
-                   n_params: int) -> _DenseUpdate | _ValuesUpdate:
-    """Phase 2's update rule: K trainable values when configured and every maskable tensor lives in
-    a module the parametrisation supports, else the dense-masked reference."""
-    if cfg.sparse_update == "values" and can_parametrise(model, list(params)):
-        return _ValuesUpdate(model, params, masks, start, cfg.sparse.l1_reg, n_params)
-    return _DenseUpdate(params, masks, start, cfg.sparse.l1_reg, n_params)
+    def extract(self, final: dict, head: dict[str, torch.Tensor], metadata: SFTMetadata) -> SparseFineTuning:
+        return SparseFineTuning.extract_entries(final, head, metadata)
 
 
 def _freeze(params: dict[str, nn.Parameter]) -> None:

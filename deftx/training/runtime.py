@@ -76,10 +76,19 @@ class TrainingRuntime(Protocol):
         returns ``model`` itself; the others build a fresh one, and callers pass None once they have
         dropped every reference to the trained model, so that two models never coexist."""
 
+    def start_parts(self, params: Mapping[str, nn.Parameter], scorer: MaskScorer) -> Mapping[str, torch.Tensor] | None:
+        """What of theta_start (``params`` before phase 1) this rank needs for the selection by
+        ``scorer``, when that is less than all of it (None: keep it whole). Only for runtimes that
+        rebuild the model for phase 2, which then holds theta_start again."""
+
+    def check_rebuilt(self, parts: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
+        """Raise unless the rebuilt ``params`` equal the ``parts`` kept of theta_start."""
+
     def select(self, start: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], k: int,
                scorer: MaskScorer) -> tuple[dict[str, torch.Tensor], SelectionReport]:
-        """Masks of the ``k`` entries scoring highest between ``start`` and ``params`` (the model's
-        parameters after phase 1, or plain tensors read from a ``Phase1Store``)."""
+        """Masks of the ``k`` entries scoring highest between ``start`` (theta_start whole, or this
+        rank's ``start_parts``) and ``params`` (the model's parameters after phase 1, or plain tensors
+        read from a ``Phase1Store``)."""
 
     def projector(self, sparse: SparseUpdate) -> Callable[[], None]: ...
 
@@ -123,6 +132,12 @@ class LocalRuntime:
             raise ValueError("the local runtime trains in place: restart needs the model")
         load_values(model, kind, values)
         return model
+
+    def start_parts(self, params, scorer) -> None:
+        return None   # the model is rewound in place from the whole theta_start
+
+    def check_rebuilt(self, parts, params) -> None:
+        raise RuntimeError("the local runtime keeps theta_start whole and never rebuilds the model")
 
     def select(self, start, params, k, scorer):
         return select_masks(start, {n: p.detach() for n, p in params.items()}, k, scorer)

@@ -156,20 +156,22 @@ class SparsePhase:
     """Installs the parametrisation on ``model`` for phase 2 and takes it off again.
 
     ``params``: the maskable parameters by name (frozen while installed), ``masks`` and ``start``
-    (theta_start) by the same names. After :meth:`install` the trainable tensors are
-    ``self.bank.parameters()``; :meth:`final_values` gives every tensor's absolute values (theta_start
-    outside the mask) from the bank's values."""
+    (theta_start; by default the parameters' own values) by the same names. Only the masked entries
+    of ``start`` are kept. After :meth:`install` the trainable tensors are
+    ``self.bank.parameters()``; :meth:`entries` gives the masked entries' start and trained values
+    from the bank's values."""
 
     ATTRIBUTE = "deftx_sparse_values"
 
     def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor],
-                 start: Mapping[str, torch.Tensor]) -> None:
+                 start: Mapping[str, torch.Tensor] | None = None) -> None:
         missing = set(params) - set(masks)
         if missing:
             raise ValueError(f"no mask for {sorted(missing)[0]}")
         self.model = model
         self.params = dict(params)
-        self.start = dict(start)
+        start = start if start is not None else {n: p.detach() for n, p in params.items()}
+        self.shapes = {n: tuple(start[n].shape) for n in params}   # ZeRO-3 later empties the parameters
         self.owners = {name: _owner(model, name) for name in params}
         for name, (module, attr) in self.owners.items():
             _check_supported(module, attr, name)
@@ -222,10 +224,20 @@ class SparsePhase:
         values = self._deltas or self.bank()
         return sum(((v - self.bank.start_values(n)).abs().sum() for n, v in values.items()), torch.zeros(()))
 
-    def final_values(self, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every maskable tensor's values given the bank's ``values`` (by bank key, e.g. from a
-        gathered read): theta_start with the masked entries replaced."""
-        return self.bank.apply_to(self.start, values)
+    def entries(self, values: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.Tensor,
+                                                                              torch.Tensor, torch.Tensor]]:
+        """Per maskable tensor: (shape, masked flat positions, theta_start there, trained values
+        there) given the bank's ``values`` (by bank key, e.g. from a gathered read); what
+        ``SparseFineTuning.extract_entries`` takes. Tensors without masked entries have none."""
+        out = {}
+        for name in sorted(self.params):
+            if name in self.bank.shapes:
+                out[name] = (self.bank.shapes[name], self.bank.index(name), self.bank.start_values(name),
+                             values[_key(name)].detach())
+            else:
+                empty = torch.zeros(0)
+                out[name] = (self.shapes[name], torch.zeros(0, dtype=torch.int64), empty, empty)
+        return out
 
     @torch.no_grad()
     def write_back(self) -> None:

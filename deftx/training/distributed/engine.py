@@ -8,6 +8,7 @@ Requires ``torch.distributed`` to be initialised (Ray Train or a launcher does i
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -145,9 +146,54 @@ class DeepSpeedEngine:
             self._sparse = None
         self._after_reduction.clear()
 
+    def release(self) -> None:
+        """Free the memory of the module's parameters and of the optimizer, after ``destroy``.
+        DeepSpeed's stage-3 engine stays reachable after ``destroy`` (its initialisation pushes the
+        module on a module-level stack that is never popped, and hooks registered on the optimizer
+        and on the parameters close over the engine), so dropping the last Python reference frees
+        nothing: 1.5 GB per worker of a W=2 e5-small phase 1 stayed alive through phase 2. Emptying
+        the tensors themselves frees them whoever still refers to them. The module is unusable
+        afterwards."""
+        for param in self.engine.module.parameters():
+            partition = getattr(param, "ds_tensor", None)
+            if isinstance(partition, torch.Tensor):
+                _empty_tensors(partition)
+            param.grad = None
+            _empty_tensors(param)
+        for optimizer in (getattr(self.optimizer, "optimizer", None), self.optimizer):
+            for state in getattr(optimizer, "state", {}).values():
+                _empty_tensors(state)
+        for owner in (self.optimizer, self.engine):
+            for name, value in list(vars(owner).items()):
+                if name != "module":
+                    _empty_tensors(value)
+
     @property
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _empty_tensors(value, depth: int = 0) -> None:
+    """Point every tensor in ``value`` (a tensor, or lists / tuples / dicts of them, two levels
+    deep) at an empty storage, so that its memory is freed once no other tensor views it."""
+    if isinstance(value, torch.Tensor):
+        if value.numel():
+            value.data = torch.empty(0, dtype=value.dtype, device=value.device)
+    elif depth < 2 and isinstance(value, (list, tuple)):
+        for item in value:
+            _empty_tensors(item, depth + 1)
+    elif depth < 2 and isinstance(value, Mapping):
+        for item in value.values():
+            _empty_tensors(item, depth + 1)
+
+
+def return_freed_memory() -> None:
+    """Ask glibc's allocator to give freed heap memory back to the system (tensors below its mmap
+    threshold are carved from the heap, which otherwise only grows); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 CPU_BUCKET_SIZE = 50_000_000  # gradient elements reduced per bucket on CPU (DeepSpeed's default: 5e8)

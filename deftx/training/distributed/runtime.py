@@ -47,9 +47,10 @@ from deftx.training.distributed.engine import (
     DeepSpeedValueAccess,
     gather_owned,
     project_outside_mask,
+    return_freed_memory,
     use_weights_only_loading,
 )
-from deftx.training.distributed.selection import distributed_select_masks, local_part, plan_shards
+from deftx.training.distributed.selection import ShardPlan, distributed_select_masks, local_part, plan_shards
 from deftx.training.phase import LossFn
 from deftx.training.runtime import PHASE_ORDER, BatchAt, ModelBuilder, ResumeState, load_values
 from deftx.training.sparse import SparseUpdate
@@ -64,6 +65,17 @@ WEIGHT_KEY = "_shard_weight"
 
 class CheckpointError(DeftxError):
     """A checkpoint cannot be resumed from (e.g. it holds more than data)."""
+
+
+class StartParts(dict):
+    """A rank's pieces of theta_start for the selection (name -> flat span or whole tensor), with
+    every tensor's shape and the spans they cover."""
+
+    def __init__(self, parts: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
+                 spans: Mapping[str, tuple[int, int] | None]) -> None:
+        super().__init__(parts)
+        self.shapes = dict(shapes)
+        self.spans = dict(spans)
 
 
 class CheckpointSink(Protocol):
@@ -147,11 +159,15 @@ class DeepSpeedRuntime:
         return fresh
 
     def end_phase(self, engine: DeepSpeedEngine) -> None:
+        """Tear the phase's engine down and free its model's and optimizer's memory: read what the
+        run needs from the model (``read``, ``select``) before."""
         engine.close()
         destroy = getattr(engine.engine, "destroy", None)
         if callable(destroy):
             destroy()
+        engine.release()
         gc.collect()
+        return_freed_memory()
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -186,15 +202,41 @@ class DeepSpeedRuntime:
 
     # -- selection, projection, reading -------------------------------------------------------
 
+    def _plan(self, shapes: Mapping[str, tuple[int, ...]], scorer: MaskScorer) -> ShardPlan:
+        return plan_shards(shapes, self.world_size, denoised=denoised_tensors(scorer, shapes),
+                           elementwise={n: is_elementwise(scorer, n, s) for n, s in shapes.items()})
+
+    @torch.no_grad()
+    def start_parts(self, params: Mapping[str, nn.Parameter], scorer: MaskScorer) -> StartParts:
+        """This rank's pieces of theta_start in the selection plan (about 1/W of it): copies of the
+        whole (not yet partitioned) parameters' spans."""
+        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        needed = self._plan(shapes, scorer).needed(self.rank)
+        return StartParts({n: local_part(params[n].detach(), span).clone() for n, span in needed.items()},
+                          shapes, needed)
+
+    @torch.no_grad()
+    def check_rebuilt(self, parts: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
+        """Phase 2 starts from a rebuilt model instead of writing theta_start back: check, on this
+        rank's pieces, that the builder gave theta_start again (a builder that draws random weights
+        for the body, or reads files that changed, would otherwise train phase 2 from elsewhere)."""
+        assert isinstance(parts, StartParts)
+        for name in sorted(parts):
+            if not torch.equal(local_part(params[name].detach(), parts.spans[name]), parts[name]):
+                raise DeftxError(f"the model builder did not rebuild theta_start: {name} differs from its value "
+                                 f"before phase 1 (a builder must give the same weights every time)")
+
     def select(self, start: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], k: int,
                scorer: MaskScorer) -> tuple[dict[str, torch.Tensor], SelectionReport]:
-        shapes = {n: tuple(start[n].shape) for n in params}
-        plan = plan_shards(shapes, self.world_size, denoised=denoised_tensors(scorer, shapes),
-                           elementwise={n: is_elementwise(scorer, n, s) for n, s in shapes.items()})
+        if isinstance(start, StartParts):
+            shapes = start.shapes
+        else:
+            shapes = {n: tuple(start[n].shape) for n in params}
+        plan = self._plan(shapes, scorer)
         needed = plan.needed(self.rank)
         mine = gather_owned(params, needed, self.zero_stage)
-        return distributed_select_masks(plan, {n: local_part(start[n], span) for n, span in needed.items()}, mine,
-                                        k, scorer)
+        ours = start if isinstance(start, StartParts) else {n: local_part(start[n], span) for n, span in needed.items()}
+        return distributed_select_masks(plan, ours, mine, k, scorer)
 
     def projector(self, sparse: SparseUpdate) -> Callable[[], None]:
         """The post-step write-back of theta_start outside the mask. Without weight decay it is not
