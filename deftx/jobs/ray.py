@@ -127,7 +127,29 @@ def connect(cluster: ClusterConfig, log: Log = print) -> str:
         with contextlib.suppress(Exception):
             ray.shutdown()
         raise ClusterError(start_failure_message(exc, since)) from None
+    warm_autoscaling_coordinator()
     return "embedded Ray on 127.0.0.1"
+
+
+def warm_autoscaling_coordinator(timeout: float = 120.0) -> None:
+    """Start Ray Train's AutoscalingCoordinator actor and wait until it answers.
+
+    Every Ray Train run asks this detached actor (created by the first run that needs it) for its
+    workers' resources, with a 5 s timeout. On a busy 2-core machine the actor's process takes longer
+    to start, and the controller then logs a warning with a traceback into the run's output
+    (harmless: an embedded Ray has fixed resources). Created here, right after the embedded Ray
+    starts, it is ready before any run asks. Ray versions without it are left alone."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        return
+    import ray
+
+    with contextlib.suppress(Exception):   # only a courtesy: a run works without it
+        ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("deftx-warm-up"),
+                timeout=timeout)
 
 
 def check_resources(cluster: ClusterConfig, available: dict[str, float]) -> None:
