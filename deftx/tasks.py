@@ -3,7 +3,8 @@ unlabelled language-SFT text come from, its labels and its metric.
 
 * ``nusax_senti`` (dataset ``nusax``): sentiment, 3 labels, macro-F1. Labelled training data: the
   NusaX-senti train split of a language; evaluation: its ``valid`` / ``test`` splits; language-SFT
-  text: the NusaX-MT train sentences (bundled, a NusaX directory, or the hub).
+  text: the NusaX-MT train sentences (bundled, a NusaX directory, or the hub), or the sources named
+  by ``language_sft.text`` (the bundled NusaX text, text files; :mod:`deftx.data.text`).
 * ``americasnli`` (dataset ``americasnli``): NLI, 3 labels, accuracy. No training set exists in the
   target languages: offline, the labelled training data of a language is its AmericasNLI *dev* set
   (so a model trained on a language's dev set must never be evaluated on that language: the
@@ -15,7 +16,7 @@ unlabelled language-SFT text come from, its labels and its metric.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from deftx.data import (
     load_nusax_mt_text,
     load_nusax_senti,
 )
+from deftx.data.text import load_language_text
 from deftx.errors import DataError
 
 Source = str | Path
@@ -45,7 +47,7 @@ class TaskSpec:
     language_names: dict[str, str]
     _train: Callable[[str, Source], list[Example]]
     _evaluation: Callable[[str, str, Source], list[Example]]
-    _text: Callable[[str, Source], list[str]]
+    _text: Callable[[str, Source, Sequence[str] | None], list[str]]
 
     @property
     def num_labels(self) -> int:
@@ -61,9 +63,10 @@ class TaskSpec:
             raise DataError(f"unknown evaluation split {split!r}; valid: valid, test")
         return self._evaluation(lang, split, source)
 
-    def text(self, lang: str, source: Source) -> list[str]:
-        """Unlabelled text of ``lang`` for its language SFT."""
-        return self._text(lang, source)
+    def text(self, lang: str, source: Source, sources: Sequence[str] | None = None) -> list[str]:
+        """Unlabelled text of ``lang`` for its language SFT: the task's default text, or ``sources``
+        (``language_sft.text``: names of bundled sources or file paths, see :mod:`deftx.data.text`)."""
+        return self._text(lang, source, sources)
 
     def language_name(self, lang: str) -> str:
         return self.language_names.get(lang, lang)
@@ -82,7 +85,15 @@ def _americasnli_evaluation(lang: str, split: str, source: Source) -> list[Examp
     return load_americasnli(lang, "dev" if split == "valid" else "test", source)
 
 
-def _americasnlp_text(lang: str, source: Source) -> list[str]:
+def _nusax_text(lang: str, source: Source, sources: Sequence[str] | None) -> list[str]:
+    if sources is None:
+        return load_nusax_mt_text(lang, source)
+    return load_language_text(lang, sources, nusax_source=source)
+
+
+def _americasnlp_text(lang: str, source: Source, sources: Sequence[str] | None = None) -> list[str]:
+    if sources is not None:   # the user's own files
+        return load_language_text(lang, sources)
     if lang == "eng":   # the hub setting: English text for the source-language SFT, MultiNLI's premises
         return list(dict.fromkeys(e.text for e in load_multinli("train") if e.text))
     _needs_directory(source)
@@ -99,7 +110,7 @@ TASKS: dict[str, TaskSpec] = {
     "nusax_senti": TaskSpec("nusax_senti", "nusax", NUSAX_LABELS, "macro_f1", dict(NUSAX_LANGUAGE_NAMES),
                             lambda lang, src: load_nusax_senti(lang, "train", src),
                             lambda lang, split, src: load_nusax_senti(lang, split, src),
-                            load_nusax_mt_text),
+                            _nusax_text),
     "americasnli": TaskSpec("americasnli", "americasnli", AMERICASNLI_LABELS, "accuracy",
                             {**AMERICASNLI_LANGUAGES, "eng": "English"},
                             _americasnli_train, _americasnli_evaluation, _americasnlp_text),

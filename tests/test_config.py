@@ -30,6 +30,11 @@ from deftx.errors import ConfigError
     (["model.max_length=4"], "max_length: must be >= 8"),
     (["task_sft.selection.density=null"], "set exactly one of density"),
     (["cluster.checkpoint_minutes=-1"], r"cluster\.checkpoint_minutes: must be >= 0 \(0: off\)"),
+    (["language_sft.text=[wikipedia]"], r"language_sft\.text: unknown text source 'wikipedia' for ind; valid: "
+                                        r"nusax_mt_train, minangnlp_wiki_mt, nusawrites_translation, all"),
+    (["language_sft.text=[nllb_seed]", "target_languages=[ace]"], r"language_sft\.text: unknown text source "
+                                                                   r"'nllb_seed' for ind"),
+    (["task_sft.text=[all]"], r"task_sft\.text: only language SFTs read unlabelled text"),
 ])
 def test_invalid_values_fail_with_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -43,6 +48,14 @@ def test_defaults_and_presets_validate():
     assert "demo" in preset_names()
     for name in preset_names():
         load_pipeline_config(preset=name)
+
+
+def test_language_text_sources_validate_for_every_language():
+    cfg = load_pipeline_config(overrides=["language_sft.text=[all]", "target_languages=[jav,nij,bbc]"])
+    assert cfg.language_sft.text == ["all"]
+    cfg = load_pipeline_config(overrides=["language_sft.text=[nusax_mt_train,/data/own.txt.gz]"])
+    assert cfg.language_sft.text == ["nusax_mt_train", "/data/own.txt.gz"]   # paths are read at training time
+    assert load_pipeline_config().language_sft.text is None                 # the task's default text
 
 
 def test_setting_one_alternative_clears_the_other():

@@ -149,6 +149,10 @@ class SFTConfig:
 
     ``head_warmup_steps`` applies to language SFTs on a base model without a pretrained MLM head:
     the freshly initialised head is trained alone (body frozen) before phase 1.
+    ``text`` (language SFTs only): the unlabelled text sources of each language, by name
+    (``nusax_mt_train``, a bundled file such as ``nusawrites_paragraph``, or ``all``), or paths to
+    .txt / .txt.gz files (``deftx.data.text``); null: the task's default text (NusaX-MT train,
+    AmericasNLP 2021 train).
     ``sparse_update``: how phase 2 trains the K selected entries: ``values`` (default; one trainable
     K-sized tensor over a frozen base, so gradients, optimizer state and communication are K-sized;
     ``deftx.training.sparse_values``) or ``dense`` (the whole tensors with masked gradients and a
@@ -163,6 +167,7 @@ class SFTConfig:
     mlm_probability: float = 0.15
     max_train_examples: int | None = None
     sparse_update: str = "values"
+    text: list[str] | None = None
 
     def validate(self, key: str) -> None:
         self.selection.validate(f"{key}.selection")
@@ -325,6 +330,10 @@ class PipelineConfig:
             raise fail("target_languages", "lists a language twice")
         self.language_sft.validate("language_sft")
         self.task_sft.validate("task_sft")
+        if self.task_sft.text is not None:
+            raise fail("task_sft.text", "only language SFTs read unlabelled text; set language_sft.text")
+        if self.language_sft.text is not None:
+            self._check_text()
         if self.eval_batch_size < 1:
             raise fail("eval_batch_size", "must be >= 1")
         if self.max_eval_examples is not None and self.max_eval_examples < 1:
@@ -340,6 +349,21 @@ class PipelineConfig:
                         raise fail(f"{key}.{phase}.l1_reg", "the L1 pull needs whole parameters in the loss, "
                                     "which ZeRO-3 partitions; set it to 0 or use zero_stage 0-2")
         return self
+
+    def _check_text(self) -> None:
+        from deftx.data.text import resolve_sources
+        from deftx.errors import DataError
+
+        text = self.language_sft.text
+        if isinstance(text, str):
+            text = self.language_sft.text = [text]
+        if not isinstance(text, list) or not all(isinstance(t, str) and t.strip() for t in text):
+            raise fail("language_sft.text", "must be a list of source names or file paths (or null)")
+        for lang in dict.fromkeys([self.source_language, *self.target_languages]):
+            try:
+                resolve_sources(lang, text)
+            except DataError as exc:
+                raise fail("language_sft.text", str(exc)) from None
 
     def experiment_name(self, job: str = "pipeline") -> str:
         """``tracking.experiment``, else one experiment per job: ``deftx-<task>-<job>``, where the

@@ -1,4 +1,5 @@
-"""Dataset loaders: NusaX (bundled), AmericasNLI / AmericasNLP text (local directory) and hub fall-backs.
+"""Dataset loaders: NusaX, its languages' adaptation text and English NLI pairs (bundled), AmericasNLI /
+AmericasNLP text (local directory), any text files of a language, and hub fall-backs.
 
 All loaders return plain Python lists (:class:`Example` records or strings) and raise
 :class:`deftx.errors.DataError` with a one-line message for unknown languages, bad splits and malformed
@@ -13,7 +14,9 @@ from deftx.data.languages import (
     NUSAX_LANGUAGES,
     check_language,
 )
+from deftx.data.nli_en import load_english_nli
 from deftx.data.nusax import load_nusax_mt_text, load_nusax_senti
+from deftx.data.text import load_language_text, split_held_out, text_sources
 
 __all__ = [
     "AMERICASNLI_LABELS",
@@ -25,7 +28,11 @@ __all__ = [
     "check_language",
     "load_americasnli",
     "load_americasnlp_text",
+    "load_english_nli",
+    "load_language_text",
     "load_multinli",
     "load_nusax_mt_text",
     "load_nusax_senti",
+    "split_held_out",
+    "text_sources",
 ]

@@ -92,7 +92,7 @@ def result_fields(job: Job) -> dict[str, Any]:
         parts["languages"] = head_languages(cfg)
         parts["head"] = {"steps": s.head_warmup_steps, "learning_rate": s.head_warmup_learning_rate,
                          "max_train_examples": s.max_train_examples, "batch_size": s.full.batch_size,
-                         "mlm_probability": s.mlm_probability}
+                         "mlm_probability": s.mlm_probability, "text": s.text}
     elif isinstance(job, LanguageJob):
         parts.update(language=job.language, sft=_sft_parts(cfg.language_sft, only), head=input_key(job.head))
     elif isinstance(job, TaskJob):

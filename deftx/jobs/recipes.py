@@ -55,7 +55,8 @@ def train_language_sft(model_path: str, tokenizer, lang: str, sft_cfg: SFTConfig
     Returns None on the ranks of a distributed runtime other than 0, and with ``stop_after_phase1``
     (which only fills ``phase1``)."""
     spec = task_spec(task)
-    texts = capped(texts if texts is not None else spec.text(lang, data_source), sft_cfg.max_train_examples)
+    texts = capped(texts if texts is not None else spec.text(lang, data_source, sft_cfg.text),
+                   sft_cfg.max_train_examples)
     model, has_head = load_masked_lm(model_path, seed=seed)
     if head_init is not None:
         _load_head(model, head_init)

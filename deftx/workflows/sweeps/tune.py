@@ -25,12 +25,13 @@ from typing import Any
 from deftx.config import ClusterConfig, PipelineConfig, SelectionConfig
 from deftx.core.roles import parameter_roles
 from deftx.core.sft import SparseFineTuning, read_metadata
-from deftx.data import NUSAX_LABELS, load_nusax_mt_text
+from deftx.data import NUSAX_LABELS
 from deftx.errors import DeftxError
 from deftx.jobs.executors import LocalExecutor, make_executor
 from deftx.jobs.ray import connect
 from deftx.jobs.spec import Log, Probe
 from deftx.models import load_classifier, load_masked_lm, resolve_model_path
+from deftx.tasks import task_spec
 from deftx.tracking.plots import close, language_bars, trial_scatter
 from deftx.tracking.registry import PendingRegistration, Registry, composed_model_name
 from deftx.tracking.runs import log_sft, spectra_figure
@@ -281,7 +282,7 @@ def _reports_per_trial(cfg: PipelineConfig, space: SearchSpace) -> int:
 
     if not space.eval_every or space.sft != "language":
         return 1
-    n = min(len(load_nusax_mt_text(cfg.source_language, cfg.data.source)),
+    n = min(len(task_spec(cfg.task).text(cfg.source_language, cfg.data.source, cfg.language_sft.text)),
             cfg.language_sft.max_train_examples or 10**9)
     return cfg.language_sft.sparse.num_steps(n) // space.eval_every + 1
 
