@@ -8,10 +8,12 @@ unlabelled language-SFT text come from, its labels and its metric.
 * ``americasnli`` (dataset ``americasnli``): NLI, 3 labels, accuracy. No training set exists in the
   target languages: offline, the labelled training data of a language is its AmericasNLI *dev* set
   (so a model trained on a language's dev set must never be evaluated on that language: the
-  experiments train leave-fold-out); ``eng`` is English MultiNLI from the hub (``multi_nli``, the
-  published setting; needs network). Evaluation: ``valid`` is the dev set, ``test`` the test set.
-  Language-SFT text: the AmericasNLP 2021 training side of each language (``source`` must be a
-  directory laid out as :mod:`deftx.data.americasnli` describes); for ``eng`` (hub) MultiNLI's premises.
+  experiments train leave-fold-out); ``eng`` is the bundled English NLI pairs (MultiNLI dev_matched
+  and SNLI dev, 95% train / 5% valid; :mod:`deftx.data.nli_en`), or with ``source: hub`` MultiNLI
+  train (``multi_nli``, the published setting; needs network). Evaluation: ``valid`` is the dev set,
+  ``test`` the test set. Language-SFT text: the AmericasNLP 2021 training side of each language
+  (``source`` must be a directory laid out as :mod:`deftx.data.americasnli` describes); for ``eng``
+  the training pairs' premises and hypotheses (hub: MultiNLI's premises).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from deftx.data import (
     load_nusax_mt_text,
     load_nusax_senti,
 )
+from deftx.data.nli_en import english_nli_split
 from deftx.data.text import load_language_text
 from deftx.errors import DataError
 
@@ -74,15 +77,19 @@ class TaskSpec:
 
 def _americasnli_train(lang: str, source: Source) -> list[Example]:
     if lang == "eng":
-        return load_multinli("train")
+        return load_multinli("train") if _is_hub(source) else english_nli_split("train")
     _needs_directory(source)
     return load_americasnli(lang, "dev", source)
 
 
 def _americasnli_evaluation(lang: str, split: str, source: Source) -> list[Example]:
     if lang == "eng":
-        return load_multinli("validation_matched")
+        return load_multinli("validation_matched") if _is_hub(source) else english_nli_split(split)
     return load_americasnli(lang, "dev" if split == "valid" else "test", source)
+
+
+def _is_hub(source: Source) -> bool:
+    return isinstance(source, str) and source == "hub"
 
 
 def _nusax_text(lang: str, source: Source, sources: Sequence[str] | None) -> list[str]:
@@ -94,8 +101,10 @@ def _nusax_text(lang: str, source: Source, sources: Sequence[str] | None) -> lis
 def _americasnlp_text(lang: str, source: Source, sources: Sequence[str] | None = None) -> list[str]:
     if sources is not None:   # the user's own files
         return load_language_text(lang, sources)
-    if lang == "eng":   # the hub setting: English text for the source-language SFT, MultiNLI's premises
-        return list(dict.fromkeys(e.text for e in load_multinli("train") if e.text))
+    if lang == "eng":   # English text for the source-language SFT: the training pairs' sentences
+        if _is_hub(source):   # the published setting: MultiNLI's premises
+            return list(dict.fromkeys(e.text for e in load_multinli("train") if e.text))
+        return list(dict.fromkeys(t for e in english_nli_split("train") for t in (e.text, e.text_pair) if t))
     _needs_directory(source)
     return load_americasnlp_text(lang, source)
 

@@ -62,10 +62,24 @@ def test_americasnli_presets_validate_leave_fold_out(preset, americasnli_dir):
         assert len(cfg.pipeline.target_languages) == 10 and len(cfg.seeds) == 3
 
 
+def test_americasnli_from_english_runs_offline_on_the_bundled_nli_pairs(americasnli_dir):
+    """English is a source language offline: the task SFT trains on the bundled English NLI pairs
+    (95%), validates on the other 5%, and the English language SFT reads their sentences."""
+    from deftx.tasks import task_spec
+
+    cfg = load_experiment("americasnli", preset="small", overrides=[
+        f"pipeline.data.source={americasnli_dir}", "main=single_source", "multi_source.folds=0"])
+    assert cfg.pipeline.source_language == "eng" and "eng" in cfg.sft_languages()
+    spec = task_spec("americasnli")
+    train, valid = spec.train("eng", americasnli_dir), spec.evaluation("eng", "valid", americasnli_dir)
+    assert len(train) + len(valid) == 19655 and 0.04 < len(valid) / 19655 < 0.06
+    assert not {(e.text, e.text_pair) for e in train} & {(e.text, e.text_pair) for e in valid}
+    text = spec.text("eng", americasnli_dir)
+    assert len(text) == len(set(text)) and set(text) <= {t for e in train for t in (e.text, e.text_pair)}
+
+
 def test_americasnli_settings_that_cannot_work_offline_are_refused(americasnli_dir):
     src = f"pipeline.data.source={americasnli_dir}"
-    with pytest.raises(ConfigError, match="MultiNLI, which is only on the hub"):
-        load_experiment("americasnli", preset="small", overrides=[src, "main=single_source", "multi_source.folds=0"])
     with pytest.raises(ConfigError, match="AmericasNLI is not bundled"):
         load_experiment("americasnli", preset="small", overrides=["pipeline.data.source=bundled"])
     with pytest.raises(ConfigError, match="pipeline.data.source"):

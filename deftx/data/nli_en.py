@@ -12,6 +12,7 @@ from deftx.data.examples import AMERICASNLI_LABELS, Example, label_index
 from deftx.errors import DataError
 
 ENGLISH_NLI_FILES = ("mnli_dev_matched", "snli_dev")
+ENGLISH_NLI_VALID_FRACTION = 0.05
 _HEADER = ["premise", "hypothesis", "label"]
 
 
@@ -38,3 +39,16 @@ def load_english_nli(files: Sequence[str] = ENGLISH_NLI_FILES) -> list[Example]:
             examples.append(Example(text=fields[0].strip(), text_pair=fields[1].strip(), label=label,
                                     language="eng"))
     return examples
+
+
+def english_nli_split(split: str) -> list[Example]:
+    """The bundled pairs as a training and a validation split: ``valid`` holds about 5% of the
+    pairs, chosen by a hash of premise and hypothesis (:func:`deftx.data.text.is_held_out`), ``train``
+    the rest. There is no separate English test set: ``test`` is the validation split too."""
+    from deftx.data.text import is_held_out
+
+    if split not in ("train", "valid", "test"):
+        raise DataError(f"unknown English NLI split {split!r}; valid: train, valid, test")
+    held = split != "train"
+    return [e for e in load_english_nli()
+            if is_held_out(f"{e.text}\t{e.text_pair}", ENGLISH_NLI_VALID_FRACTION) == held]

@@ -169,15 +169,8 @@ class ExperimentConfig:
             for i in range(ms.folds):
                 if not self.fold_sources(i):
                     raise ConfigError(f"multi_source: fold {i} would have no source language")
-        pipe = self.pipeline
         if self.main == "leave_fold_out" and not ms.folds:
             raise ConfigError("multi_source.folds: main: leave_fold_out needs at least 1 fold")
-        if (self.main == "single_source" and self.dataset == "americasnli" and pipe.source_language == "eng"
-                and pipe.data.source != "hub"):
-            raise ConfigError("main: single_source from English needs MultiNLI, which is only on the hub "
-                              "(pipeline.data.source: hub); offline use main: leave_fold_out")
-        if "eng" in self.sft_languages() and self.dataset == "americasnli" and pipe.data.source != "hub":
-            raise ConfigError("multi_source.candidates: eng (MultiNLI) is only on the hub")
         if self.subnetworks.systems:
             self._validate_subnetworks()
         if self.ablations.variants:
