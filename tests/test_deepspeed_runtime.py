@@ -105,27 +105,21 @@ def _train(rank: int, path: str, kind: str, stage: int, checkpoints: str, crash_
 def _bytes_held(engine) -> int:
     """Bytes of the storages that a ``DeepSpeedEngine``'s model parameters (and their ZeRO-3
     partitions), optimizer state and optimizer attributes point at."""
-    import torch
+    from deftx.training.distributed.engine import tensors_within
 
     storages: dict[int, int] = {}
 
-    def add(value, depth: int = 0) -> None:
-        if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
+    def add(value) -> None:
+        for tensor in tensors_within(value):
+            storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-        elif depth < 2 and isinstance(value, (list, tuple)):
-            for item in value:
-                add(item, depth + 1)
-        elif depth < 2 and isinstance(value, dict):
-            for item in value.values():
-                add(item, depth + 1)
 
     for param in engine.module.parameters():
         add(param)
         add(getattr(param, "ds_tensor", None))
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     for state in list(inner.state.values()) + list(getattr(engine.optimizer, "state", {}).values()):
-        add(state, 1)
+        add(state)
     for value in vars(engine.optimizer).values():
         add(value)
     storages.pop(0, None)   # empty storages

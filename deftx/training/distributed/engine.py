@@ -173,18 +173,24 @@ class DeepSpeedEngine:
         return float(self.optimizer.param_groups[0]["lr"])
 
 
-def _empty_tensors(value, depth: int = 0) -> None:
-    """Point every tensor in ``value`` (a tensor, or lists / tuples / dicts of them, two levels
-    deep) at an empty storage, so that its memory is freed once no other tensor views it."""
+def tensors_within(value, depth: int = 0):
+    """The tensors in ``value``: a tensor, or lists / tuples / dicts of them, two levels deep."""
     if isinstance(value, torch.Tensor):
-        if value.numel():
-            value.data = torch.empty(0, dtype=value.dtype, device=value.device)
+        yield value
     elif depth < 2 and isinstance(value, (list, tuple)):
         for item in value:
-            _empty_tensors(item, depth + 1)
+            yield from tensors_within(item, depth + 1)
     elif depth < 2 and isinstance(value, Mapping):
         for item in value.values():
-            _empty_tensors(item, depth + 1)
+            yield from tensors_within(item, depth + 1)
+
+
+def _empty_tensors(value) -> None:
+    """Point every tensor within ``value`` at an empty storage, so that its memory is freed once
+    no other tensor views it."""
+    for tensor in tensors_within(value):
+        if tensor.numel():
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
 
 
 def return_freed_memory() -> None:
