@@ -98,7 +98,7 @@ def _nusax_text(lang: str, source: Source, sources: Sequence[str] | None) -> lis
     return load_language_text(lang, sources, nusax_source=source)
 
 
-def _americasnlp_text(lang: str, source: Source, sources: Sequence[str] | None = None) -> list[str]:
+def _americasnlp_text(lang: str, source: Source, sources: Sequence[str] | None) -> list[str]:
     if sources is not None:   # the user's own files
         return load_language_text(lang, sources)
     if lang == "eng":   # English text for the source-language SFT: the training pairs' sentences

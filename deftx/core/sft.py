@@ -176,15 +176,12 @@ class SparseFineTuning:
                 masks: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor],
                 metadata: SFTMetadata, eps: float = DROP_EPS) -> SparseFineTuning:
         """phi = trained - start on the masked entries, with |phi| <= eps dropped."""
-        diffs: dict[str, SparseDelta] = {}
-        for name in sorted(masks):
-            mask = masks[name].reshape(-1)
-            delta = trained[name].detach().reshape(-1).float() - start[name].detach().reshape(-1).float()
-            keep = mask & (delta.abs() > eps)
-            idx = torch.nonzero(keep).flatten().to(torch.int64)
-            diffs[name] = SparseDelta(tuple(trained[name].shape), idx, delta[idx].clone())
-        heads = {n: t.detach().clone().float() for n, t in head.items()}
-        return cls(diffs, heads, metadata)
+        entries = {}
+        for name in masks:
+            index = torch.nonzero(masks[name].reshape(-1)).flatten()
+            entries[name] = (tuple(trained[name].shape), index, start[name].detach().reshape(-1)[index],
+                             trained[name].detach().reshape(-1)[index])
+        return cls.extract_entries(entries, head, metadata, eps)
 
     @classmethod
     def extract_entries(cls, entries: Mapping[str, tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]],

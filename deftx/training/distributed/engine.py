@@ -155,9 +155,7 @@ class DeepSpeedEngine:
         the tensors themselves frees them whoever still refers to them. The module is unusable
         afterwards."""
         for param in self.engine.module.parameters():
-            partition = getattr(param, "ds_tensor", None)
-            if isinstance(partition, torch.Tensor):
-                _empty_tensors(partition)
+            _empty_tensors(getattr(param, "ds_tensor", None))   # the ZeRO-3 partition
             param.grad = None
             _empty_tensors(param)
         for optimizer in (getattr(self.optimizer, "optimizer", None), self.optimizer):
