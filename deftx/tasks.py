@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from deftx.data import (
     AMERICASNLI_LABELS,
@@ -35,10 +36,18 @@ from deftx.data import (
     load_nusax_senti,
 )
 from deftx.data.nli_en import english_nli_split
-from deftx.data.text import load_language_text
+from deftx.data.text import load_language_text, split_held_out
 from deftx.errors import DataError
 
 Source = str | Path
+
+
+class TextSettings(Protocol):
+    """What :meth:`TaskSpec.adaptation_text` reads of a language-SFT config (``SFTConfig``)."""
+
+    text: list[str] | None
+    held_out: float
+    max_train_examples: int | None
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,18 @@ class TaskSpec:
         """Unlabelled text of ``lang`` for its language SFT: the task's default text, or ``sources``
         (``language_sft.text``: names of bundled sources or file paths, see :mod:`deftx.data.text`)."""
         return self._text(lang, source, sources)
+
+    def adaptation_text(self, lang: str, source: Source, sft_cfg: TextSettings, part: str = "train") -> list[str]:
+        """``lang``'s text under a language-SFT config: ``part`` ``train`` is what its MLM head
+        warm-up and phases train on (held-out lines removed, then ``max_train_examples`` kept),
+        ``held_out`` the lines kept apart for the held-out MLM loss (``sft_cfg.held_out``)."""
+        if part not in ("train", "held_out"):
+            raise ValueError(f"unknown part {part!r}; valid: train, held_out")
+        train, held = split_held_out(self.text(lang, source, sft_cfg.text), sft_cfg.held_out)
+        if part == "held_out":
+            return held
+        limit = sft_cfg.max_train_examples
+        return train if limit is None else train[:limit]
 
     def language_name(self, lang: str) -> str:
         return self.language_names.get(lang, lang)

@@ -40,7 +40,7 @@ RELEVANT = {
     "head": BASE + ["config.source_language", "config.target_languages", "config.language_sft.head_warmup_steps",
                     "config.language_sft.head_warmup_learning_rate", "config.language_sft.max_train_examples",
                     "config.language_sft.full.batch_size", "config.language_sft.mlm_probability",
-                    "config.language_sft.text"],
+                    "config.language_sft.text", "config.language_sft.held_out"],
     "language": BASE + ["language", "head", "config.language_sft.*"],
     "language-phase1": BASE + ["language", "head", "config.language_sft.*"],
     "task": BASE + ["language", "language_sft", "config.task_sft.*"],

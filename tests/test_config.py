@@ -35,6 +35,8 @@ from deftx.errors import ConfigError
     (["language_sft.text=[nllb_seed]", "target_languages=[ace]"], r"language_sft\.text: unknown text source "
                                                                    r"'nllb_seed' for ind"),
     (["task_sft.text=[all]"], r"task_sft\.text: only language SFTs read unlabelled text"),
+    (["language_sft.held_out=0.6"], r"language_sft\.held_out: must be a fraction in \[0, 0\.5\], got 0\.6"),
+    (["task_sft.held_out=0.1"], r"task_sft\.held_out: only language SFTs hold text out"),
 ])
 def test_invalid_values_fail_with_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:

@@ -115,6 +115,8 @@ def test_method_selection_gets_the_budget_and_exclusive_overrides():
     ("budget=huge", "budget: unknown budget 'huge'"),
     ("pipeline.target_languages=[jav, xx]", "pipeline.target_languages[1]"),
     ("unknown=1", "unknown: unknown key"),
+    ("pipeline.language_sft.held_out=0", "mlm_loss.enabled: needs held-out text; set pipeline.language_sft.held_out"),
+    ("mlm_loss.max_lines=0", "mlm_loss.max_lines: must be >= 1, got 0"),
     ("main_table=false", "ablations: re-select the main table's task SFT; they need main_table: true"),
 ])
 def test_bad_experiment_settings_are_one_line_errors(override, message):
@@ -264,6 +266,8 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
     # (full FT + 3 methods x {with, without language SFT}) x 2 seeds x 3 languages x 2 splits
     assert len(main_rows) == (1 + 2 * len(cfg.methods)) * len(cfg.seeds) * len(langs) * 2
     assert {r["system"] for r in main_rows} == {"full_ft", *cfg.methods}
+    swapped = [r for r in rows if r["part"] == "source_sft"]        # task + ind's SFT, on each target
+    assert len(swapped) == len(cfg.methods) * len(cfg.seeds) * 2 * 2 and {r["language"] for r in swapped} == {"jav", "sun"}
     assert all(0.0 <= float(r["macro_f1"]) <= 1.0 for r in rows)
     assert {int(r["n"]) for r in rows} == {40}
     multi = [r for r in rows if r["part"] == "multi_source"]
@@ -297,12 +301,25 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
     assert {a.path for a in client.list_artifacts(run.info.run_id, "results")} >= {"results/results.md",
                                                                                     "results/scores.csv"}
 
+    # held-out MLM loss: theta0 and each language's SFT on each language's held-out text, per method
+    with (results / "mlm-loss.csv").open() as f:
+        losses = list(csv.DictReader(f))
+    assert len(losses) == len(cfg.methods) * 2 * (1 + len(langs)) * len(langs)
+    assert {r["sft"] for r in losses} == {"theta0", *langs} and all(float(r["loss"]) > 0 for r in losses)
+    assert all(int(r["lines"]) == 24 for r in losses)       # 2% of each language's text, sampled to 24
+    assert "## Held-out MLM loss" in (results / "results.md").read_text()
+    cached = {p.name: p.stat().st_mtime_ns for p in (out / "diagnostics").glob("mlm-loss-*.json")}
+    assert len(cached) == len(cfg.methods)
+
     first = (results / "scores.csv").read_text()
+    first_losses = (results / "mlm-loss.csv").read_text()
     assert main(argv) == 0
     capsys.readouterr()
     prov = json.loads((results / "provenance.json").read_text())
     assert prov["units_trained"] == 0 and prov["units_reused"] > 0 and prov["complete"]
     assert (results / "scores.csv").read_text() == first
+    assert (results / "mlm-loss.csv").read_text() == first_losses
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "diagnostics").glob("mlm-loss-*.json")} == cached
 
     # --report-only: the same report from the finished units; on an empty output, nothing trained
     assert main([*argv, "--report-only"]) == 0

@@ -13,6 +13,7 @@ from deftx.data.nli_en import load_english_nli
 from deftx.data.text import (
     NUSAX_MT_TRAIN,
     _bundled_files,
+    is_held_out,
     load_language_text,
     read_text_file,
     resolve_sources,
@@ -162,3 +163,57 @@ def test_tasks_read_the_configured_text(tmp_path):
     own = tmp_path / "aym.txt"
     own.write_text("suma uru\njallalla\n", encoding="utf-8")
     assert task_spec("americasnli").text("aym", str(tmp_path), [str(own)]) == ["suma uru", "jallalla"]
+
+
+def test_adaptation_text_keeps_the_held_out_slice_out_of_training():
+    """``language_sft.held_out``: the training part and the held-out part split the text; the cap
+    (``max_train_examples``) applies to the training part only; 0 trains on everything."""
+    from deftx.config import SFTConfig
+    from deftx.tasks import task_spec
+
+    nusax = task_spec("nusax_senti")
+    every = nusax.text("sun", "bundled", ["all"])
+    cfg = SFTConfig(text=["all"], held_out=0.05)
+    train = nusax.adaptation_text("sun", "bundled", cfg)
+    held = nusax.adaptation_text("sun", "bundled", cfg, "held_out")
+    assert sorted(train + held) == sorted(every) and not set(train) & set(held)
+    assert held == [line for line in every if is_held_out(line, 0.05)]
+    capped = nusax.adaptation_text("sun", "bundled", SFTConfig(text=["all"], held_out=0.05, max_train_examples=100))
+    assert capped == train[:100]
+    assert nusax.adaptation_text("sun", "bundled", SFTConfig(text=["all"])) == every
+    assert nusax.adaptation_text("sun", "bundled", SFTConfig(), "held_out") == []
+    with pytest.raises(ValueError, match="unknown part"):
+        nusax.adaptation_text("sun", "bundled", cfg, "test")
+
+
+def test_language_sfts_and_the_head_warm_up_never_train_on_held_out_lines(tiny_model_dir, monkeypatch, tmp_path):
+    """What the masked-LM streams are built from, in the language SFT and in the shared head
+    warm-up, with a third of the text held out."""
+    import deftx.jobs.recipes as recipes
+    from deftx.config import load_pipeline_config
+    from deftx.jobs.executors import LocalExecutor
+    from deftx.jobs.recipes import train_language_sft
+    from deftx.jobs.spec import HeadJob
+    from deftx.models import load_tokenizer
+
+    seen: list[list[str]] = []
+
+    class Seen(Exception):
+        pass
+
+    def capture(tokenizer, texts, **kwargs):
+        seen.append(list(texts))
+        raise Seen
+
+    monkeypatch.setattr(recipes, "masked_lm_stream", capture)
+    cfg = load_pipeline_config(overrides=["language_sft.held_out=0.3", "language_sft.head_warmup_steps=2",
+                                          f"model.name_or_path={tiny_model_dir}", "target_languages=[jav]"])
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    with pytest.raises(Seen):
+        train_language_sft(str(tiny_model_dir), tokenizer, "jav", cfg.language_sft, model_id="tiny",
+                           data_source="bundled", max_length=32, seed=0, log=lambda line: None)
+    with pytest.raises(Seen):       # the pipeline's head job, as an executor runs it
+        LocalExecutor().run(HeadJob(cfg, "tiny-fingerprint"), tmp_path / "head", lambda line: None)
+    language, head = seen
+    assert 300 < len(language) < 400 and not any(is_held_out(line, 0.3) for line in language + head)
+    assert len(head) > len(language)            # ind and jav

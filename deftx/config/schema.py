@@ -153,6 +153,9 @@ class SFTConfig:
     (``nusax_mt_train``, a bundled file such as ``nusawrites_paragraph``, or ``all``), or paths to
     .txt / .txt.gz files (``deftx.data.text``); null: the task's default text (NusaX-MT train,
     AmericasNLP 2021 train).
+    ``held_out`` (language SFTs only): the fraction of each language's text kept out of training
+    (and out of the MLM head warm-up), chosen by a hash of each line (``deftx.data.text``), for the
+    held-out MLM loss (``deftx.held_out_mlm``); 0 trains on all of it.
     ``sparse_update``: how phase 2 trains the K selected entries: ``values`` (default; one trainable
     K-sized tensor over a frozen base, so gradients, optimizer state and communication are K-sized;
     ``deftx.training.sparse_values``) or ``dense`` (the whole tensors with masked gradients and a
@@ -168,6 +171,7 @@ class SFTConfig:
     max_train_examples: int | None = None
     sparse_update: str = "values"
     text: list[str] | None = None
+    held_out: float = 0.0
 
     def validate(self, key: str) -> None:
         self.selection.validate(f"{key}.selection")
@@ -183,6 +187,8 @@ class SFTConfig:
             raise fail(f"{key}.mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
         if self.max_train_examples is not None and self.max_train_examples < 1:
             raise fail(f"{key}.max_train_examples", f"must be >= 1 or null, got {self.max_train_examples}")
+        if not 0.0 <= self.held_out <= 0.5:
+            raise fail(f"{key}.held_out", f"must be a fraction in [0, 0.5], got {self.held_out}")
 
 
 def _default_language_sft() -> SFTConfig:
@@ -332,6 +338,8 @@ class PipelineConfig:
         self.task_sft.validate("task_sft")
         if self.task_sft.text is not None:
             raise fail("task_sft.text", "only language SFTs read unlabelled text; set language_sft.text")
+        if self.task_sft.held_out:
+            raise fail("task_sft.held_out", "only language SFTs hold text out; set language_sft.held_out")
         if self.language_sft.text is not None:
             self._check_text()
         if self.eval_batch_size < 1:

@@ -35,7 +35,7 @@ def _start_model_builder(model_path: str, seed: int, head: dict[str, torch.Tenso
     def build() -> torch.nn.Module:
         model, _ = load_masked_lm(model_path, seed=seed)
         if head is not None:
-            _load_head(model, head)
+            set_mlm_head(model, head)
         return model
 
     return build
@@ -55,11 +55,13 @@ def train_language_sft(model_path: str, tokenizer, lang: str, sft_cfg: SFTConfig
     Returns None on the ranks of a distributed runtime other than 0, and with ``stop_after_phase1``
     (which only fills ``phase1``)."""
     spec = task_spec(task)
-    texts = capped(texts if texts is not None else spec.text(lang, data_source, sft_cfg.text),
-                   sft_cfg.max_train_examples)
+    if texts is None:
+        texts = spec.adaptation_text(lang, data_source, sft_cfg)
+    else:
+        texts = capped(texts, sft_cfg.max_train_examples)
     model, has_head = load_masked_lm(model_path, seed=seed)
     if head_init is not None:
-        _load_head(model, head_init)
+        set_mlm_head(model, head_init)
     build = _start_model_builder(model_path, seed, head_init)
     fingerprint = current_base_fingerprint(model)
     head_source = "pretrained"
@@ -93,7 +95,8 @@ def _first_then(model: torch.nn.Module, build):
     return builder
 
 
-def _load_head(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+def set_mlm_head(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Copy a saved MLM head (:func:`warm_up_mlm_head`'s values) into ``model``'s head parameters."""
     params = parameter_roles(model, "language").head
     if set(params) != set(values):
         raise DeftxError(f"MLM head tensors {sorted(values)} do not match the model's {sorted(params)}")

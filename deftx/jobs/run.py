@@ -32,7 +32,6 @@ from deftx.jobs.spec import (
     MultiSourceJob,
     SubnetworkJob,
     TaskJob,
-    capped,
     head_languages,
 )
 from deftx.models import load_masked_lm, load_tokenizer, resolve_model_path
@@ -115,9 +114,7 @@ def _run(job: Any, ctx: _Context) -> JobOutput | None:
 def _(job: HeadJob, ctx: _Context) -> JobOutput | None:
     cfg = ctx.cfg
     spec = task_spec(cfg.task)
-    texts = [t for lang in head_languages(cfg)
-             for t in capped(spec.text(lang, cfg.data.source, cfg.language_sft.text),
-                             cfg.language_sft.max_train_examples)]
+    texts = [t for lang in head_languages(cfg) for t in spec.adaptation_text(lang, cfg.data.source, cfg.language_sft)]
     model, _ = load_masked_lm(ctx.model_path, seed=cfg.seed)
     values, phase = warm_up_mlm_head(model, ctx.tokenizer, texts, cfg.language_sft, max_length=cfg.model.max_length,
                                      seed=cfg.seed, log=ctx.log, runtime=ctx.runtime)

@@ -134,9 +134,10 @@ class MaskedLMStream(BatchStream):
                            probability=self.mlm_probability)
 
 
-def mask_tokens(ids: torch.Tensor, attn: torch.Tensor, generator: torch.Generator, *, mask_id: int,
-                vocab_size: int, special_ids: frozenset[int], probability: float) -> dict[str, torch.Tensor]:
-    """Apply BERT masking to a padded batch; at least one position per batch is predicted."""
+def choose_mlm_positions(ids: torch.Tensor, attn: torch.Tensor, generator: torch.Generator, *,
+                         special_ids: frozenset[int], probability: float) -> torch.Tensor:
+    """The positions to predict: each non-special, non-padding token with ``probability`` (at
+    least one per batch when there is any candidate)."""
     candidates = attn.bool()
     for sid in special_ids:
         candidates &= ids != sid
@@ -144,6 +145,13 @@ def mask_tokens(ids: torch.Tensor, attn: torch.Tensor, generator: torch.Generato
     if not bool(chosen.any()) and bool(candidates.any()):
         first = torch.nonzero(candidates)[0]
         chosen[first[0], first[1]] = True
+    return chosen
+
+
+def mask_tokens(ids: torch.Tensor, attn: torch.Tensor, generator: torch.Generator, *, mask_id: int,
+                vocab_size: int, special_ids: frozenset[int], probability: float) -> dict[str, torch.Tensor]:
+    """Apply BERT masking to a padded batch; at least one position per batch is predicted."""
+    chosen = choose_mlm_positions(ids, attn, generator, special_ids=special_ids, probability=probability)
     labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
     roll = torch.rand(ids.shape, generator=generator)
     random_ids = torch.randint(0, vocab_size, ids.shape, generator=generator)

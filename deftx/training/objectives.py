@@ -19,12 +19,12 @@ def mlm_head(model: nn.Module) -> nn.Module:
     raise TypeError(f"{type(model).__name__} has no masked-LM head (expected a 'cls' or 'lm_head' module)")
 
 
-def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     labels = batch["labels"]
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
     where = labels != IGNORE_INDEX
     logits = mlm_head(model)(hidden[where])
-    return F.cross_entropy(logits.float(), labels[where])
+    return F.cross_entropy(logits.float(), labels[where], reduction=reduction)
 
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

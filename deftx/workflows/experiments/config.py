@@ -36,6 +36,7 @@ XLMR_TASK_K = 14_155_776
 XLMR_LANGUAGE_K = 7_667_712
 BUDGETS = ("xlmr-base", "config")
 FULL_FT = "full_ft"
+SOURCE_SFT_PART = "source_sft"   # records of task SFT + the source language's SFT, scored on the targets
 EXPERIMENT_DATASETS = ("nusax", "americasnli")
 MAIN_LAYOUTS = ("single_source", "leave_fold_out")
 
@@ -94,6 +95,18 @@ class SubnetworkSystemsConfig:
 
 
 @dataclass
+class MLMLossConfig:
+    """Held-out MLM loss of the language SFTs (``deftx.held_out_mlm``), per method: theta0 and
+    theta0 + each language's SFT on every language's held-out adaptation text, at most
+    ``max_lines`` lines each (a hash-chosen sample). Needs ``pipeline.language_sft.held_out`` > 0."""
+
+    enabled: bool = False
+    max_lines: int = 512
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
 class ExperimentConfig:
     """``main``: ``single_source`` (task SFT on the source language, the NusaX setting) or
     ``leave_fold_out`` (multi-source task SFTs per fold of ``multi_source``, the offline AmericasNLI
@@ -114,6 +127,7 @@ class ExperimentConfig:
     multi_source: MultiSourceConfig = field(default_factory=MultiSourceConfig)
     ablations: AblationConfig = field(default_factory=AblationConfig)
     analysis: bool = True
+    mlm_loss: MLMLossConfig = field(default_factory=MLMLossConfig)
     subnetworks: SubnetworkSystemsConfig = field(default_factory=SubnetworkSystemsConfig)
     eval_splits: list[str] = field(default_factory=lambda: ["test", "valid"])
     results_dir: str = "benchmarks/results"
@@ -169,6 +183,8 @@ class ExperimentConfig:
             for i in range(ms.folds):
                 if not self.fold_sources(i):
                     raise ConfigError(f"multi_source: fold {i} would have no source language")
+        if self.mlm_loss.enabled:
+            self._validate_mlm_loss()
         if self.main == "leave_fold_out" and not ms.folds:
             raise ConfigError("multi_source.folds: main: leave_fold_out needs at least 1 fold")
         if self.subnetworks.systems:
@@ -183,6 +199,17 @@ class ExperimentConfig:
             for name in self.ablations.variants:
                 self.ablation_selection(name)
         return self
+
+    def _validate_mlm_loss(self) -> None:
+        settings = self.mlm_loss
+        if not self.pipeline.language_sft.held_out:
+            raise ConfigError("mlm_loss.enabled: needs held-out text; set pipeline.language_sft.held_out "
+                              "(e.g. 0.02) or mlm_loss.enabled: false")
+        if not self.methods:
+            raise ConfigError("mlm_loss.enabled: scores the methods' language SFTs; give at least one method")
+        for name in ("max_lines", "batch_size"):
+            if getattr(settings, name) < 1:
+                raise ConfigError(f"mlm_loss.{name}: must be >= 1, got {getattr(settings, name)}")
 
     def _validate_subnetworks(self) -> None:
         sub = self.subnetworks

@@ -21,9 +21,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from deftx.held_out_mlm import language_signal
 from deftx.tasks import task_spec
 from deftx.tracking.plots import close, grouped_bars
-from deftx.workflows.experiments.config import FULL_FT, ExperimentConfig, xlmr_densities
+from deftx.workflows.experiments.config import FULL_FT, SOURCE_SFT_PART, ExperimentConfig, xlmr_densities
 from deftx.workflows.experiments.state import ExperimentState, Record
 
 SYSTEM_NAMES = {FULL_FT: "full FT", "lt_sft": "LT-SFT", "deft_x_rank": "DeFT-X (fixed rank)",
@@ -106,17 +107,29 @@ def main_table(state: ExperimentState, split: str = "test") -> str:
 
 
 def task_only_table(state: ExperimentState, split: str = "test") -> str:
+    """Per method, averages over the targets: the task SFT with the target's language SFT, with the
+    source language's SFT (single-source layout), and alone; then the differences."""
     cfg = state.config
     metric, _ = metric_of(cfg)
     targets = list(cfg.pipeline.target_languages)
-    lines = ["| method | task + language SFT | task SFT only | difference |", "|---|---|---|---|"]
+    with_source = any(r.part == SOURCE_SFT_PART for r in state.records)
+    head = ["method", "task + target SFT", *(["task + source SFT"] if with_source else []), "task SFT only",
+            "target - only", *(["target - source", "source - only"] if with_source else [])]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for system in cfg.methods:
-        both = per_seed_average(select(state.records, part="main", system=system, split=split, with_language_sft=True),
-                                targets, metric)
-        alone = per_seed_average(select(state.records, part="main", system=system, split=split,
-                                        with_language_sft=False), targets, metric)
-        diff = [a - b for a, b in zip(both, alone)]
-        lines.append(f"| {system_name(system, cfg)} | {cell(both)} | {cell(alone)} | {cell(diff)} |")
+        def average(part: str, with_lang: bool, system=system) -> list[float]:
+            return per_seed_average(select(state.records, part=part, system=system, split=split,
+                                           with_language_sft=with_lang), targets, metric)
+
+        both, alone = average("main", True), average("main", False)
+        cells = [cell(both)]
+        if with_source:
+            source = average(SOURCE_SFT_PART, True)
+            cells.append(cell(source))
+        cells += [cell(alone), cell([a - b for a, b in zip(both, alone)])]
+        if with_source:
+            cells += [cell([a - b for a, b in zip(both, source)]), cell([a - b for a, b in zip(source, alone)])]
+        lines.append(f"| {system_name(system, cfg)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -222,6 +235,46 @@ def ablation_table(state: ExperimentState) -> str:
     return "\n".join(lines)
 
 
+def mlm_loss_markdown(results: dict[str, dict[str, Any]], language_name=lambda lang: lang) -> str:
+    """The report section: per method, each language's held-out loss under theta0 and its own SFT,
+    the own SFT's drop against the other languages' SFTs' (mean and best), for the SFT as trained
+    and for its body alone; the goal is a positive margin for every language."""
+    parts = [("Mean cross-entropy (nats per masked token) on each language's held-out adaptation text (lines kept "
+              "out of the head warm-up and of every language SFT; never NusaX valid/test). A drop is theta0's loss "
+              "minus the loss with an SFT applied. *margin* = own SFT's drop minus the mean drop of the other "
+              "languages' SFTs on the same text: positive when the SFT learned its own language rather than "
+              "something every SFT learns. *SFT*: the language SFT as trained (body entries and its MLM head); "
+              "*body*: its body entries over the shared warm-up head, which is what a composition with a task SFT "
+              "keeps."), ""]
+    for method, result in results.items():
+        sft, body = (language_signal(result[v]) for v in ("sft", "body"))
+        body_of = {s.language: s for s in body}
+        parts += [f"**{method}**", "",
+                  "| language | lines | theta0 | own SFT | own drop | others' mean drop | best other (drop) "
+                  "| margin | body: own drop | body: margin |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for s in sft:
+            b = body_of[s.language]
+            best = f"{s.best_other} ({s.best_other_drop:+.3f})" if s.best_other else "-"
+            parts.append(f"| {language_name(s.language)} | {result['lines'][s.language]} | {s.theta0:.3f} | "
+                         f"{s.own:.3f} | {s.own_drop:+.3f} | {s.others_mean_drop:+.3f} | {best} | "
+                         f"**{s.margin:+.3f}** | {b.own_drop:+.3f} | {b.margin:+.3f} |")
+        positive = sum(s.margin > 0 for s in sft)
+        beats = sum(s.beats_every_other for s in sft)
+        parts += ["", f"Margin positive for {positive}/{len(sft)} languages (body alone: "
+                  f"{sum(b.margin > 0 for b in body)}/{len(body)}); own SFT's drop the largest of all SFTs for "
+                  f"{beats}/{len(sft)}.", ""]
+    return "\n".join(parts)
+
+
+def mlm_loss_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every held-out MLM loss of the experiment, one row per (method, variant, SFT, language)."""
+    return [{"method": method, "variant": variant, "sft": row, "language": lang, "loss": loss,
+             "lines": result["lines"][lang]}
+            for method, result in results.items() for variant in ("sft", "body")
+            for row, values in result[variant].items() for lang, loss in values.items()]
+
+
 def git_commit(cwd: Path | None = None) -> dict[str, Any]:
     def run(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False).stdout.strip()
@@ -277,6 +330,8 @@ def write_report(state: ExperimentState, directory: Path, *, command: str, secon
     write_csv(directory / "overlap.csv", state.overlaps)
     if state.subnetwork_stats:
         write_csv(directory / "subnetworks.csv", state.subnetwork_stats)
+    if state.mlm_loss:
+        write_csv(directory / "mlm-loss.csv", mlm_loss_rows(state.mlm_loss))
     written = {"provenance": directory / "provenance.json", "scores": directory / "scores.csv"}
     for name, fig in (figures or {}).items():
         if fig is not None:
@@ -343,6 +398,10 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
                ""] if "valid" in cfg.eval_splits else []),
             f"## What the language SFT adds (test {label}, average of the targets, %)",
             "",
+            ("*task + source SFT*: the task SFT composed with the source language's SFT (the body it was trained "
+             "on) instead of the target's. *target - source* is the effect of swapping in the target's SFT; "
+             "*source - only* that of the adapted body."),
+            "",
             task_only_table(state, "test"),
             "",
             "## Mask overlap between the task SFT and the target language SFTs",
@@ -353,6 +412,10 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
             "",
             overlap_table(state),
         ]
+    if state.mlm_loss:
+        parts += ["", "## Held-out MLM loss: do the language SFTs model their languages?", "",
+                  mlm_loss_markdown(state.mlm_loss, lambda lang: _language(lang, cfg)),
+                  "", "Every loss (each SFT on each language) is in `mlm-loss.csv`."]
     if cfg.multi_source.folds and cfg.main == "single_source":
         parts += ["", f"## Multi-source task SFTs, leave-fold-out (test {label}, %; {spread})", "",
                   (f"The targets are split into {cfg.multi_source.folds} folds; each fold's targets are evaluated "

@@ -48,7 +48,8 @@ from deftx.subnetworks.artifact import SubnetworkModel
 from deftx.subnetworks.train import check_reselection, steps_for_sizes
 from deftx.tasks import task_spec
 from deftx.training.phase1_store import Phase1Store
-from deftx.workflows.experiments.config import FULL_FT, ExperimentConfig
+from deftx.workflows.experiments.config import FULL_FT, SOURCE_SFT_PART, ExperimentConfig
+from deftx.workflows.experiments.diagnostics import MLMDiagnostics
 from deftx.workflows.experiments.evaluator import Evaluator
 from deftx.workflows.experiments.reuse import adopt, adopt_scores
 from deftx.workflows.experiments.state import ExperimentState, MissingUnit, Record
@@ -256,7 +257,17 @@ class Experiment:
         for i, lang in enumerate(self.languages, 1):
             with self._timed(f"language SFTs ({lang})"):
                 self._language(trained, i, lang)
+        if cfg.mlm_loss.enabled:
+            with self._timed("held-out MLM loss"):
+                self._mlm_loss(trained)
         return trained
+
+    def _mlm_loss(self, trained: TrainedSFTs) -> None:
+        diagnostics = MLMDiagnostics(self.cfg, trained.head, self.out / "diagnostics", self.log, self.report_only)
+        for method in self.cfg.methods:
+            with self._unit(f"held-out MLM loss ({method})"):
+                dirs = {lang: self._language_sft_dir(method, lang) for lang in self.languages}
+                self.state.mlm_loss[method] = diagnostics.method(method, dirs)
 
     def _language(self, trained: TrainedSFTs, i: int, lang: str) -> None:
         cfg = self.cfg
@@ -333,6 +344,12 @@ class Experiment:
         self._record("main", method, seed, scores, with_lang=True)
         alone = ev.scores(f"{method}-seed{seed}-{key_of(task)}-alone", langs, lambda lang, task=task: ev.composed(task, None))
         self._record("main", method, seed, alone, with_lang=False)
+        # the same composition with the source language's SFT in place of the target's: separates
+        # the effect of swapping in the target's SFT from that of the adapted body
+        source = lang_sfts[cfg.pipeline.source_language]
+        swapped = ev.scores(f"{method}-seed{seed}-{key_of(task)}-source-{key_of(source)}", self.targets,
+                            lambda lang, task=task, source=source: ev.composed(task, source))
+        self._record(SOURCE_SFT_PART, method, seed, swapped, with_lang=True)
         self._overlaps("main", method, seed, task, lang_sfts)
 
     def _overlaps(self, part: str, system: str, seed: int, task: SparseFineTuning,

@@ -44,4 +44,5 @@ class ExperimentState:
     ledger: dict[str, float] = field(default_factory=dict)   # seconds per stage over all invocations
     missing: list[str] = field(default_factory=list)           # report-only: units not computed yet
     sft_dirs: dict[str, str] = field(default_factory=dict)     # every SFT of the experiment, by relative path
+    mlm_loss: dict[str, dict[str, Any]] = field(default_factory=dict)     # method -> held-out MLM-loss result
     subnetwork_stats: list[dict[str, Any]] = field(default_factory=list)   # mask sizes and sharing per model

@@ -282,8 +282,7 @@ def _reports_per_trial(cfg: PipelineConfig, space: SearchSpace) -> int:
 
     if not space.eval_every or space.sft != "language":
         return 1
-    n = min(len(task_spec(cfg.task).text(cfg.source_language, cfg.data.source, cfg.language_sft.text)),
-            cfg.language_sft.max_train_examples or 10**9)
+    n = len(task_spec(cfg.task).adaptation_text(cfg.source_language, cfg.data.source, cfg.language_sft))
     return cfg.language_sft.sparse.num_steps(n) // space.eval_every + 1
 
 
