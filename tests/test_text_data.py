@@ -217,3 +217,13 @@ def test_language_sfts_and_the_head_warm_up_never_train_on_held_out_lines(tiny_m
     language, head = seen
     assert 300 < len(language) < 400 and not any(is_held_out(line, 0.3) for line in language + head)
     assert len(head) > len(language)            # ind and jav
+
+def test_a_lang_placeholder_names_each_languages_own_file(tmp_path):
+    """One ``language_sft.text`` setting for many languages: ``{lang}`` in a path is the code."""
+    for lang, words in (("aym", "suma uru"), ("gn", "mba'eichapa")):
+        (tmp_path / f"train.{lang}").write_text(f"{words}\n", encoding="utf-8")
+    pattern = str(tmp_path / "train.{lang}")
+    assert load_language_text("aym", [pattern]) == ["suma uru"]
+    assert load_language_text("gn", [pattern]) == ["mba'eichapa"]
+    with pytest.raises(DataError, match=r"train\.quy: no such text file"):
+        load_language_text("quy", [pattern])

@@ -8,7 +8,9 @@ A source is named by a string:
   ``nusawrites_paragraph``, ``nusawrites_translation``, ``minangnlp_wiki_mt``; provenance, licences
   and the leakage check in ``deftx/data/nusax_text/ATTRIBUTION.md``);
 * ``all``: every source of the language, in the order of :func:`text_sources`;
-* a path to a text file (``.txt`` or ``.txt.gz``, UTF-8, one sentence or paragraph per line).
+* a path to a text file (``.txt`` or ``.txt.gz``, UTF-8, one sentence or paragraph per line);
+  ``{lang}`` in it stands for the language's code, so one setting names each language's own file
+  (``/data/wiki/{lang}.txt.gz``).
 
 :func:`split_held_out` keeps a slice of the lines apart (for held-out MLM loss), chosen by a hash
 of each line, so a line stays on its side whatever other sources are added.
@@ -83,6 +85,14 @@ def read_text_file(path: str | os.PathLike | Traversable) -> list[str]:
     return [line for line in (_normalise(raw) for raw in text.splitlines()) if line]
 
 
+LANG_PLACEHOLDER = "{lang}"
+
+
+def language_path(source: str, lang: str) -> Path:
+    """The file a path source names for ``lang`` (``{lang}`` replaced by its code, ``~`` expanded)."""
+    return Path(source.replace(LANG_PLACEHOLDER, lang)).expanduser()
+
+
 def _is_path(source: str) -> bool:
     return os.sep in source or "/" in source or source.endswith(TEXT_SUFFIXES)
 
@@ -124,7 +134,7 @@ def load_language_text(lang: str, sources: str | Sequence[str] = (NUSAX_MT_TRAIN
         elif source in bundled:
             part = read_text_file(bundled[source])
         else:
-            part = read_text_file(Path(source).expanduser())
+            part = read_text_file(language_path(source, lang))
             if not part:
                 raise DataError(f"{source}: no text in it")
         for line in part:
