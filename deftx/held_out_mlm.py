@@ -27,10 +27,11 @@ from torch import nn
 
 from deftx.core.sft import SparseFineTuning
 from deftx.errors import DataError
-from deftx.training.batches import choose_mlm_positions, pad_batch, tokenize_texts
+from deftx.training.batches import IGNORE_INDEX, choose_mlm_positions, pad_batch, tokenize_texts
 from deftx.training.objectives import masked_lm_loss
 
 THETA0 = "theta0"
+VARIANTS = ("sft", "body")   # with each SFT's own MLM head; its body entries alone over the model's head
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,10 @@ def held_out_set(tokenizer, language: str, lines: Sequence[str], *, max_length: 
         ids, attn = pad_batch(sequences[start:start + batch_size], tokenizer.pad_token_id)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + number)
         where = choose_mlm_positions(ids, attn, generator, special_ids=special, probability=probability)
-        labels = torch.where(where, ids, torch.full_like(ids, -100))
+        labels = torch.where(where, ids, torch.full_like(ids, IGNORE_INDEX))
         inputs = torch.where(where, torch.full_like(ids, tokenizer.mask_token_id), ids)
         batches.append({"input_ids": inputs, "attention_mask": attn, "labels": labels})
-    predicted = sum(int((b["labels"] != -100).sum()) for b in batches)
+    predicted = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     return HeldOutSet(language, tuple(batches), len(chosen), predicted)
 
 

@@ -52,6 +52,15 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         os.fsync(f.fileno())
 
 
+def replace_json(path: str | os.PathLike, data: Any, indent: int = 1) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file beside it, so a reader (or a run
+    killed mid-write) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=indent) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """A JSON file's content; a ``DeftxError`` naming the file if it is missing or malformed."""
     try:

@@ -35,7 +35,7 @@ from typing import Any
 
 from deftx import __version__
 from deftx.core.compose import COMPOSED_OUTPUT, Composition, export_hf_model
-from deftx.core.io import check_output_dir
+from deftx.core.io import check_output_dir, replace_json
 from deftx.core.sft import SparseFineTuning, current_base_fingerprint, read_metadata
 from deftx.errors import DeftxError
 from deftx.mlflow_model import DATA_DIR, LANGUAGE_ARTIFACT, LOADER_MODULE, TASK_ARTIFACT, ComposedPredictor
@@ -131,9 +131,7 @@ class PendingRegistration:
         directory = Path(output_dir) / PENDING_DIR
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{self.run_name}-{uuid.uuid4().hex[:8]}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-        tmp.rename(path)
+        replace_json(path, asdict(self), indent=2)
         return path
 
     @classmethod

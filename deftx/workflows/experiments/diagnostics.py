@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deftx.core.io import replace_json
 from deftx.core.sft import SparseFineTuning
-from deftx.held_out_mlm import held_out_set, loss_matrix
+from deftx.held_out_mlm import VARIANTS, held_out_set, loss_matrix
 from deftx.jobs.cache import digest, input_key
 from deftx.jobs.head import load_head
 from deftx.jobs.recipes import set_mlm_head
@@ -21,8 +22,6 @@ from deftx.models import load_masked_lm, load_tokenizer, resolve_model_path
 from deftx.tasks import task_spec
 from deftx.workflows.experiments.config import ExperimentConfig
 from deftx.workflows.experiments.state import MissingUnit
-
-VARIANTS = ("sft", "body")   # with each SFT's MLM head; its body entries over the shared head
 
 
 class MLMDiagnostics:
@@ -89,7 +88,5 @@ class MLMDiagnostics:
             result[variant] = loss_matrix(self._model, self._sets, sfts, with_head=variant == "sft", log=self.log)
         result["seconds"] = round(time.perf_counter() - started, 1)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        replace_json(path, result)
         return result

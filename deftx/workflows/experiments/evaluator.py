@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from deftx.core.io import replace_json
 from deftx.core.sft import SparseFineTuning
 from deftx.evaluation import ClassifierScorer
 from deftx.jobs.spec import Log
@@ -65,9 +66,7 @@ class Evaluator:
                     cached[f"{lang}/{split}"] = self._score(lang, split)
         self.log(f"[eval] {key.split('-')[0]}: {len(languages)} language(s) x {len(self.cfg.eval_splits)} split(s) in "
                  f"{time.perf_counter() - started:.0f} s")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cached, indent=1), encoding="utf-8")
-        tmp.replace(path)
+        replace_json(path, cached)
         return {tuple(w.split("/")): cached[w] for w in want}  # type: ignore[misc]
 
     @contextmanager

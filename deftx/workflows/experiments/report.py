@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from deftx.held_out_mlm import language_signal
+from deftx.held_out_mlm import VARIANTS, language_signal
 from deftx.tasks import task_spec
 from deftx.tracking.plots import close, grouped_bars
 from deftx.workflows.experiments.config import FULL_FT, SOURCE_SFT_PART, ExperimentConfig, xlmr_densities
@@ -247,7 +247,7 @@ def mlm_loss_markdown(results: dict[str, dict[str, Any]], language_name=lambda l
               "*body*: its body entries over the shared warm-up head, which is what a composition with a task SFT "
               "keeps."), ""]
     for method, result in results.items():
-        sft, body = (language_signal(result[v]) for v in ("sft", "body"))
+        sft, body = (language_signal(result[v]) for v in VARIANTS)
         body_of = {s.language: s for s in body}
         parts += [f"**{method}**", "",
                   "| language | lines | theta0 | own SFT | own drop | others' mean drop | best other (drop) "
@@ -271,7 +271,7 @@ def mlm_loss_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Every held-out MLM loss of the experiment, one row per (method, variant, SFT, language)."""
     return [{"method": method, "variant": variant, "sft": row, "language": lang, "loss": loss,
              "lines": result["lines"][lang]}
-            for method, result in results.items() for variant in ("sft", "body")
+            for method, result in results.items() for variant in VARIANTS
             for row, values in result[variant].items() for lang, loss in values.items()]
 
 
