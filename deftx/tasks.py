@@ -99,7 +99,9 @@ class TaskSpec:
 def _americasnli_train(lang: str, source: Source) -> list[Example]:
     if lang == "eng":
         return load_multinli("train") if _is_hub(source) else english_nli_split("train")
-    _needs_directory(source)
+    if _is_hub(source):
+        raise DataError("AmericasNLI's labelled target-language data (the final dev release, for leave-fold-out "
+                        "training) is not on the hub: use data.source 'bundled' or a directory")
     return load_americasnli(lang, "dev", source)
 
 
@@ -126,14 +128,12 @@ def _americasnlp_text(lang: str, source: Source, sources: Sequence[str] | None) 
         if _is_hub(source):   # the published setting: MultiNLI's premises
             return list(dict.fromkeys(e.text for e in load_multinli("train") if e.text))
         return list(dict.fromkeys(t for e in english_nli_split("train") for t in (e.text, e.text_pair) if t))
-    _needs_directory(source)
-    return load_americasnlp_text(lang, source)
-
-
-def _needs_directory(source: Source) -> None:
     if isinstance(source, str) and source in ("bundled", "hub"):
-        raise DataError(f"AmericasNLI data source {source!r}: give the AmericasNLI directory (data.source); the "
-                        "AmericasNLP text and the final dev release are not on the hub, and nothing is bundled")
+        raise DataError(f"{lang}: no text for its language SFT: the AmericasNLP 2021 text is neither bundled nor "
+                        "on the hub (no licence covers redistributing it); name each language's file with "
+                        "language_sft.text (e.g. [/data/americasnlp2021/train.{lang}], {lang} standing for the "
+                        "code), or give a directory laid out as in deftx/data/americasnli.py as data.source")
+    return load_americasnlp_text(lang, source)
 
 
 TASKS: dict[str, TaskSpec] = {

@@ -20,7 +20,7 @@ import torch
 
 from deftx.config import PipelineConfig
 from deftx.core.sft import SFTMetadata, SparseDelta, SparseFineTuning
-from deftx.jobs.cache import job_key, phase1_key
+from deftx.jobs.cache import job_key, phase1_key, result_fields
 from deftx.jobs.head import save_head
 from deftx.jobs.spec import (
     HeadJob,
@@ -40,7 +40,8 @@ RELEVANT = {
     "head": BASE + ["config.source_language", "config.target_languages", "config.language_sft.head_warmup_steps",
                     "config.language_sft.head_warmup_learning_rate", "config.language_sft.max_train_examples",
                     "config.language_sft.full.batch_size", "config.language_sft.mlm_probability",
-                    "config.language_sft.text", "config.language_sft.held_out"],
+                    "config.language_sft.text", "config.language_sft.held_out",
+                    "config.language_sft.head_bias_init"],
     "language": BASE + ["language", "head", "config.language_sft.*"],
     "language-phase1": BASE + ["language", "head", "config.language_sft.*"],
     "task": BASE + ["language", "language_sft", "config.task_sft.*"],
@@ -49,6 +50,9 @@ RELEVANT = {
 }
 NOT_IN_PHASE1 = ["config.language_sft.selection.*", "config.language_sft.sparse.*",
                  "config.language_sft.sparse_update"]
+# Without a head warm-up (task SFTs by default) the head's starting bias changes nothing.
+NO_WARMUP = ["config.task_sft.head_bias_init"]
+IGNORED = {"language-phase1": NOT_IN_PHASE1, "task": NO_WARMUP, "multi_source": NO_WARMUP}
 
 
 def _sft(directory: Path, value: float) -> str:
@@ -155,7 +159,7 @@ def test_the_key_changes_exactly_with_the_fields_that_change_the_result(name, ar
     job = _jobs(artifacts)[name]
     key = job_key(job)
     relevant = RELEVANT[name]
-    ignored = NOT_IN_PHASE1 if name == "language-phase1" else []
+    ignored = IGNORED.get(name, [])
     wrong = []
     checked = 0
     special = _job_level_changes(name, job, artifacts)
@@ -188,6 +192,14 @@ def test_phase1_keys_ignore_the_selection_and_phase_2_only(artifacts):
     assert phase1_key(longer) != phase1_key(job)
     marker = dataclasses.replace(job, phase1=Phase1("/p1", only=True), probe=None)
     assert job_key(marker) == phase1_key(job) != job_key(job)
+
+
+def test_head_keys_from_before_the_bias_option_stay_valid(artifacts):
+    """``zero`` is what every run did before ``head_bias_init`` existed: its keys are unchanged."""
+    job = _jobs(artifacts)["head"]
+    zero = _with(job, ["config", "language_sft", "head_bias_init"], "zero")
+    assert "bias_init" not in str(result_fields(zero)) and "bias_init" in str(result_fields(job))
+    assert job_key(zero) != job_key(job)
 
 
 def test_a_job_survives_the_process_boundary_and_is_validated_there(artifacts):

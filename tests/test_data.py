@@ -18,11 +18,14 @@ from deftx.data import (
     check_language,
     load_americasnli,
     load_americasnlp_text,
+    load_english_nli,
     load_multinli,
     load_nusax_mt_text,
     load_nusax_senti,
 )
+from deftx.data.examples import read_table
 from deftx.errors import DataError
+from deftx.tasks import task_spec
 
 NUSAX_DIR = Path("/work/shared/data/nusax")
 ANLI_DIR = Path("/work/shared/data/americasnli")
@@ -227,6 +230,57 @@ def test_americasnlp_text_max_lines_and_direct_directory():
     assert load_americasnlp_text("gn", ANLI_DIR / "unlabeled" / "americasnlp2021", max_lines=5) == (
         load_americasnlp_text("gn", ANLI_DIR, max_lines=5)
     )
+
+
+BUNDLED_ANLI_ROWS = {"aym": (743, 750), "bzd": (743, 750), "cni": (658, 750), "gn": (743, 750), "hch": (743, 750),
+                     "nah": (585, 738), "oto": (222, 748), "quy": (743, 750), "shp": (743, 750), "tar": (743, 750)}
+
+
+def test_bundled_americasnli_has_every_language_with_the_release_counts():
+    """The final release's dev and test rows as its attribution file lists them, labels balanced."""
+    assert set(BUNDLED_ANLI_ROWS) == set(AMERICASNLI_LANGUAGES)
+    for code, (dev, test) in BUNDLED_ANLI_ROWS.items():
+        for split, rows in (("dev", dev), ("test", test)):
+            examples = load_americasnli(code, split, "bundled")
+            assert len(examples) == rows and all(e.language == code for e in examples)
+            counts = Counter(e.label for e in examples)
+            assert set(counts) == {0, 1, 2} and max(counts.values()) - min(counts.values()) <= rows // 10
+    quoted = [e for e in load_americasnli("aym", "test", "bundled") if '"Tatanaka, wali kusa jamuqanakawa"' in e.text]
+    assert quoted and quoted[0].text.startswith("Kennedy irptirix pilutunakarux")
+
+
+@needs_anli
+@pytest.mark.parametrize("split", ["dev", "test"])
+def test_bundled_americasnli_equals_the_release_files(split):
+    for code in AMERICASNLI_LANGUAGES:
+        assert load_americasnli(code, split, "bundled") == load_americasnli(code, split, ANLI_DIR)
+
+
+def test_the_english_source_data_shares_no_sentence_with_americasnli():
+    """AmericasNLI dev/test are translations of XNLI's Spanish dev/test; no AmericasNLI string may be
+    among the English NLI pairs a task SFT trains on (re-checked from the bundled files)."""
+    english = {t for e in load_english_nli() for t in (e.text, e.text_pair)}
+    anli = {t for code in AMERICASNLI_LANGUAGES for split in ("dev", "test")
+            for e in load_americasnli(code, split, "bundled") for t in (e.text, e.text_pair) if len(t) > 20}
+    assert len(anli) > 15000 and not english & anli
+
+
+def test_bundled_americasnli_refuses_what_is_not_bundled(tmp_path):
+    with pytest.raises(DataError, match="only the final AmericasNLI dev release is bundled"):
+        load_americasnli("aym", "dev", "bundled", dev_release="v1")
+    spec = task_spec("americasnli")
+    with pytest.raises(DataError, match=r"aym: no text for its language SFT.*language_sft.text"):
+        spec.text("aym", "bundled")
+    (tmp_path / "train.aym.txt").write_text("Jupax sanwa.\nMamita, utankastwa.\n", encoding="utf-8")
+    assert spec.text("aym", "bundled", [str(tmp_path / "train.{lang}.txt")]) == ["Jupax sanwa.", "Mamita, utankastwa."]
+    assert len(spec.train("aym", "bundled")) == 743                        # leave-fold-out training data
+
+
+def test_a_corrupt_gzip_table_is_named(tmp_path):
+    bad = tmp_path / "t.tsv.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="t.tsv.gz"):
+        read_table(bad, delimiter="\t")
 
 
 def test_americasnli_errors(tmp_path):

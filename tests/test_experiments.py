@@ -80,8 +80,6 @@ def test_americasnli_from_english_runs_offline_on_the_bundled_nli_pairs(americas
 
 def test_americasnli_settings_that_cannot_work_offline_are_refused(americasnli_dir):
     src = f"pipeline.data.source={americasnli_dir}"
-    with pytest.raises(ConfigError, match="AmericasNLI is not bundled"):
-        load_experiment("americasnli", preset="small", overrides=["pipeline.data.source=bundled"])
     with pytest.raises(ConfigError, match="pipeline.data.source"):
         load_experiment("americasnli", preset="small", overrides=["pipeline.data.source=/no/such/dir"])
     with pytest.raises(ConfigError, match="ablations: implemented for main: single_source"):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deftx.config.loading import apply_overrides, fail, from_dict, merge, read_preset, read_yaml, to_dict
-from deftx.core.options import SVD_SOLVERS, SVD_TARGETS
+from deftx.core.options import HEAD_BIAS_INITS, SVD_SOLVERS, SVD_TARGETS
 from deftx.errors import ConfigError
 
 METHODS = ("lt_sft", "deft_x")
@@ -149,6 +149,9 @@ class SFTConfig:
 
     ``head_warmup_steps`` applies to language SFTs on a base model without a pretrained MLM head:
     the freshly initialised head is trained alone (body frozen) before phase 1.
+    ``head_bias_init``: the output bias that warm-up starts from: ``unigram`` (default; the
+    log-frequencies of the warm-up text's tokens, ``deftx.training.head_init``) or ``zero`` (the
+    model's own initialisation).
     ``text`` (language SFTs only): the unlabelled text sources of each language, by name
     (``nusax_mt_train``, a bundled file such as ``nusawrites_paragraph``, or ``all``), or paths to
     .txt / .txt.gz files (``deftx.data.text``); null: the task's default text (NusaX-MT train,
@@ -167,6 +170,7 @@ class SFTConfig:
     sparse: PhaseConfig = field(default_factory=PhaseConfig)
     head_warmup_steps: int = 0
     head_warmup_learning_rate: float = 1e-3
+    head_bias_init: str = "unigram"
     mlm_probability: float = 0.15
     max_train_examples: int | None = None
     sparse_update: str = "values"
@@ -183,6 +187,9 @@ class SFTConfig:
             raise fail(f"{key}.head_warmup_steps", f"must be >= 0, got {self.head_warmup_steps}")
         if not self.head_warmup_learning_rate > 0:
             raise fail(f"{key}.head_warmup_learning_rate", "must be > 0")
+        if self.head_bias_init not in HEAD_BIAS_INITS:
+            raise fail(f"{key}.head_bias_init",
+                       f"unknown {self.head_bias_init!r}; valid: {', '.join(HEAD_BIAS_INITS)}")
         if not 0.0 < self.mlm_probability < 1.0:
             raise fail(f"{key}.mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
         if self.max_train_examples is not None and self.max_train_examples < 1:
@@ -197,8 +204,8 @@ def _default_language_sft() -> SFTConfig:
 
 @dataclass
 class DataConfig:
-    """Where data comes from: ``bundled`` (NusaX shipped with deftx), ``hub``, or a local directory
-    laid out like the NusaX repository."""
+    """Where data comes from: ``bundled`` (NusaX, and AmericasNLI's final dev/test sets, shipped with
+    deftx), ``hub``, or a local directory laid out like the dataset's repository."""
 
     dataset: str = "nusax"
     source: str = "bundled"
@@ -208,9 +215,6 @@ class DataConfig:
             raise fail(f"{key}.dataset", f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
         if self.source not in ("bundled", "hub") and not Path(self.source).is_dir():
             raise fail(f"{key}.source", f"{self.source!r} is not 'bundled', 'hub' or an existing directory")
-        if self.dataset == "americasnli" and self.source == "bundled":
-            raise fail(f"{key}.source", "AmericasNLI is not bundled: give the AmericasNLI directory (the layout is "
-                        "described in deftx/data/americasnli.py) or 'hub'")
 
 
 BACKENDS = ("ray", "local")

@@ -1,8 +1,9 @@
 """AmericasNLI (NLI evaluation in 10 indigenous languages of the Americas), AmericasNLP-2021 unlabelled
 target-language text, and MultiNLI (the English source-task training data).
 
-AmericasNLI is not bundled (see ``README.md`` of the data directory for provenance and licences).  ``source``
-is either a directory laid out as below::
+AmericasNLI's final (ACL 2022) dev and test sets are bundled with deftx (``source="bundled"``;
+provenance and licence in ``deftx/data/americasnli/ATTRIBUTION.md``); the AmericasNLP 2021 text and the
+first (2021) dev release are not. ``source`` is ``"bundled"``, or a directory laid out as below::
 
     dev/<code>.tsv                 final (ACL 2022) dev release; columns id, language, premise,
                                    hypothesis, label
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import os
+from importlib import resources
 from pathlib import Path
 
 from deftx.data.examples import (
@@ -43,7 +45,7 @@ _MULTINLI_SPLITS = ("train", "validation_matched", "validation_mismatched")
 
 def _directory(source: str | Path, what: str) -> Path:
     if not isinstance(source, (str, os.PathLike)):
-        raise DataError(f"{what} source must be 'hub' or a directory, not {source!r}")
+        raise DataError(f"{what} source must be 'bundled', 'hub' or a directory, not {source!r}")
     path = Path(source)
     if not path.is_dir():
         raise DataError(f"{what} directory not found: {path} (expected a directory laid out like the "
@@ -75,6 +77,12 @@ def load_americasnli(
                 "or a local AmericasNLI directory for the final release"
             )
         return _americasnli_from_hub(code, split)
+    if isinstance(source, str) and source == "bundled":
+        if split == "dev" and dev_release != "final":
+            raise DataError("only the final AmericasNLI dev release is bundled; give a directory with "
+                            "nala-cub_v1/dev/ or 'hub' for the v1 release")
+        file = resources.files("deftx.data") / "americasnli" / split / f"{code}.tsv.gz"
+        return _read_americasnli(file, code)
     root = _directory(source, "AmericasNLI")
     if split == "test":
         file = root / "test" / f"{code}.tsv"
@@ -82,6 +90,10 @@ def load_americasnli(
         file = root / "dev" / f"{code}.tsv"
     else:
         file = root / "nala-cub_v1" / "dev" / f"{code}.tsv"
+    return _read_americasnli(file, code)
+
+
+def _read_americasnli(file, code: str) -> list[Example]:
     header, records = read_table(file, delimiter="\t", quoting=csv.QUOTE_NONE)
     premise_col = column_index(header, "premise", file)
     hypothesis_col = column_index(header, "hypothesis", file)

@@ -8,6 +8,8 @@ and, for a bad row, the line on which that row starts.
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from typing import Any
@@ -48,10 +50,18 @@ def label_index(value: object, labels: tuple[str, ...], where: str) -> int:
     raise DataError(f"{where}: unknown label {value!r}; expected one of {', '.join(labels)}")
 
 
+def _open_text(file: Traversable):
+    """``file`` as UTF-8 text (an optional BOM dropped), gunzipped when its name ends in ``.gz``."""
+    if file.name.endswith(".gz"):
+        return io.StringIO(gzip.decompress(file.read_bytes()).decode("utf-8-sig"), newline="")
+    return file.open("r", encoding="utf-8-sig", newline="")
+
+
 def read_table(
     file: Traversable, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL
 ) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Read a delimited text file with a header row (UTF-8, an optional BOM is dropped).
+    """Read a delimited text file with a header row (UTF-8, an optional BOM is dropped; gzip-compressed
+    when the name ends in ``.gz``).
 
     Returns the header and ``(line number, fields)`` for every non-blank record; the line number is the
     physical line on which the record starts (records may span lines inside quotes).
@@ -61,7 +71,7 @@ def read_table(
     line = 0
     records: list[tuple[int, list[str]]] = []
     try:
-        with file.open("r", encoding="utf-8-sig", newline="") as handle:
+        with _open_text(file) as handle:
             reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
             header = next(reader, None)
             line = reader.line_num
@@ -69,7 +79,7 @@ def read_table(
                 if fields:
                     records.append((line + 1, fields))
                 line = reader.line_num
-    except (csv.Error, UnicodeDecodeError) as exc:
+    except (csv.Error, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"{file}: line {line + 1}: cannot parse: {exc}") from exc
     except OSError as exc:
         raise DataError(f"cannot read data file {file}: {exc}") from exc

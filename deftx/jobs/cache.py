@@ -78,6 +78,8 @@ def _sft_parts(sft: SFTConfig, phase1_only: bool) -> dict[str, Any]:
     parts = asdict(sft)
     if not parts["held_out"]:               # keys from before the option stay valid when it is off
         parts.pop("held_out")
+    if parts["head_bias_init"] == "zero" or not parts["head_warmup_steps"]:   # likewise (no warm-up: no effect)
+        parts.pop("head_bias_init")
     if phase1_only:                         # phase 1 depends on neither the selection nor phase 2
         for name in ("selection", "sparse", "sparse_update"):
             parts.pop(name)
@@ -95,7 +97,8 @@ def result_fields(job: Job) -> dict[str, Any]:
         parts["head"] = {"steps": s.head_warmup_steps, "learning_rate": s.head_warmup_learning_rate,
                          "max_train_examples": s.max_train_examples, "batch_size": s.full.batch_size,
                          "mlm_probability": s.mlm_probability, "text": s.text,
-                         **({"held_out": s.held_out} if s.held_out else {})}
+                         **({"held_out": s.held_out} if s.held_out else {}),
+                         **({"bias_init": s.head_bias_init} if s.head_bias_init != "zero" else {})}
     elif isinstance(job, LanguageJob):
         parts.update(language=job.language, sft=_sft_parts(cfg.language_sft, only), head=input_key(job.head))
     elif isinstance(job, TaskJob):

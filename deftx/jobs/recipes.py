@@ -22,6 +22,7 @@ from deftx.subnetworks.artifact import load_masks, save_masks, subnetwork_model
 from deftx.subnetworks.train import train_subnetworks
 from deftx.tasks import task_spec
 from deftx.training.batches import classification_stream, masked_lm_stream
+from deftx.training.head_init import initialise_mlm_head
 from deftx.training.lt_sft import train_head_only, train_sparse_fine_tuning
 from deftx.training.multi_source import MultiSourceStream, multi_source_loss
 from deftx.training.objectives import classification_loss, masked_lm_loss
@@ -109,7 +110,8 @@ def warm_up_mlm_head(model: torch.nn.Module, tokenizer, texts: list[str], sft_cf
                      max_length: int, seed: int, log: Log,
                      runtime: TrainingRuntime | None = None) -> tuple[dict[str, torch.Tensor], PhaseResult]:
     """Train the freshly initialised MLM head of ``model`` (a base model released without one,
-    decoder untied) alone, on ``texts`` (all the pipeline's languages); every language SFT then
+    decoder untied) alone, on ``texts``; its output bias starts as ``sft_cfg.head_bias_init`` says
+    (:func:`deftx.training.head_init.initialise_mlm_head`) (all the pipeline's languages); every language SFT then
     starts from this head."""
     runtime = runtime or LocalRuntime()
     runtime.log(f"== MLM head warm-up: the base model has no pretrained MLM head; training it alone for "
@@ -117,6 +119,7 @@ def warm_up_mlm_head(model: torch.nn.Module, tokenizer, texts: list[str], sft_cf
     roles = parameter_roles(model, "language")
     stream = masked_lm_stream(tokenizer, texts, batch_size=sft_cfg.full.batch_size, seed=seed,
                               max_length=max_length, mlm_probability=sft_cfg.mlm_probability)
+    initialise_mlm_head(model, stream, sft_cfg.head_bias_init)
     phase, values = train_head_only(model, roles.maskable, roles.head, stream, masked_lm_loss,
                                     steps=sft_cfg.head_warmup_steps,
                                     learning_rate=sft_cfg.head_warmup_learning_rate, label="mlm", log=log,

@@ -27,6 +27,7 @@ from deftx.core.scoring import SelectionReport, make_scorer
 from deftx.core.sft import SFTMetadata, SparseFineTuning
 from deftx.core.topk import resolve_budget
 from deftx.training.batches import BatchStream
+from deftx.training.head_init import initialise_mlm_head
 from deftx.training.phase import LossFn, PhaseResult, run_phase
 from deftx.training.phase1_store import Phase1State, Phase1Store
 from deftx.training.runtime import (
@@ -137,6 +138,8 @@ def train_sparse_fine_tuning(model: nn.Module | ModelBuilder, *, kind: SFTKind,
         metadata.training = {**metadata.training, "phase1_reused_from": str(phase1.directory)}
 
     if cached is None and head_warmup and cfg.head_warmup_steps > 0 and not state.reached(PHASE_FULL):
+        if resume is None or resume.phase == PHASE_WARMUP and resume.step == 0:
+            initialise_mlm_head(model, stream, cfg.head_bias_init)
         warmup, state.head = train_head_only(model, roles.maskable, roles.head, stream, loss_fn,
                                              steps=cfg.head_warmup_steps,
                                              learning_rate=cfg.head_warmup_learning_rate, label=label, log=log,
