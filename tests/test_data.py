@@ -269,7 +269,7 @@ def test_bundled_americasnli_refuses_what_is_not_bundled(tmp_path):
     with pytest.raises(DataError, match="only the final AmericasNLI dev release is bundled"):
         load_americasnli("aym", "dev", "bundled", dev_release="v1")
     spec = task_spec("americasnli")
-    with pytest.raises(DataError, match=r"aym: no text for its language SFT.*language_sft.text"):
+    with pytest.raises(DataError, match=r"aym: no text for its language SFT.*language_sft.text .*train\.\{lang\}"):
         spec.text("aym", "bundled")
     (tmp_path / "train.aym.txt").write_text("Jupax sanwa.\nMamita, utankastwa.\n", encoding="utf-8")
     assert spec.text("aym", "bundled", [str(tmp_path / "train.{lang}.txt")]) == ["Jupax sanwa.", "Mamita, utankastwa."]

@@ -367,6 +367,43 @@ def test_americasnli_small_experiment_leave_fold_out_end_to_end(tiny_model_dir, 
 
 
 @pytest.mark.slow
+def test_americasnli_full_fine_tuning_from_english_on_bundled_data_alone(tiny_model_dir, tmp_path, capsys):
+    """No AmericasNLI directory: English NLI pairs and AmericasNLI dev/test as bundled. With no SFT
+    method the experiment trains neither an MLM head nor a language SFT (the AmericasNLP text they
+    would need is not bundled) and scores full fine-tuning on every target's test and dev set."""
+    from deftx.cli import main
+
+    out, results = tmp_path / "run", tmp_path / "results"
+    config = tmp_path / "experiment.yaml"
+    config.write_text(f"""main: single_source
+pipeline:
+  model: {{name_or_path: {tiny_model_dir}, max_length: 64}}
+  data: {{source: bundled}}
+  source_language: eng
+  target_languages: [aym, nah]
+  max_eval_examples: 30
+  tracking: {{enabled: false}}
+  cluster: {{backend: local}}
+  task_sft:
+    max_train_examples: 48
+    full: {{epochs: 1, batch_size: 16, learning_rate: 1.0e-4}}
+seeds: [1]
+methods: {{}}
+full_ft: true
+analysis: false
+""", encoding="utf-8")
+    argv = ["experiment", "americasnli", "--config", str(config), "--output-dir", str(out), "--results-dir", str(results)]
+    assert main(argv) == 0
+    assert "Test accuracy (%)" in capsys.readouterr().out
+    assert not (out / "mlm-head").exists() and not list(out.glob("sfts/**/lang-*"))
+    with (results / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["system"], r["language"], r["split"]) for r in rows} == {
+        ("full_ft", lang, split) for lang in ("eng", "aym", "nah") for split in ("test", "valid")}
+    assert all(int(r["n"]) == 30 for r in rows)
+
+
+@pytest.mark.slow
 def test_subnetwork_experiment_end_to_end_and_reuse(tiny_model_dir, tmp_path, capsys):
     """`deftx experiment nusax --preset subnetworks-small` (tiny model): every subnetwork system
     trained leave-fold-out and scored, with its table; a second experiment with ``reuse_from``

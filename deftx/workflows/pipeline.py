@@ -136,15 +136,15 @@ def run_phase1(job: Job, executor: Executor, log: Log, banner: str | None = None
 
 
 def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list[str], log: Log = print,
-                        with_task: bool = True) -> TrainedSFTs:
-    """Train (or reuse) the shared MLM head, the language SFTs of ``languages`` and the task SFT
-    (on the source language, on top of its language SFT) with ``executor``. ``cfg`` must have
-    absolute paths (:func:`absolute_paths`)."""
+                        with_task: bool = True, with_head: bool = True) -> TrainedSFTs:
+    """Train (or reuse) the shared MLM head (unless not ``with_head``: nothing will train a language
+    SFT), the language SFTs of ``languages`` and the task SFT (on the source language, on top of its
+    language SFT) with ``executor``. ``cfg`` must have absolute paths (:func:`absolute_paths`)."""
     out = Path(cfg.output_dir)
     model_path = resolve_model_path(cfg.model.name_or_path, log=log)
     fingerprint, has_head = base_identity(cfg, model_path)
     head_dir: Path | None = None
-    if not has_head and cfg.language_sft.head_warmup_steps > 0:
+    if with_head and not has_head and cfg.language_sft.head_warmup_steps > 0:
         head_dir = out / "mlm-head"
         job = HeadJob(cfg, fingerprint)
         if not reuse_head(head_dir, job_key(job), log):

@@ -253,8 +253,9 @@ class Experiment:
         if cfg.reuse_from:
             adopt(Path(cfg.reuse_from) / "mlm-head", self.out / "mlm-head", self.log)
         with self._timed("MLM head"):
-            trained = train_pipeline_sfts(pipe, self.executor, [], self.log, with_task=False)   # the head only
-        for i, lang in enumerate(self.languages, 1):
+            trained = train_pipeline_sfts(pipe, self.executor, [], self.log, with_task=False,   # the head only
+                                          with_head=bool(cfg.methods))   # full FT alone needs no head
+        for i, lang in enumerate(self.languages if cfg.methods else [], 1):
             with self._timed(f"language SFTs ({lang})"):
                 self._language(trained, i, lang)
         if cfg.mlm_loss.enabled:
