@@ -394,7 +394,9 @@ analysis: false
 """, encoding="utf-8")
     argv = ["experiment", "americasnli", "--config", str(config), "--output-dir", str(out), "--results-dir", str(results)]
     assert main(argv) == 0
-    assert "Test accuracy (%)" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "Test accuracy (%): full fine-tuning" in shown
+    assert "What the language SFT adds" not in shown and "Mask overlap" not in shown
     assert not (out / "mlm-head").exists() and not list(out.glob("sfts/**/lang-*"))
     with (results / "scores.csv").open() as f:
         rows = list(csv.DictReader(f))

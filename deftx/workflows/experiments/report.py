@@ -390,12 +390,15 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
     if cfg.main_table:
         parts += [
             "",
-            f"## Test {label} (%): task SFT + target language SFT; {spread}",
+            f"## Test {label} (%): {'task SFT + target language SFT' if cfg.methods else 'full fine-tuning'}; {spread}",
             "",
             main_table(state, "test"),
             "",
             *([f"## Validation {label} (%) (the split any choice should be made on)", "", main_table(state, "valid"),
                ""] if "valid" in cfg.eval_splits else []),
+        ]
+    if cfg.main_table and cfg.methods:   # sections about SFTs: none without a method
+        parts += [
             f"## What the language SFT adds (test {label}, average of the targets, %)",
             "",
             ("*task + source SFT*: the task SFT composed with the source language's SFT (the body it was trained "
