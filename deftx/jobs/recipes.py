@@ -110,9 +110,9 @@ def warm_up_mlm_head(model: torch.nn.Module, tokenizer, texts: list[str], sft_cf
                      max_length: int, seed: int, log: Log,
                      runtime: TrainingRuntime | None = None) -> tuple[dict[str, torch.Tensor], PhaseResult]:
     """Train the freshly initialised MLM head of ``model`` (a base model released without one,
-    decoder untied) alone, on ``texts``; its output bias starts as ``sft_cfg.head_bias_init`` says
-    (:func:`deftx.training.head_init.initialise_mlm_head`) (all the pipeline's languages); every language SFT then
-    starts from this head."""
+    decoder untied) alone, on ``texts`` (all the pipeline's languages); every language SFT then
+    starts from this head. Its output bias first starts as ``sft_cfg.head_bias_init`` says
+    (:func:`deftx.training.head_init.initialise_mlm_head`)."""
     runtime = runtime or LocalRuntime()
     runtime.log(f"== MLM head warm-up: the base model has no pretrained MLM head; training it alone for "
                 f"{sft_cfg.head_warmup_steps} steps on {len(texts)} sentences ==", log)
