@@ -27,6 +27,7 @@ from deftx.config import (
 )
 from deftx.data.languages import AMERICASNLI_LANGUAGES, NUSAX_LANGUAGES
 from deftx.tasks import DATASET_TASK
+from deftx.workflows.experiments.tuning import TuningConfig
 
 # composable-sft's XLM-R base budgets (train_sa.sh / train_mlm.sh: 24 and 13 x 768^2 entries) over
 # XLM-R base's maskable parameters as deftx counts them (every encoder tensor except LayerNorm and
@@ -129,6 +130,7 @@ class ExperimentConfig:
     analysis: bool = True
     mlm_loss: MLMLossConfig = field(default_factory=MLMLossConfig)
     subnetworks: SubnetworkSystemsConfig = field(default_factory=SubnetworkSystemsConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)   # the tuned table (tuning.py)
     eval_splits: list[str] = field(default_factory=lambda: ["test", "valid"])
     results_dir: str = "benchmarks/results"
     reuse_from: str | None = None   # another experiment's output directory: its MLM head and language SFTs
@@ -185,6 +187,7 @@ class ExperimentConfig:
                     raise ConfigError(f"multi_source: fold {i} would have no source language")
         if self.mlm_loss.enabled:
             self._validate_mlm_loss()
+        self.tuning.validate(list(self.methods), list(targets), self.main)
         if self.main == "leave_fold_out" and not ms.folds:
             raise ConfigError("multi_source.folds: main: leave_fold_out needs at least 1 fold")
         if self.subnetworks.systems:

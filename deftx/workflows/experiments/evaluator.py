@@ -47,11 +47,13 @@ class Evaluator:
     def _score(self, lang: str, split: str) -> dict[str, float]:
         return self.scorer.score(self._data(lang, split))
 
-    def scores(self, key: str, languages: list[str], apply_for) -> dict[tuple[str, str], dict[str, float]]:
+    def scores(self, key: str, languages: list[str], apply_for,
+               splits: list[str] | None = None) -> dict[tuple[str, str], dict[str, float]]:
         """(language, split) -> scores of the model ``apply_for(language)`` sets up (a context
-        manager), cached under ``key``."""
+        manager) on ``splits`` (default: the experiment's), cached under ``key``."""
+        splits = list(splits or self.cfg.eval_splits)
         path = self.cache_dir / f"{key}.json"
-        want = [f"{lang}/{split}" for lang in languages for split in self.cfg.eval_splits]
+        want = [f"{lang}/{split}" for lang in languages for split in splits]
         cached: dict[str, Any] = {}
         if path.is_file():
             cached = json.loads(path.read_text(encoding="utf-8"))
@@ -61,10 +63,12 @@ class Evaluator:
             raise MissingUnit(f"scores {key}")
         started = time.perf_counter()
         for lang in languages:
+            if all(f"{lang}/{split}" in cached for split in splits):
+                continue
             with apply_for(lang):
-                for split in self.cfg.eval_splits:
+                for split in splits:
                     cached[f"{lang}/{split}"] = self._score(lang, split)
-        self.log(f"[eval] {key.split('-')[0]}: {len(languages)} language(s) x {len(self.cfg.eval_splits)} split(s) in "
+        self.log(f"[eval] {key.split('-')[0]}: {len(languages)} language(s) x {len(splits)} split(s) in "
                  f"{time.perf_counter() - started:.0f} s")
         replace_json(path, cached)
         return {tuple(w.split("/")): cached[w] for w in want}  # type: ignore[misc]

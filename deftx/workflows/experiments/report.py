@@ -106,6 +106,46 @@ def main_table(state: ExperimentState, split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def tuned_table(state: ExperimentState, split: str = "test") -> str:
+    """Per tuned language and system: the fixed-settings score beside the tuned champion's."""
+    cfg = state.config
+    metric, _ = metric_of(cfg)
+    systems = list(cfg.tuning.systems)
+    header = "| language | " + " | ".join(f"{system_name(s, cfg)} fixed | tuned" for s in systems) + " |"
+    lines = [header, "|---" * (2 * len(systems) + 1) + "|"]
+
+    def rows_of(part: str, system: str) -> list[Record]:
+        return select(state.records, part=part, system=system, split=split, with_language_sft=system != FULL_FT)
+
+    langs = list(cfg.tuning.languages)
+    for lang in langs:
+        cells = []
+        for s in systems:
+            for part in ("main", "tuned"):
+                cells.append(cell([getattr(r, metric) for r in rows_of(part, s) if r.language == lang]))
+        lines.append(f"| {_language(lang, cfg)} | " + " | ".join(cells) + " |")
+    avg = [cell(per_seed_average(rows_of(part, s), langs, metric)) for s in systems for part in ("main", "tuned")]
+    lines.append(f"| **average of the {len(langs)} tuned targets** | " + " | ".join(f"**{c}**" for c in avg) + " |")
+    return "\n".join(lines)
+
+
+def tuned_settings_table(state: ExperimentState) -> str:
+    """Per tuned language and system: the champion trial, its settings and validation score."""
+    from deftx.workflows.experiments.tuning import describe
+
+    cfg = state.config
+    lines = ["| language | system | champion | settings | validation (trial seed) |", "|---|---|---|---|---|"]
+    for lang in cfg.tuning.languages:
+        for system, found in state.tuning.items():
+            i = found["champions"].get(lang)
+            if i is None:
+                continue
+            lines.append(f"| {_language(lang, cfg)} | {system_name(system, cfg)} | trial {i + 1} of "
+                         f"{len(found['trials'])} | {describe(found['trials'][i])} | "
+                         f"{100 * found['valid'][i][lang]:.1f} |")
+    return "\n".join(lines)
+
+
 def task_only_table(state: ExperimentState, split: str = "test") -> str:
     """Per method, averages over the targets: the task SFT with the target's language SFT, with the
     source language's SFT (single-source layout), and alone; then the differences."""
@@ -445,6 +485,17 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
                   (f"Every variant re-selects the task SFT from the same phase 1 (the `{cfg.ablations.base}` method's, "
                   f"seed {cfg.seeds[0]}) at the same K unless stated, trains phase 2 and is composed with the "
                   f"`{cfg.ablations.base}` language SFTs. Averages over the targets."), "", ablation_table(state)]
+    if cfg.tuning.enabled:
+        t = cfg.tuning
+        spaces = "; ".join(f"{system_name(name, cfg)}: {t.describe(name)}" for name in t.systems)
+        parts += ["", f"## Tuned on validation ({t.trials} trials per system)", "",
+                  (f"For each system, {t.trials} settings drawn at random (seed {t.seed}) from its space ({spaces}) "
+                   f"were trained at seed {cfg.seeds[0]} on the source language and scored on the validation split "
+                   f"of every tuned target; a target's champion is its best trial there. The champions were trained "
+                   f"with every seed and scored once on test. The fixed columns repeat the main table. SFT methods "
+                   f"tune the task SFT (its selection and phase-2 learning rate) over the method's language SFTs."),
+                  "", f"Test {label} (%), {spread}:", "", tuned_table(state, "test"), "",
+                  "Champions (validation score of the trial at the first seed):", "", tuned_settings_table(state)]
     if state.missing:
         parts += ["", f"## Not computed yet ({len(state.missing)} units)", "",
                   ("This report was written with `--report-only` from the units finished so far; cells and averages "

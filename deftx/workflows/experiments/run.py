@@ -75,6 +75,39 @@ def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
     return figures
 
 
+def register_tuned_champions(tracker: Tracker, experiment: str, parent, state: ExperimentState, output_dir: Path,
+                             log: Log) -> dict[str, dict[str, str | None]]:
+    """Register each SFT system's champion for each tuned language (its trial's task SFT at the
+    first seed + the system's language SFT) as a composed model scored on the language's
+    validation split, and make it the ``champion`` of ``deftx-<task>-<lang>`` if it beats the one
+    there on the same objective. system -> language -> the champion version (None: not registered)."""
+    from deftx.tracking.registry import PendingRegistration, Registry, composed_model_name
+
+    cfg = state.config
+    metric, _ = metric_of(cfg)
+    objective = f"target_valid_{metric}"
+    registry = Registry(tracker)
+    out: dict[str, dict[str, str | None]] = {}
+    for system, found in state.tuning.items():
+        if system == "full_ft":
+            continue   # no SFT to register
+        for lang, i in found["champions"].items():
+            settings = found["trials"][i]
+            pending = PendingRegistration(
+                experiment=experiment, run_name=f"tuned-{system}-{lang}", task=cfg.pipeline.task, language=lang,
+                task_sft=found["task_sft_dirs"][i], language_sft=found["language_sft_dirs"][lang],
+                score=found["valid"][i][lang], objective=objective, params={"system": system, **settings},
+                metrics={objective: found["valid"][i][lang]},
+                tags={"deftx.experiment": f"{cfg.dataset}-{cfg.preset}", "deftx.tuned_system": system,
+                      "deftx.trial": str(i + 1)})
+            registry.submit(pending, output_dir=output_dir, parent=parent)
+            name = composed_model_name(cfg.pipeline.task, lang)
+            champion = tracker.call("checking the champion", lambda name=name: registry.reconcile_champion(name, objective))
+            out.setdefault(system, {})[lang] = champion
+            log(f"[registry] {name}: tuned {system} champion trial {i + 1} registered; @champion is v{champion}")
+    return out
+
+
 def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Path | None = None,
                    log: Log = print, report_only: bool = False) -> tuple[ExperimentState, Path]:
     """Run the experiment (or, ``report_only``, collect what is finished), write the report and log
@@ -106,8 +139,17 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
                     values = per_seed_average(rows, targets, metric)
                     if values:
                         metrics[f"{split}.avg_{metric}.{prefix}{system}"] = sum(values) / len(values)
+        for system in {r.system for r in state.records if r.part == "tuned"}:
+            for split in ("test", "valid"):
+                rows = select(state.records, part="tuned", system=system, split=split)
+                values = per_seed_average(rows, list(cfg.tuning.languages), metric)
+                if values:
+                    metrics[f"{split}.avg_{metric}.tuned.{system}"] = sum(values) / len(values)
         tracker.log_metrics(run, metrics)
         tracker.log_artifacts(run, directory, "results")
+        if tracker.enabled and not tracker.offline and cfg.pipeline.tracking.register and state.tuning \
+                and not report_only:
+            register_tuned_champions(tracker, experiment, run, state, Path(cfg.pipeline.output_dir), log)
         if tracker.enabled:
             for name, sft_dir in state.sft_dirs.items():   # nested runs: loss curves, density, sft.json
                 log_sft(tracker, experiment, run, sft_dir, name.replace("/", "-"))

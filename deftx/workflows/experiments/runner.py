@@ -53,6 +53,8 @@ from deftx.workflows.experiments.diagnostics import MLMDiagnostics
 from deftx.workflows.experiments.evaluator import Evaluator
 from deftx.workflows.experiments.reuse import adopt, adopt_scores
 from deftx.workflows.experiments.state import ExperimentState, MissingUnit, Record
+from deftx.workflows.experiments.tuning import champions, sample_tag, trial_selection
+from deftx.workflows.experiments.tuning import describe as describe_sample
 from deftx.workflows.pipeline import TrainedSFTs, run_phase1, run_sft, start_run, train_pipeline_sfts
 
 
@@ -237,6 +239,8 @@ class Experiment:
         if cfg.ablations.variants:
             with self._timed("ablations"):
                 self._ablations(cfg.seeds[0])
+        if cfg.tuning.enabled:
+            self._tuning()
         if cfg.multi_source.folds and cfg.main == "single_source":
             for seed in cfg.seeds:
                 with self._timed(f"multi-source (seed {seed})"):
@@ -482,6 +486,72 @@ class Experiment:
                      extra={"fold": fold, "sources": sources})
         self.state.subnetwork_stats.append({"system": system, "seed": seed, "fold": fold,
                                             **subnetwork_statistics(model, held_out)})
+
+    # -- the tuned table (deftx.workflows.experiments.tuning) ----------------------------------------
+
+    def _tuning(self) -> None:
+        """Per system: its trials at the first seed, scored on every tuned language's validation
+        split; per language, the champion trial; then the champions at every seed, scored on the
+        evaluation splits (part ``tuned``)."""
+        cfg, tuning = self.cfg, self.cfg.tuning
+        metric = task_spec(cfg.pipeline.task).metric
+        chosen: dict[str, tuple[list[dict[str, Any]], dict[str, int]]] = {}
+        for system in tuning.systems:
+            trials = tuning.trials_for(system)
+            scores: dict[int, dict[str, float]] = {}
+            task_dirs: dict[int, str] = {}
+            with self._timed(f"tuning {system} ({len(trials)} trials)"):
+                for i, sample in enumerate(trials):
+                    with self._unit(f"tuning {system}, trial {i + 1}"):
+                        self.log(f"== tuning {system}: trial {i + 1}/{len(trials)} ({describe_sample(sample)}) ==")
+                        got, task_dir = self._tuned_scores(system, sample, cfg.seeds[0], tuning.languages, ["valid"])
+                        scores[i] = {lang: got[(lang, "valid")][metric] for lang in tuning.languages}
+                        if task_dir is not None:
+                            task_dirs[i] = task_dir
+                        self._record("tuning", system, cfg.seeds[0], got, with_lang=system != FULL_FT,
+                                     extra={"trial": i, "settings": sample})
+            if len(scores) < len(trials):   # report-only, part-way: no champion yet
+                continue
+            best = champions(scores, tuning.languages)
+            chosen[system] = (trials, best)
+            self.state.tuning[system] = {"trials": trials, "champions": best, "valid": scores, "task_sft_dirs": task_dirs,
+                                         "language_sft_dirs": {} if system == FULL_FT else {
+                                             lang: self._language_sft_dir(system, lang) for lang in best}}
+            self.log(f"[tuning {system}] champions: " + ", ".join(f"{lang} trial {i + 1}" for lang, i in best.items()))
+        for seed in cfg.seeds:
+            with self._timed(f"tuned champions (seed {seed})"):
+                for system, (trials, best) in chosen.items():
+                    for lang, i in best.items():
+                        with self._unit(f"tuned {system} for {lang} (seed {seed})"):
+                            got, _ = self._tuned_scores(system, trials[i], seed, [lang])
+                            self._record("tuned", system, seed, got, with_lang=system != FULL_FT,
+                                         extra={"trial": i, "settings": trials[i]})
+
+    def _tuned_scores(self, system: str, sample: dict[str, Any], seed: int, languages: list[str],
+                      splits: list[str] | None = None) -> tuple[dict, str | None]:
+        """Scores of ``system`` trained with the settings ``sample`` at ``seed`` (units cached on disk
+        by the settings, so a champion at the trials' seed is its trial), and the task SFT's
+        directory (None for full fine-tuning)."""
+        ev, tag = self.evaluator, sample_tag(sample)
+        config = self._config_with(seed=seed)
+        if system == FULL_FT:
+            for name in ("learning_rate", "epochs"):
+                if name in sample:
+                    setattr(config.task_sft.full, name, sample[name])
+            job = self.trained.task_job(None, config.validate(), phase1=self._phase1(f"tune-{FULL_FT}-{tag}-seed{seed}"))
+            store = self._run_phase1(job)
+            return ev.scores(f"full_ft-seed{seed}-{store.digest}", languages,
+                             lambda lang: ev.fully_fine_tuned(store), splits), None
+        config.task_sft.selection = trial_selection(self.cfg.selection(system, "task"), sample)
+        if "learning_rate" in sample:
+            config.task_sft.sparse.learning_rate = sample["learning_rate"]
+        job = self.trained.task_job(self._language_sft_dir(system, self.cfg.pipeline.source_language),
+                                    config.validate(), phase1=self._phase1(f"task-{system}-seed{seed}"))
+        self._run_phase1(job)
+        task = self._run_sft(job, self.out / "sfts" / f"seed{seed}" / f"tune-{system}-{tag}")
+        lang_sfts = {lang: self._language_sft(system, lang) for lang in languages}
+        key = f"{system}-seed{seed}-{key_of(task)}-" + scores_key({lang: key_of(s) for lang, s in lang_sfts.items()})
+        return ev.scores(key, languages, lambda lang: ev.composed(task, lang_sfts[lang]), splits), str(task.source)
 
     def _ablations(self, seed: int) -> None:
         for variant in self.cfg.ablations.variants:

@@ -46,3 +46,4 @@ class ExperimentState:
     sft_dirs: dict[str, str] = field(default_factory=dict)     # every SFT of the experiment, by relative path
     mlm_loss: dict[str, dict[str, Any]] = field(default_factory=dict)     # method -> held-out MLM-loss result
     subnetwork_stats: list[dict[str, Any]] = field(default_factory=list)   # mask sizes and sharing per model
+    tuning: dict[str, dict[str, Any]] = field(default_factory=dict)   # system -> trials, champions, valid scores
