@@ -38,13 +38,25 @@ def test_xlmr_base_maskable_count_recounted_on_a_meta_model():
     assert XLMR_TASK_K == 24 * 768 ** 2 and XLMR_LANGUAGE_K == 13 * 768 ** 2
 
 
-@pytest.mark.parametrize("preset", ["small", "full"])
+@pytest.mark.parametrize("preset", ["small", "full", "tuned"])
 def test_nusax_presets_validate(preset):
     cfg = load_experiment("nusax", preset=preset)
     assert cfg.preset == preset
     assert len(cfg.seeds) >= 2 and cfg.full_ft
-    assert {"lt_sft", "deft_x_rank", "deft_x_energy"} <= set(cfg.methods)
-    if preset == "full":
+    assert {"lt_sft", "deft_x_energy"} <= set(cfg.methods)
+    assert preset == "tuned" or "deft_x_rank" in cfg.methods
+    if preset == "tuned":   # every system tuned on every target; the spaces contain the fixed settings
+        assert set(cfg.tuning.systems) == {"full_ft", *cfg.methods}
+        assert cfg.tuning.languages == cfg.pipeline.target_languages
+        lr = cfg.tuning.space("full_ft")["learning_rate"].values
+        assert lr[0] <= cfg.pipeline.task_sft.full.learning_rate <= lr[1]
+        for method in cfg.methods:
+            space = cfg.tuning.space(method)
+            low, high = space["density"].values
+            assert low <= cfg.selection(method, "task").density <= high
+            low, high = space["learning_rate"].values
+            assert low <= cfg.pipeline.task_sft.sparse.learning_rate <= high
+    if preset in ("full", "tuned"):
         assert len(cfg.seeds) >= 3
         assert sorted(cfg.pipeline.target_languages) == sorted(
             ["ace", "ban", "bbc", "bjn", "bug", "eng", "jav", "mad", "min", "nij", "sun"])
@@ -273,6 +285,24 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
     for r in multi:   # a held-out target never among its task SFT's sources
         assert r["language"] not in json.loads(r["extra"])["sources"]
     assert {r["system"] for r in rows if r["part"] == "ablation"} == set(cfg.ablations.variants)
+    tuned = [r for r in rows if r["part"] == "tuned"]     # each system's champion per tuned target, every seed
+    assert {(r["system"], r["language"], r["split"], int(r["seed"])) for r in tuned} == {
+        (s, lang, split, seed) for s in cfg.tuning.systems for lang in cfg.tuning.languages
+        for split in ("test", "valid") for seed in cfg.seeds}
+    assert len([r for r in rows if r["part"] == "tuning"]) == len(cfg.tuning.systems) * cfg.tuning.trials * 2
+    for system in cfg.tuning.systems:   # trials on validation at the first seed; champion = best trial there
+        trials = cfg.tuning.trials_for(system)
+        tuning = [r for r in rows if r["part"] == "tuning" and r["system"] == system]
+        assert {(r["split"], int(r["seed"])) for r in tuning} == {("valid", cfg.seeds[0])}
+        assert all(json.loads(r["extra"])["settings"] == trials[json.loads(r["extra"])["trial"]] for r in tuning)
+        valid = {(json.loads(r["extra"])["trial"], r["language"]): float(r["macro_f1"]) for r in tuning}
+        for lang in cfg.tuning.languages:
+            best = max(range(len(trials)), key=lambda i: (valid[(i, lang)], -i))
+            mine = [r for r in tuned if r["system"] == system and r["language"] == lang]
+            assert {json.loads(r["extra"])["trial"] for r in mine} == {best}
+            (again,) = [r for r in mine if int(r["seed"]) == cfg.seeds[0] and r["split"] == "valid"]
+            assert float(again["macro_f1"]) == valid[(best, lang)]    # the trial's own model, not retrained
+    assert "## Tuned on validation" in (results / "results.md").read_text()
     prov = json.loads((results / "provenance.json").read_text())
     assert prov["seeds"] == cfg.seeds and len(prov["commit"]) in (40, 7) or prov["commit"] == "unknown"
     assert prov["units_trained"] > 0 and prov["command"].startswith("deftx experiment nusax")
@@ -292,8 +322,22 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
     runs = client.search_runs([exp.experiment_id])
     (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+    registrations = [r for r in nested if r.data.tags.get("deftx.registration") == "1"]
+    nested = [r for r in nested if r not in registrations]
     assert len(nested) == len(list(out.glob("sfts/**/sft.json")))   # one run per SFT, with its loss curves
     assert all(any(k.startswith("loss.") for k in r.data.metrics) for r in nested)
+    # and one per tuned SFT champion (system x target) registered as the target's composed model
+    sft_systems = [s for s in cfg.tuning.systems if s != "full_ft"]
+    assert sorted(r.info.run_name for r in registrations) == sorted(
+        f"tuned-{s}-{lang}" for s in sft_systems for lang in cfg.tuning.languages)
+    for lang in cfg.tuning.languages:   # @champion: the best SFT champion on validation
+        champion = client.get_model_version_by_alias(f"deftx-nusax_senti-{lang}", "champion")
+        system = champion.tags["deftx.tuned_system"]
+        trial = int(champion.tags["deftx.trial"]) - 1
+        scored = {(r["system"], json.loads(r["extra"])["trial"]): float(r["macro_f1"]) for r in rows
+                  if r["part"] == "tuning" and r["language"] == lang}
+        assert float(champion.tags["metrics.target_valid_macro_f1"]) == scored[(system, trial)] == max(
+            v for (s, _), v in scored.items() if s in sft_systems)
     assert run.info.status == "FINISHED"
     assert "test.avg_macro_f1.lt_sft" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "results")} >= {"results/results.md",

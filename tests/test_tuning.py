@@ -3,7 +3,6 @@ the champions chosen, the settings refused, and the stage end to end on a tiny m
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
@@ -38,6 +37,15 @@ def test_trials_are_drawn_the_same_on_every_call_and_inside_their_space():
     assert sample_tag({"a": 1, "b": 2.0}) == sample_tag({"b": 2.0, "a": 1}) != sample_tag({"a": 1, "b": 3.0})
 
 
+def test_a_trial_keeps_only_the_rank_rule_value_it_uses():
+    tuning = _tuning(deft_x_energy={"rank_rule": {"choice": ["fixed", "energy"]}, "rank": {"choice": [4, 16]},
+                                    "energy": {"uniform": [0.5, 0.9]}})
+    trials = tuning.trials_for("deft_x_energy")
+    assert {t["rank_rule"] for t in trials} == {"fixed", "energy"}     # both rules drawn in 6 trials (seed 3)
+    for t in trials:
+        assert set(t) == {"rank_rule", "rank" if t["rank_rule"] == "fixed" else "energy"}
+
+
 def test_each_language_gets_its_best_trial_and_the_earlier_one_on_a_tie():
     scores = {0: {"jav": 0.50, "sun": 0.70}, 1: {"jav": 0.60, "sun": 0.70}, 2: {"jav": 0.55, "sun": 0.65}}
     assert champions(scores, ["jav", "sun"]) == {"jav": 1, "sun": 0}
@@ -53,7 +61,7 @@ def test_a_trial_selection_is_the_method_selection_with_the_sampled_keys():
 
 
 def _experiment(**tuning):
-    sets = [f"tuning={json.dumps(tuning)}"]
+    sets = ["tuning=null", f"tuning={json.dumps(tuning)}"]     # in place of the small preset's own
     return load_experiment("nusax", preset="small", overrides=sets)
 
 
@@ -86,96 +94,17 @@ def test_bad_tuning_settings_are_one_line_errors_naming_the_key(tuning, message)
     assert "\n" not in str(err.value)
 
 
+def test_two_kinds_for_one_setting_say_how_they_came_together():
+    with pytest.raises(ConfigError, match="one kind per setting, got loguniform and choice"):
+        load_experiment("nusax", preset="small", overrides=["tuning.systems.full_ft.learning_rate={choice: [1e-4]}"])
+
+
 def test_tuning_needs_the_single_source_layout(americasnli_dir):
     with pytest.raises(ConfigError, match="tuning: implemented for main: single_source"):
         load_experiment("americasnli", preset="small", overrides=[
-            f"pipeline.data.source={americasnli_dir}",
+            f"pipeline.data.source={americasnli_dir}", "tuning=null",
             'tuning={"languages": ["aym"], "systems": {"full_ft": {"epochs": 2}}}'])
 
 
-@pytest.mark.slow
-def test_tuned_table_end_to_end_champions_chosen_on_validation_and_reused(tiny_model_dir, tmp_path, capsys):
-    """Trials at the first seed scored on validation only; each language's champion is its best
-    trial there; the champions' first-seed units are the trials' own (nothing retrained), the
-    second seed trains them anew; a re-run trains nothing."""
-    from deftx.cli import main
-
-    out, results, db = tmp_path / "run", tmp_path / "results", tmp_path / "mlflow.db"
-    config = tmp_path / "experiment.yaml"
-    config.write_text(f"""pipeline:
-  model: {{name_or_path: {tiny_model_dir}, max_length: 64}}
-  source_language: ind
-  target_languages: [jav, sun]
-  max_eval_examples: 40
-  tracking: {{uri: "sqlite:///{db}"}}
-  cluster: {{backend: local}}
-  language_sft:
-    head_warmup_steps: 4
-    max_train_examples: 48
-    full: {{epochs: 1, max_steps: 4, batch_size: 16, learning_rate: 1.0e-4}}
-    sparse: {{epochs: 1, max_steps: 4, batch_size: 16, learning_rate: 2.0e-4}}
-  task_sft:
-    max_train_examples: 48
-    full: {{epochs: 1, batch_size: 16, learning_rate: 1.0e-4}}
-    sparse: {{epochs: 1, batch_size: 16, learning_rate: 2.0e-4}}
-seeds: [1, 2]
-methods:
-  lt_sft: {{method: lt_sft}}
-full_ft: true
-analysis: false
-tuning:
-  languages: [jav, sun]
-  trials: 3
-  systems:
-    full_ft: {{learning_rate: {{loguniform: [1.0e-4, 1.0e-1]}}}}
-    lt_sft: {{density: {{loguniform: [0.005, 0.5]}}, learning_rate: {{loguniform: [1.0e-4, 1.0e-1]}}}}
-""", encoding="utf-8")
-    argv = ["experiment", "nusax", "--config", str(config), "--output-dir", str(out), "--results-dir", str(results)]
-    assert main(argv) == 0
-    shown = capsys.readouterr().out
-    assert "## Tuned on validation (3 trials per system)" in shown
-    with (results / "scores.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    cfg = load_experiment("nusax", config_file=str(config))
-    for system in ("full_ft", "lt_sft"):
-        trials = cfg.tuning.trials_for(system)
-        tuning = [r for r in rows if r["part"] == "tuning" and r["system"] == system]
-        assert {(r["language"], r["split"], r["seed"]) for r in tuning} == {
-            (lang, "valid", "1") for lang in ("jav", "sun")}                      # validation only, first seed
-        assert len(tuning) == 3 * 2
-        valid = {(json.loads(r["extra"])["trial"], r["language"]): float(r["macro_f1"]) for r in tuning}
-        for r in tuning:
-            assert json.loads(r["extra"])["settings"] == trials[json.loads(r["extra"])["trial"]]
-        tuned = [r for r in rows if r["part"] == "tuned" and r["system"] == system]
-        assert {(r["language"], r["split"], r["seed"]) for r in tuned} == {
-            (lang, split, seed) for lang in ("jav", "sun") for split in ("test", "valid") for seed in ("1", "2")}
-        for lang in ("jav", "sun"):
-            best = max(range(3), key=lambda i: (valid[(i, lang)], -i))
-            chosen = {json.loads(r["extra"])["trial"] for r in tuned if r["language"] == lang}
-            assert chosen == {best}
-            # the champion at the trials' seed is the trial's own model: the same validation score
-            (again,) = [r for r in tuned if r["language"] == lang and r["seed"] == "1" and r["split"] == "valid"]
-            assert float(again["macro_f1"]) == valid[(best, lang)]
-    text = (results / "results.md").read_text()
-    assert "Champions (validation score" in text and "average of the 2 tuned targets" in text
-    assert len(list(out.glob("sfts/seed1/tune-lt_sft-*"))) == 3        # one task SFT per trial at seed 1
-
-    # the SFT champions are in the registry: @champion of each language's composed model is the
-    # champion trial's task SFT with the language's SFT, scored on validation
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{db}")
-    lt_valid = {(json.loads(r["extra"])["trial"], r["language"]): float(r["macro_f1"])
-                for r in rows if r["part"] == "tuning" and r["system"] == "lt_sft"}
-    for lang in ("jav", "sun"):
-        best = max(range(3), key=lambda i: (lt_valid[(i, lang)], -i))
-        version = client.get_model_version_by_alias(f"deftx-nusax_senti-{lang}", "champion")
-        assert version.tags["deftx.tuned_system"] == "lt_sft" and version.tags["deftx.trial"] == str(best + 1)
-        assert float(version.tags["metrics.target_valid_macro_f1"]) == lt_valid[(best, lang)]
-        assert version.tags["language.language"] == lang
-
-    first = (results / "scores.csv").read_text()
-    assert main(argv) == 0
-    capsys.readouterr()
-    prov = json.loads((results / "provenance.json").read_text())
-    assert prov["units_trained"] == 0 and (results / "scores.csv").read_text() == first
+# The stage end to end (trials on validation, champions per target, the seed-1 champion reused,
+# registry champions, the report) runs in tests/test_experiments.py with the small preset.

@@ -109,8 +109,9 @@ class TuningConfig:
                          for name, dim in self.space(system).items())
 
     def trials_for(self, system: str) -> list[dict[str, Any]]:
-        """The ``trials`` settings of ``system``, the same on every call."""
-        return draw_trials(self.space(system), self.trials, f"{self.seed}:{system}")
+        """The ``trials`` settings of ``system``, the same on every call; of the rank rule's two
+        values, only the one the trial's rule uses."""
+        return [active(sample) for sample in draw_trials(self.space(system), self.trials, f"{self.seed}:{system}")]
 
 
 def _phase_dimension(name: str, spec: Any, key: str) -> Dimension:
@@ -146,6 +147,14 @@ def draw_trials(space: dict[str, Dimension], n: int, seed: str) -> list[dict[str
     ``seed``: deterministic across processes and Python runs."""
     rng = random.Random(seed)
     return [{name: _rounded(space[name].sample(rng)) for name in sorted(space)} for _ in range(n)]
+
+
+def active(sample: dict[str, Any]) -> dict[str, Any]:
+    """``sample`` without the rank-rule value its rule does not use (``energy`` under a fixed
+    rank, ``rank`` under the energy rule)."""
+    rule = sample.get("rank_rule")
+    unused = {"fixed": "energy", "energy": "rank"}.get(rule) if rule else None
+    return {k: v for k, v in sample.items() if k != unused}
 
 
 def champions(scores: dict[int, dict[str, float]], languages: list[str]) -> dict[str, int]:

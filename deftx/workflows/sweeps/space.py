@@ -117,6 +117,9 @@ def spec_kind(spec: Any, key: str) -> tuple[str, list] | None:
         if isinstance(spec, list):
             raise ConfigError(f"{key}: write a list of options as {{choice: [...]}}")
         return None
+    if len(spec) > 1 and set(spec) <= set(KINDS):
+        raise ConfigError(f"{key}: one kind per setting, got {' and '.join(spec)} (a --set merges into the "
+                          "value it overrides; write the whole setting in a config file instead)")
     if len(spec) != 1 or next(iter(spec)) not in KINDS:
         raise ConfigError(f"{key}: expected one of {{{'|'.join(KINDS)}: [...]}}, got {spec!r}")
     kind, args = next(iter(spec.items()))
