@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -80,8 +79,10 @@ def other_base_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def americasnli_dir():
-    """The AmericasNLI data directory (not bundled: tests that need it skip when the machine has no copy)."""
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "americasnli"
-    if not path.is_dir():
-        pytest.skip(f"{path} not present (AmericasNLI is not bundled)")
+    """The AmericasNLI release directory (see ``helpers.release_data``)."""
+    from helpers import release_data
+
+    path = release_data("americasnli")
+    if path is None or not path.is_dir():
+        pytest.skip(f"no AmericasNLI release copy ({path or 'set DEFTX_TEST_DATA to a directory holding americasnli/'})")
     return path

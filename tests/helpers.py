@@ -4,6 +4,7 @@ and tools to craft corrupt SFT directories. Plain functions (fixtures live in th
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -226,3 +227,12 @@ def tiny_bert_classifier(dropout: bool = True):
     for p in roles.frozen.values():
         p.requires_grad_(False)
     return model, roles
+
+
+def release_data(name: str) -> Path | None:
+    """A copy of a dataset's original release (``nusax``, ``americasnli`` laid out as
+    deftx/data/americasnli.py describes) under the directory named by ``DEFTX_TEST_DATA``; None when
+    unset. Tests that compare the bundled files with the releases, or need the AmericasNLP text
+    (not bundled: no licence covers it), skip without one."""
+    root = os.environ.get("DEFTX_TEST_DATA")
+    return Path(root) / name if root else None

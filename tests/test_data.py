@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import release_data
 
 from deftx.data import (
     AMERICASNLI_LABELS,
@@ -27,10 +28,10 @@ from deftx.data.examples import read_table
 from deftx.errors import DataError
 from deftx.tasks import task_spec
 
-NUSAX_DIR = Path("/work/shared/data/nusax")
-ANLI_DIR = Path("/work/shared/data/americasnli")
-needs_nusax_dir = pytest.mark.skipif(not NUSAX_DIR.is_dir(), reason=f"{NUSAX_DIR} not present")
-needs_anli = pytest.mark.skipif(not ANLI_DIR.is_dir(), reason=f"{ANLI_DIR} not present (data not bundled)")
+NUSAX_DIR = release_data("nusax") or Path("nusax-release-not-given")
+ANLI_DIR = release_data("americasnli") or Path("americasnli-release-not-given")
+needs_nusax_dir = pytest.mark.skipif(not NUSAX_DIR.is_dir(), reason="no NusaX release copy (DEFTX_TEST_DATA)")
+needs_anli = pytest.mark.skipif(not ANLI_DIR.is_dir(), reason="no AmericasNLI release copy (DEFTX_TEST_DATA)")
 
 # (split, rows, negative, neutral, positive) -- identical for every language (the data are parallel)
 NUSAX_SPLITS = [("train", 500, 192, 119, 189), ("valid", 100, 38, 24, 38), ("test", 400, 153, 96, 151)]
