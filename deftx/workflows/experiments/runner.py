@@ -547,8 +547,10 @@ class Experiment:
             config.task_sft.sparse.learning_rate = sample["learning_rate"]
         job = self.trained.task_job(self._language_sft_dir(system, self.cfg.pipeline.source_language),
                                     config.validate(), phase1=self._phase1(f"task-{system}-seed{seed}"))
-        self._run_phase1(job)
-        task = self._run_sft(job, self.out / "sfts" / f"seed{seed}" / f"tune-{system}-{tag}")
+        directory = self.out / "sfts" / f"seed{seed}" / f"tune-{system}-{tag}"
+        if not saved_with(directory, job_key(job)):   # phase 1 is only needed to train the SFT
+            self._run_phase1(job)
+        task = self._run_sft(job, directory)
         lang_sfts = {lang: self._language_sft(system, lang) for lang in languages}
         key = f"{system}-seed{seed}-{key_of(task)}-" + scores_key({lang: key_of(s) for lang, s in lang_sfts.items()})
         return ev.scores(key, languages, lambda lang: ev.composed(task, lang_sfts[lang]), splits), str(task.source)
