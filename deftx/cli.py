@@ -467,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=["nusax", "americasnli"], help="the experiment's dataset")
     p.add_argument("--preset", help="small (minutes) or full (hours on 2 CPUs); NusaX also tuned (the bundled "
                                     "text, with a table tuned on validation), subnetworks-small and subnetworks-full "
-                                    "(language-specific subnetworks)")
+                                    "(language-specific subnetworks); AmericasNLI also english (from the bundled "
+                                    "English NLI pairs)")
     p.add_argument("--config", help="an experiment YAML file instead of a preset")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a setting, e.g. seeds=[1] or pipeline.cluster.backend=ray (repeatable)")

@@ -74,6 +74,14 @@ def test_americasnli_presets_validate_leave_fold_out(preset, americasnli_dir):
         assert len(cfg.pipeline.target_languages) == 10 and len(cfg.seeds) == 3
 
 
+def test_americasnli_english_preset_is_the_english_source_setting(americasnli_dir):
+    cfg = load_experiment("americasnli", preset="english", overrides=[f"pipeline.data.source={americasnli_dir}"])
+    assert cfg.main == "single_source" and cfg.pipeline.source_language == "eng" and not cfg.multi_source.folds
+    assert sorted(cfg.sft_languages()) == sorted(["eng", *cfg.pipeline.target_languages])
+    assert len(cfg.pipeline.target_languages) == 10 and len(cfg.seeds) == 3 and cfg.full_ft
+    assert {s.method for s in (cfg.selection(m, "task") for m in cfg.methods)} == {"lt_sft", "deft_x"}
+
+
 def test_americasnli_from_english_runs_offline_on_the_bundled_nli_pairs(americasnli_dir):
     """English is a source language offline: the task SFT trains on the bundled English NLI pairs
     (95%), validates on the other 5%, and the English language SFT reads their sentences."""
