@@ -33,6 +33,32 @@ def predict(model: nn.Module, tokenizer, examples: Sequence[Example], *, batch_s
     return preds
 
 
+@torch.no_grad()
+def head_inputs(model: nn.Module, tokenizer, examples: Sequence[Example], *, batch_size: int = 64,
+                max_length: int = 128) -> tuple[torch.Tensor, list[int]]:
+    """What the classification head reads for each example (the input of ``model.classifier``: the
+    pooled vector of a BERT classifier, the first token's state of an XLM-R one), in example order,
+    and the predicted labels."""
+    model.eval()
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, output) -> None:
+        features = args[0].detach()
+        captured.append(features[:, 0] if features.dim() == 3 else features)
+
+    hook = model.classifier.register_forward_hook(keep)
+    try:
+        seqs = tokenize_texts(tokenizer, [e.text for e in examples], max_length, [e.text_pair for e in examples])
+        inputs, preds = [], []
+        for start in range(0, len(seqs), batch_size):
+            ids, attn = pad_batch(seqs[start: start + batch_size], tokenizer.pad_token_id)
+            preds += model(input_ids=ids, attention_mask=attn).logits.argmax(-1).tolist()
+            inputs.append(captured.pop())
+    finally:
+        hook.remove()
+    return torch.cat(inputs), preds
+
+
 def scores(labels: Sequence[int], preds: Sequence[int], num_labels: int) -> dict[str, float]:
     """Macro-F1 (over all ``num_labels`` classes, as sklearn's ``average='macro'``) and accuracy."""
     from sklearn.metrics import accuracy_score, f1_score
@@ -62,6 +88,11 @@ class ClassifierScorer:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         self.num_labels = len(labels)
         self.batch_size, self.max_length = batch_size, max_length
+
+    def head_inputs(self, examples: Sequence[Example]) -> tuple[torch.Tensor, list[int]]:
+        """:func:`head_inputs` of the model as it is now."""
+        return head_inputs(self.model, self.tokenizer, examples, batch_size=self.batch_size,
+                           max_length=self.max_length)
 
     def score(self, examples: Sequence[Example]) -> dict[str, float]:
         """Macro-F1, accuracy and n of the model as it is now."""

@@ -311,6 +311,17 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
             (again,) = [r for r in mine if int(r["seed"]) == cfg.seeds[0] and r["split"] == "valid"]
             assert float(again["macro_f1"]) == valid[(best, lang)]    # the trial's own model, not retrained
     assert "## Tuned on validation" in (results / "results.md").read_text()
+    # what each method's language SFTs do to the task head's input (first seed, validation)
+    with (results / "head-input-shift.csv").open() as f:
+        shifts = list(csv.DictReader(f))
+    assert {(r["system"], r["language"], r["composition"]) for r in shifts} == {
+        (m, lang, c) for m in cfg.methods for lang in langs for c in ("own", "source")}
+    assert all(-1.0 <= float(r["cosine"]) <= 1.0 + 1e-6 and 0.0 <= float(r["agreement"]) <= 1.0 for r in shifts)
+    for m in cfg.methods:   # for the source language its own SFT is the source SFT
+        own, src = ({k: r[k] for k in ("cosine", "agreement")} for r in shifts
+                    if r["system"] == m and r["language"] == "ind")
+        assert own == src
+    assert "What the language SFTs do to the task head's input" in (results / "results.md").read_text()
     prov = json.loads((results / "provenance.json").read_text())
     assert prov["seeds"] == cfg.seeds and len(prov["commit"]) in (40, 7) or prov["commit"] == "unknown"
     assert prov["units_trained"] > 0 and prov["command"].startswith("deftx experiment nusax")

@@ -68,3 +68,29 @@ def test_hub_id_is_passed_to_from_pretrained_and_fails_cleanly_offline(monkeypat
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cannot load tokenizer 'xlm-roberta-base'"), out.stdout + out.stderr
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_xlmr_dir"])
+def test_head_inputs_are_what_the_classification_head_reads(fixture, request, nusax_texts):
+    """BERT's head reads the pooler's output; XLM-R's head reads the first token's final state:
+    the captured inputs fed to the head give back the model's logits, in example order."""
+    import torch
+
+    from deftx.data.examples import Example
+    from deftx.evaluation import head_inputs, predict
+    from deftx.models import load_classifier, load_tokenizer
+
+    path = str(request.getfixturevalue(fixture))
+    model, tokenizer = load_classifier(path, ["a", "b", "c"], seed=3), load_tokenizer(path)
+    examples = [Example(text, 0) for text in nusax_texts[:7]]
+    inputs, preds = head_inputs(model, tokenizer, examples, batch_size=3, max_length=32)
+    assert inputs.shape == (7, model.config.hidden_size)
+    assert preds == predict(model, tokenizer, examples, batch_size=3, max_length=32)
+    model.eval()
+    with torch.no_grad():
+        if fixture == "tiny_model_dir":
+            logits = model.classifier(inputs)
+        else:   # the RoBERTa head takes the sequence and reads its first position
+            logits = model.classifier(inputs[:, None, :])
+        for i, example in enumerate(examples):   # one at a time, unpadded
+            ids = tokenizer(example.text, truncation=True, max_length=32, return_tensors="pt")["input_ids"]
+            torch.testing.assert_close(logits[i], model(input_ids=ids).logits[0], atol=1e-5, rtol=1e-4)

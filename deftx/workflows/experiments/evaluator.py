@@ -73,6 +73,34 @@ class Evaluator:
         replace_json(path, cached)
         return {tuple(w.split("/")): cached[w] for w in want}  # type: ignore[misc]
 
+    def head_input_shift(self, key: str, languages: list[str], reference, others: dict[str, Any],
+                         split: str = "valid") -> dict[str, dict[str, dict[str, float]]]:
+        """How far each model of ``others`` (name -> ``apply_for``) moves what the classification
+        head reads, against the model ``reference(language)`` sets up, on each language's ``split``:
+        language -> name -> mean cosine similarity of the head inputs and the share of equal
+        predictions. Cached under ``key``."""
+        import torch
+
+        path = self.cache_dir / f"shift-{key}.json"
+        cached: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if all(name in cached.get(lang, {}) for lang in languages for name in others):
+            return {lang: cached[lang] for lang in languages}
+        if self.report_only:
+            raise MissingUnit(f"head-input shift {key}")
+        for lang in languages:
+            examples = self._data(lang, split)
+            with reference(lang):
+                base, base_preds = self.scorer.head_inputs(examples)
+            row = {}
+            for name, apply_for in others.items():
+                with apply_for(lang):
+                    inputs, preds = self.scorer.head_inputs(examples)
+                row[name] = {"cosine": float(torch.nn.functional.cosine_similarity(inputs, base, dim=-1).mean()),
+                             "agreement": sum(a == b for a, b in zip(preds, base_preds)) / max(len(preds), 1)}
+            cached[lang] = row
+        replace_json(path, cached)
+        return {lang: cached[lang] for lang in languages}
+
     @contextmanager
     def composed(self, task: SparseFineTuning, lang: SparseFineTuning | None) -> Iterator[None]:
         with self.scorer.composed(task, lang):

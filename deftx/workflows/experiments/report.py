@@ -173,6 +173,36 @@ def task_only_table(state: ExperimentState, split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def head_input_table(state: ExperimentState) -> str:
+    """Per method and language (first seed, validation): how far the language's own SFT and the
+    source language's SFT move what the task head reads (mean cosine to the task SFT alone, share
+    of equal predictions), beside the validation scores of the three compositions."""
+    cfg = state.config
+    metric, _ = metric_of(cfg)
+    seed = cfg.seeds[0]
+    source = cfg.pipeline.source_language
+    lines = ["| method | language | cosine: + own SFT | + source SFT | same prediction: own | source | "
+             "valid: alone | + own SFT | + source SFT |", "|---" * 9 + "|"]
+
+    def score(part: str, system: str, lang: str, with_lang: bool) -> str:
+        rows = select(state.records, part=part, system=system, seed=seed, language=lang, split="valid",
+                      with_language_sft=with_lang)
+        return f"{100 * getattr(rows[0], metric):.1f}" if rows else "-"
+
+    for system in cfg.methods:
+        rows = {(r["language"], r["composition"]): r for r in state.head_input_shift if r["system"] == system}
+        for lang in [source, *cfg.pipeline.target_languages]:
+            if (lang, "own") not in rows:
+                continue
+            own, src = rows[(lang, "own")], rows[(lang, "source")]
+            swapped = score("main", system, lang, True) if lang == source else score(SOURCE_SFT_PART, system, lang, True)
+            lines.append(f"| {system_name(system, cfg)} | {_language(lang, cfg)}{' (source)' if lang == source else ''} "
+                         f"| {own['cosine']:.3f} | {src['cosine']:.3f} | {100 * own['agreement']:.0f}% | "
+                         f"{100 * src['agreement']:.0f}% | {score('main', system, lang, False)} | "
+                         f"{score('main', system, lang, True)} | {swapped} |")
+    return "\n".join(lines)
+
+
 def multi_source_table(state: ExperimentState, split: str = "test") -> str:
     cfg = state.config
     metric, _ = metric_of(cfg)
@@ -372,6 +402,8 @@ def write_report(state: ExperimentState, directory: Path, *, command: str, secon
         write_csv(directory / "subnetworks.csv", state.subnetwork_stats)
     if state.mlm_loss:
         write_csv(directory / "mlm-loss.csv", mlm_loss_rows(state.mlm_loss))
+    if state.head_input_shift:
+        write_csv(directory / "head-input-shift.csv", state.head_input_shift)
     written = {"provenance": directory / "provenance.json", "scores": directory / "scores.csv"}
     for name, fig in (figures or {}).items():
         if fig is not None:
@@ -447,6 +479,21 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
             "",
             task_only_table(state, "test"),
             "",
+        ]
+        if state.head_input_shift and "valid" in cfg.eval_splits:
+            parts += [
+                f"### What the language SFTs do to the task head's input (validation, seed {cfg.seeds[0]})",
+                "",
+                ("Mean cosine similarity between what the classification head reads (the pooled vector) under the "
+                 "task SFT alone and under the task SFT composed with the language's own SFT, or with the source "
+                 "language's SFT it was trained on; and the share of unchanged predictions. The recipe assumes a "
+                 "target SFT brings target text to where the task head expects it; a low cosine with a lower score "
+                 "says it moved it elsewhere. `head-input-shift.csv` has every value."),
+                "",
+                head_input_table(state),
+                "",
+            ]
+        parts += [
             "## Mask overlap between the task SFT and the target language SFTs",
             "",
             ("Fraction of a target language SFT's entries that the task SFT also changes, averaged over targets and "

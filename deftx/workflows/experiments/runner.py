@@ -356,6 +356,15 @@ class Experiment:
                             lambda lang, task=task, source=source: ev.composed(task, source))
         self._record(SOURCE_SFT_PART, method, seed, swapped, with_lang=True)
         self._overlaps("main", method, seed, task, lang_sfts)
+        if seed == cfg.seeds[0]:   # how far each language SFT moves what the task head reads
+            shifts = ev.head_input_shift(
+                key, langs, lambda lang, task=task: ev.composed(task, None),
+                {"own": lambda lang, task=task, lang_sfts=lang_sfts: ev.composed(task, lang_sfts[lang]),
+                 "source": lambda lang, task=task, source=source: ev.composed(task, source)})
+            for lang, row in shifts.items():
+                for composition, values in row.items():
+                    self.state.head_input_shift.append({"system": method, "seed": seed, "language": lang,
+                                                        "composition": composition, **values})
 
     def _overlaps(self, part: str, system: str, seed: int, task: SparseFineTuning,
                   lang_sfts: dict[str, SparseFineTuning], languages: list[str] | None = None) -> None:

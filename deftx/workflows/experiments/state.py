@@ -47,3 +47,4 @@ class ExperimentState:
     mlm_loss: dict[str, dict[str, Any]] = field(default_factory=dict)     # method -> held-out MLM-loss result
     subnetwork_stats: list[dict[str, Any]] = field(default_factory=list)   # mask sizes and sharing per model
     tuning: dict[str, dict[str, Any]] = field(default_factory=dict)   # system -> trials, champions, valid scores
+    head_input_shift: list[dict[str, Any]] = field(default_factory=list)   # what language SFTs do to the head's input
