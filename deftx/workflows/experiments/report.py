@@ -484,7 +484,8 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
             parts += [
                 f"### What the language SFTs do to the task head's input (validation, seed {cfg.seeds[0]})",
                 "",
-                ("Mean cosine similarity between what the classification head reads (the pooled vector) under the "
+                ("Mean cosine similarity between what the classification head reads (BERT: the pooled vector; XLM-R: "
+                 "the first token's state) under the "
                  "task SFT alone and under the task SFT composed with the language's own SFT, or with the source "
                  "language's SFT it was trained on; and the share of unchanged predictions. The recipe assumes a "
                  "target SFT brings target text to where the task head expects it; a low cosine with a lower score "
@@ -541,8 +542,11 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
                    f"of every tuned target; a target's champion is its best trial there. The champions were trained "
                    f"with every seed and scored once on test. The fixed columns repeat the main table. SFT methods "
                    f"tune the task SFT (its selection and phase-2 learning rate) over the method's language SFTs."),
-                  "", f"Test {label} (%), {spread}:", "", tuned_table(state, "test"), "",
-                  "Champions (validation score of the trial at the first seed):", "", tuned_settings_table(state)]
+                  "", f"Test {label} (%), {spread}:", "", tuned_table(state, "test"), ""]
+        if "valid" in cfg.eval_splits:
+            parts += [f"Validation {label} (%; the first seed's tuned cells are the champions' own trials):", "",
+                      tuned_table(state, "valid"), ""]
+        parts += ["Champions (validation score of the trial at the first seed):", "", tuned_settings_table(state)]
     if state.missing:
         parts += ["", f"## Not computed yet ({len(state.missing)} units)", "",
                   ("This report was written with `--report-only` from the units finished so far; cells and averages "

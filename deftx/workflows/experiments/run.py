@@ -104,7 +104,8 @@ def register_tuned_champions(tracker: Tracker, experiment: str, parent, state: E
             name = composed_model_name(cfg.pipeline.task, lang)
             champion = tracker.call("checking the champion", lambda name=name: registry.reconcile_champion(name, objective))
             out.setdefault(system, {})[lang] = champion
-            log(f"[registry] {name}: tuned {system} champion trial {i + 1} registered; @champion is v{champion}")
+            where = f"@champion is v{champion}" if champion else f"no version scored on {objective} is @champion"
+            log(f"[registry] {name}: tuned {system} champion (trial {i + 1}) registered; {where}")
     return out
 
 
