@@ -35,7 +35,6 @@ from deftx.core.sft import SparseDelta, SparseFineTuning
 from deftx.data.nusax import NUSAX_LABELS, load_nusax_senti
 from deftx.evaluation import ClassifierScorer, scores
 from deftx.models import resolve_model_path
-from deftx.training.batches import pad_batch, tokenize_texts
 
 LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
 
@@ -49,25 +48,6 @@ def layer_of(name: str) -> int:
 def part(sft: SparseFineTuning, keep=lambda name: True, scale: float = 1.0) -> SparseFineTuning:
     diffs = {name: SparseDelta(d.shape, d.indices, d.values * scale) for name, d in sft.diffs.items() if keep(name)}
     return SparseFineTuning(diffs, sft.head, sft.metadata, sft.source)
-
-
-@torch.no_grad()
-def pooled_and_predictions(scorer: ClassifierScorer, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
-    """The classifier module's input (pooled representation) and the predicted labels."""
-    model = scorer.model
-    model.eval()
-    captured: list[torch.Tensor] = []
-    hook = model.classifier.register_forward_hook(lambda module, args, out: captured.append(args[0].detach()))
-    try:
-        seqs = tokenize_texts(scorer.tokenizer, texts, scorer.max_length)
-        pooled, preds = [], []
-        for start in range(0, len(seqs), scorer.batch_size):
-            ids, attn = pad_batch(seqs[start: start + scorer.batch_size], scorer.tokenizer.pad_token_id)
-            preds += model(input_ids=ids, attention_mask=attn).logits.argmax(-1).tolist()
-            pooled.append(captured.pop())
-    finally:
-        hook.remove()
-    return torch.cat(pooled), preds
 
 
 def main() -> None:
@@ -101,12 +81,12 @@ def main() -> None:
     rows = []
     for lang in args.langs:
         examples = load_nusax_senti(lang, args.split)
-        texts, labels = [e.text for e in examples], [e.label for e in examples]
+        labels = [e.label for e in examples]
         reference = None
         for name, language_sft in variants(lang).items():
             started = time.perf_counter()
             with scorer.composed(task, language_sft):
-                pooled, preds = pooled_and_predictions(scorer, texts)
+                pooled, preds = scorer.head_inputs(examples)
             f1 = scores(labels, preds, len(NUSAX_LABELS))["macro_f1"]
             if reference is None:
                 reference = (pooled, preds)
@@ -116,7 +96,7 @@ def main() -> None:
                          f"{time.perf_counter() - started:.1f}"])
             print(" | ".join(rows[-1]), flush=True)
     print()
-    print(f"{args.method}, task seed {args.seed}, {args.split} split ({len(texts)} examples per language); "
+    print(f"{args.method}, task seed {args.seed}, {args.split} split ({len(examples)} examples per language); "
           f"agreement and cosine against 'none'")
     print(table(["language", "composition", "macro-F1", "same prediction", "pooled cosine", "s"], rows))
 

@@ -27,7 +27,7 @@ from deftx.config import (
 )
 from deftx.data.languages import AMERICASNLI_LANGUAGES, NUSAX_LANGUAGES
 from deftx.tasks import DATASET_TASK
-from deftx.workflows.experiments.tuning import TuningConfig
+from deftx.workflows.experiments.tuning import FULL_FT, TuningConfig
 
 # composable-sft's XLM-R base budgets (train_sa.sh / train_mlm.sh: 24 and 13 x 768^2 entries) over
 # XLM-R base's maskable parameters as deftx counts them (every encoder tensor except LayerNorm and
@@ -36,7 +36,6 @@ XLMR_BASE_MASKABLE = 277_414_656
 XLMR_TASK_K = 14_155_776
 XLMR_LANGUAGE_K = 7_667_712
 BUDGETS = ("xlmr-base", "config")
-FULL_FT = "full_ft"
 SOURCE_SFT_PART = "source_sft"   # records of task SFT + the source language's SFT, scored on the targets
 EXPERIMENT_DATASETS = ("nusax", "americasnli")
 MAIN_LAYOUTS = ("single_source", "leave_fold_out")

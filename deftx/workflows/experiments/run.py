@@ -20,7 +20,7 @@ from deftx.tracking.plots import density_by_layer_figure, spectra_by_type_figure
 from deftx.tracking.runs import log_sft
 from deftx.tracking.tracker import Tracker
 from deftx.training.phase1_store import THETA1_FILE
-from deftx.workflows.experiments.config import ExperimentConfig
+from deftx.workflows.experiments.config import FULL_FT, ExperimentConfig
 from deftx.workflows.experiments.report import (
     f1_figure,
     metric_of,
@@ -89,13 +89,13 @@ def register_tuned_champions(tracker: Tracker, experiment: str, parent, state: E
     registry = Registry(tracker)
     out: dict[str, dict[str, str | None]] = {}
     for system, found in state.tuning.items():
-        if system == "full_ft":
+        if system == FULL_FT:
             continue   # no SFT to register
         for lang, i in found["champions"].items():
             settings = found["trials"][i]
             pending = PendingRegistration(
                 experiment=experiment, run_name=f"tuned-{system}-{lang}", task=cfg.pipeline.task, language=lang,
-                task_sft=found["task_sft_dirs"][i], language_sft=found["language_sft_dirs"][lang],
+                task_sft=found["task_sft_dirs"][i], language_sft=state.language_sft_dirs[system][lang],
                 score=found["valid"][i][lang], objective=objective, params={"system": system, **settings},
                 metrics={objective: found["valid"][i][lang]},
                 tags={"deftx.experiment": f"{cfg.dataset}-{cfg.preset}", "deftx.tuned_system": system,
@@ -132,20 +132,15 @@ def run_and_report(cfg: ExperimentConfig, *, command: str, results_dir: str | Pa
         targets = list(state.config.pipeline.target_languages)
         metric, _ = metric_of(cfg)
         metrics: dict[str, float] = {"wall_seconds": time.perf_counter() - started}
-        for part, prefix in (("main", ""), ("subnetworks", "subnetworks.")):
+        for part, prefix, languages in (("main", "", targets), ("subnetworks", "subnetworks.", targets),
+                                        ("tuned", "tuned.", list(cfg.tuning.languages))):
             for system in {r.system for r in state.records if r.part == part}:
                 for split in ("test", "valid"):
                     rows = select(state.records, part=part, system=system, split=split,
-                                  **({"with_language_sft": system != "full_ft"} if part == "main" else {}))
-                    values = per_seed_average(rows, targets, metric)
+                                  **({"with_language_sft": system != FULL_FT} if part == "main" else {}))
+                    values = per_seed_average(rows, languages, metric)
                     if values:
                         metrics[f"{split}.avg_{metric}.{prefix}{system}"] = sum(values) / len(values)
-        for system in {r.system for r in state.records if r.part == "tuned"}:
-            for split in ("test", "valid"):
-                rows = select(state.records, part="tuned", system=system, split=split)
-                values = per_seed_average(rows, list(cfg.tuning.languages), metric)
-                if values:
-                    metrics[f"{split}.avg_{metric}.tuned.{system}"] = sum(values) / len(values)
         tracker.log_metrics(run, metrics)
         tracker.log_artifacts(run, directory, "results")
         if tracker.enabled and not tracker.offline and cfg.pipeline.tracking.register and state.tuning \

@@ -504,7 +504,6 @@ class Experiment:
         evaluation splits (part ``tuned``)."""
         cfg, tuning = self.cfg, self.cfg.tuning
         metric = task_spec(cfg.pipeline.task).metric
-        chosen: dict[str, tuple[list[dict[str, Any]], dict[str, int]]] = {}
         for system in tuning.systems:
             trials = tuning.trials_for(system)
             scores: dict[int, dict[str, float]] = {}
@@ -522,19 +521,17 @@ class Experiment:
             if len(scores) < len(trials):   # report-only, part-way: no champion yet
                 continue
             best = champions(scores, tuning.languages)
-            chosen[system] = (trials, best)
-            self.state.tuning[system] = {"trials": trials, "champions": best, "valid": scores, "task_sft_dirs": task_dirs,
-                                         "language_sft_dirs": {} if system == FULL_FT else {
-                                             lang: self._language_sft_dir(system, lang) for lang in best}}
+            self.state.tuning[system] = {"trials": trials, "champions": best, "valid": scores, "task_sft_dirs": task_dirs}
             self.log(f"[tuning {system}] champions: " + ", ".join(f"{lang} trial {i + 1}" for lang, i in best.items()))
         for seed in cfg.seeds:
             with self._timed(f"tuned champions (seed {seed})"):
-                for system, (trials, best) in chosen.items():
-                    for lang, i in best.items():
+                for system, found in self.state.tuning.items():
+                    for lang, i in found["champions"].items():
+                        settings = found["trials"][i]
                         with self._unit(f"tuned {system} for {lang} (seed {seed})"):
-                            got, _ = self._tuned_scores(system, trials[i], seed, [lang])
+                            got, _ = self._tuned_scores(system, settings, seed, [lang])
                             self._record("tuned", system, seed, got, with_lang=system != FULL_FT,
-                                         extra={"trial": i, "settings": trials[i]})
+                                         extra={"trial": i, "settings": settings})
 
     def _tuned_scores(self, system: str, sample: dict[str, Any], seed: int, languages: list[str],
                       splits: list[str] | None = None) -> tuple[dict, str | None]:

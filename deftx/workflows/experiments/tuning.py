@@ -38,7 +38,7 @@ from deftx.workflows.sweeps.space import (
     selection_from_sample,
 )
 
-FULL_FT = "full_ft"
+FULL_FT = "full_ft"   # the fully fine-tuned baseline's system name (re-exported by config.py)
 PHASE_KEYS = ("learning_rate", "epochs")
 SELECTION_KEYS = tuple(k for k in TUNABLE if k != "method")
 SFT_KEYS = (*SELECTION_KEYS, "learning_rate")
