@@ -246,6 +246,17 @@ def cmd_sft_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft_import_composable(args: argparse.Namespace) -> int:
+    from deftx.interop.composable import import_composable
+
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
+    sft = import_composable(args.source, args.model, args.out, kind=args.kind, language=args.language,
+                            task=args.task, label_names=labels, overwrite=args.overwrite, log=_log)
+    print(f"wrote {args.out}: {sft.metadata.kind} SFT, {sft.nnz:,} entries, {len(sft.head)} head tensors "
+          f"(inspect it with: deftx sft inspect {args.out})")
+    return 0
+
+
 def cmd_models_fetch(args: argparse.Namespace) -> int:
     from deftx.offline_model import ensure_offline_e5
 
@@ -550,6 +561,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the one recorded in the task SFT)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_sft_compose)
+
+    p = sft.add_parser("import-composable", help="convert a composable-sft SFT (pytorch_diff.bin) into a deftx SFT",
+                       description="Convert an SFT written by composable-sft (the LT-SFT authors' library, e.g. "
+                                   "their released XLM-R language SFTs) into a deftx SFT directory. The file is "
+                                   "read with torch.load(weights_only=True) and only the numpy globals such files "
+                                   "need; a file referencing anything else is refused before unpickling.")
+    p.add_argument("source", help="a pytorch_diff.bin file or the directory holding it")
+    p.add_argument("--model", required=True, help="the base model it was trained on, e.g. xlm-roberta-base")
+    p.add_argument("--out", required=True, help="output SFT directory")
+    p.add_argument("--kind", choices=["language", "task"],
+                   help="default: task if the file sets a classifier head, else language")
+    p.add_argument("--language", help="language code to record (a language SFT's language, a task SFT's source)")
+    p.add_argument("--task", help="task name to record (task SFTs)")
+    p.add_argument("--labels", help="comma-separated label names of a task SFT (default LABEL_0, LABEL_1, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_sft_import_composable)
 
     models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", metavar="SUBCOMMAND",
                                                                         required=True)
