@@ -246,12 +246,42 @@ def cmd_sft_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft_pull(args: argparse.Namespace) -> int:
+    from deftx.core.hub import download
+    from deftx.core.sft import HUB_FILES, SFT_OUTPUT, SparseFineTuning
+
+    if args.out:
+        _fresh_output(args.out, args.overwrite, SFT_OUTPUT)
+    path = download(args.repo, HUB_FILES, revision=args.revision, cache_dir=args.cache_dir,
+                    local_files_only=args.offline)
+    sft = SparseFineTuning.load(path)   # validated (checksum, shapes, indices) before anything is reported
+    what = f"{sft.metadata.kind} SFT ({sft.metadata.language or sft.metadata.task}, {sft.nnz:,} entries)"
+    if args.out:
+        sft.save(args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}: {what} from {args.repo}")
+    else:
+        _log(f"{args.repo}: {what}, in the Hub cache at")
+        print(path)
+    return 0
+
+
+def cmd_sft_push(args: argparse.Namespace) -> int:
+    from deftx.core.sft import SparseFineTuning
+
+    sft = SparseFineTuning.load(args.path)
+    url = sft.push_to_hub(args.repo, revision=args.revision, private=args.private or None,
+                          commit_message=args.message)
+    print(f"pushed {args.path} to {args.repo}: {url}")
+    return 0
+
+
 def cmd_sft_import_composable(args: argparse.Namespace) -> int:
     from deftx.interop.composable import import_composable
 
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
     sft = import_composable(args.source, args.model, args.out, kind=args.kind, language=args.language,
-                            task=args.task, label_names=labels, overwrite=args.overwrite, log=_log)
+                            task=args.task, label_names=labels, overwrite=args.overwrite, revision=args.revision,
+                            log=_log)
     print(f"wrote {args.out}: {sft.metadata.kind} SFT, {sft.nnz:,} entries, {len(sft.head)} head tensors "
           f"(inspect it with: deftx sft inspect {args.out})")
     return 0
@@ -562,12 +592,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_sft_compose)
 
+    p = sft.add_parser("pull", help="download an SFT from the Hugging Face Hub (kept in the Hub cache)",
+                       epilog="example: deftx sft pull my-org/xlmr-sft-jav --revision v1 --out sfts/jav")
+    p.add_argument("repo", help="Hub repository, org/name")
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
+    p.add_argument("--out", help="also write the SFT to this directory (default: print its path in the cache)")
+    p.add_argument("--cache-dir", help="Hub cache directory (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)")
+    p.add_argument("--offline", action="store_true", help="use only the Hub cache, never the network")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(func=cmd_sft_pull)
+    p = sft.add_parser("push", help="upload an SFT directory (with its model card) to the Hugging Face Hub",
+                       epilog="example: deftx sft push runs/demo/sfts/lang-jav my-org/e5-small-sft-jav --private")
+    p.add_argument("path", help="SFT directory")
+    p.add_argument("repo", help="Hub repository, org/name (created if missing)")
+    p.add_argument("--revision", help="branch to push to (created if missing; default: main)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=cmd_sft_push)
     p = sft.add_parser("import-composable", help="convert a composable-sft SFT (pytorch_diff.bin) into a deftx SFT",
                        description="Convert an SFT written by composable-sft (the LT-SFT authors' library, e.g. "
                                    "their released XLM-R language SFTs) into a deftx SFT directory. The file is "
                                    "read with torch.load(weights_only=True) and only the numpy globals such files "
                                    "need; a file referencing anything else is refused before unpickling.")
-    p.add_argument("source", help="a pytorch_diff.bin file or the directory holding it")
+    p.add_argument("source", help="a pytorch_diff.bin file, the directory holding it, or a Hub repository "
+                                  "(e.g. cambridgeltl/xlmr-lang-sft-quy-small)")
+    p.add_argument("--revision", help="Hub branch, tag or commit (with a repository as source)")
     p.add_argument("--model", required=True, help="the base model it was trained on, e.g. xlm-roberta-base")
     p.add_argument("--out", required=True, help="output SFT directory")
     p.add_argument("--kind", choices=["language", "task"],

@@ -3,6 +3,7 @@ and tools to craft corrupt SFT directories. Plain functions (fixtures live in th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -236,3 +237,20 @@ def release_data(name: str) -> Path | None:
     (not bundled: no licence covers it), skip without one."""
     root = os.environ.get("DEFTX_TEST_DATA")
     return Path(root) / name if root else None
+
+
+def cache_repo(cache: Path, repo_id: str, files: Path, commit: str = "0123456789abcdef0123456789abcdef01234567", refs: tuple[str, ...] = ("main",)) -> None:
+    """``files``' content as huggingface_hub caches a model repository: blobs by content hash,
+    ``snapshots/<commit>/`` symlinks to them, ``refs/<branch>`` holding the commit."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in sorted(files.iterdir()):
+        data = file.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob)
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)

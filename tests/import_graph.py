@@ -26,6 +26,7 @@ class Graph:
     edges: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     local: set[tuple[str, str]] = field(default_factory=set)     # (importer, imported) inside a function
     external: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # top-level packages
+    local_external: set[tuple[str, str]] = field(default_factory=set)   # (importer, package) inside a function
 
     def cycles(self) -> list[list[str]]:
         """Strongly connected components with more than one module (Tarjan)."""
@@ -107,6 +108,8 @@ def build(root: Path = ROOT) -> Graph:
                 top = target.split(".", 1)[0]
                 if top != PACKAGE:
                     graph.external[name].add(top)
+                    if id(node) in inside:
+                        graph.local_external.add((name, top))
                     continue
                 while target and target not in modules:
                     target = target.rsplit(".", 1)[0] if "." in target else ""

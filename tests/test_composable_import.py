@@ -215,3 +215,25 @@ def test_a_tensor_the_model_does_not_have_is_refused(tmp_path, tiny_xlmr_dir, ti
     with pytest.raises(ComposableImportError, match="not a body or head parameter of the model"):
         import_composable(source, str(tiny_model_dir), tmp_path / "out", log=lambda _: None)   # a BERT base
     assert not (tmp_path / "out").exists()
+
+
+def test_import_from_a_hub_repository_in_the_cache(tmp_path, tiny_xlmr_dir, monkeypatch):
+    """``import-composable ORG/NAME``: the file comes through the Hub cache (laid out as
+    huggingface_hub stores it; offline, as every test)."""
+    from helpers import cache_repo
+    from huggingface_hub import constants
+
+    source, diffs, absolute = _task_file(tmp_path, tiny_xlmr_dir)
+    cache = tmp_path / "hub-cache"
+    cache_repo(cache, "cambridgeltl/xlmr-task-sft-test", source)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "imported"
+    assert main(["sft", "import-composable", "cambridgeltl/xlmr-task-sft-test", "--model", str(tiny_xlmr_dir),
+                 "--out", str(out)]) == 0
+    expected, got = _classifier(tiny_xlmr_dir), _classifier(tiny_xlmr_dir)
+    reference_apply(expected, diffs, absolute)
+    sft = SparseFineTuning.load(out)
+    assert sft.metadata.label_names == ["LABEL_0", "LABEL_1", "LABEL_2"]   # 3 classes from the classifier's shape
+    sft.apply(got)
+    _all_equal(expected, got)

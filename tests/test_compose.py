@@ -239,6 +239,9 @@ def test_export_loads_without_deftx_and_reproduces_composed_logits(base_dir, tas
     assert {int(k): v for k, v in config["id2label"].items()} == dict(enumerate(LABELS))
     provenance = json.loads((target / "deftx_composition.json").read_text())
     assert provenance["base_fingerprint"] == task_sft.metadata.base_fingerprint
+    card = (target / "README.md").read_text()   # the model card the Hub shows
+    assert card.startswith("---\nlibrary_name: deftx\n") and "# Composed model (deftx)" in card
+    assert f"+ phi_language ({lang_sft.metadata.language})" in card and ", ".join(LABELS) in card
 
     batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     with comp.applied(classifier), torch.no_grad():

@@ -23,6 +23,7 @@ from helpers import (
     write_doc,
 )
 
+from deftx.core.card import CARD_FILE
 from deftx.core.fingerprint import base_fingerprint
 from deftx.core.roles import body_parameters, maskable_parameters, parameter_roles
 from deftx.core.sft import (
@@ -853,8 +854,9 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path, task_sft, lang_sft):
     loaded = SparseFineTuning.load(target)
     assert loaded.metadata.kind == "task" and loaded.nnz == task_sft.nnz
     assert sorted(os.listdir(tmp_path)) == ["sft"]  # no .tmp-/.old- leftovers
-    assert sorted(os.listdir(target)) == sorted([WEIGHTS_FILE, METADATA_FILE])
+    assert sorted(os.listdir(target)) == sorted([WEIGHTS_FILE, METADATA_FILE, CARD_FILE])
     assert json.loads((target / METADATA_FILE).read_text())["kind"] == "task"
+    assert "# Task SFT:" in (target / CARD_FILE).read_text()   # the card is replaced with the SFT
 
 
 # ------------------------------------------------------------------------- fingerprint cache

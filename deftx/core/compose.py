@@ -17,11 +17,12 @@ from pathlib import Path
 from torch import nn
 
 from deftx import __version__
+from deftx.core.card import CARD_FILE, PROVENANCE_NAME, composed_card
 from deftx.core.io import OutputKind, atomic_directory
 from deftx.core.sft import SparseFineTuning
 from deftx.errors import SFTFormatError
 
-PROVENANCE_FILE = "deftx_composition.json"
+PROVENANCE_FILE = PROVENANCE_NAME
 COMPOSED_OUTPUT = OutputKind("a composed model directory", PROVENANCE_FILE,
                              lambda doc: str(doc.get("created_by", "")).startswith("deftx "))
 
@@ -101,4 +102,5 @@ def export_hf_model(composition: Composition, model: nn.Module, tokenizer, direc
                       "base_model": composition.task.metadata.base_model,
                       "base_fingerprint": composition.task.metadata.base_fingerprint}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_FILE).write_text(composed_card(provenance, labels), encoding="utf-8")
     return directory

@@ -1,6 +1,7 @@
 """The SFT artifact: a sparse difference over a base model's encoder plus a dense head.
 
-On disk an SFT is a directory with two files:
+On disk an SFT is a directory with two files (and a model card, ``README.md``, generated from the
+metadata for people and the Hugging Face Hub; see ``deftx.core.card``):
 
 * ``sft.safetensors``: per maskable tensor its changed entries' flat row-major indices (strictly
   increasing) and ``diff/<name>/values`` (float32); per head tensor ``head/<name>`` (absolute
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from deftx import __version__
+from deftx.core.card import CARD_FILE, sft_card
 from deftx.core.fingerprint import base_fingerprint
 from deftx.core.io import OutputKind, atomic_directory, sha256_file, write_json
 from deftx.core.roles import body_parameters, head_parameter_names
@@ -52,6 +54,7 @@ _OFFSET_BIAS = 1 << 15  # offsets are stored as int16 (offset - 32768)
 WEIGHTS_FILE = "sft.safetensors"
 METADATA_FILE = "sft.json"
 DROP_EPS = 1e-7  # |phi| <= DROP_EPS is dropped when extracting (composable-sft's rule)
+HUB_FILES = (METADATA_FILE, WEIGHTS_FILE, CARD_FILE)  # what a Hub repository of an SFT holds
 SFT_OUTPUT = OutputKind("an SFT directory", METADATA_FILE, lambda doc: doc.get("format") == FORMAT_NAME)
 # First components of body-relative names (``embeddings.*``, ``encoder.*`` for BERT and XLM-R);
 # a head tensor may never live under them (see :func:`_check_head_names`).
@@ -339,6 +342,7 @@ class SparseFineTuning:
                 "weights_file": WEIGHTS_FILE, "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
             }
             write_json(tmp / METADATA_FILE, doc)
+            (tmp / CARD_FILE).write_text(sft_card(doc), encoding="utf-8")
         self.metadata.created = meta["created"]
         self.source = str(directory)
         return directory
@@ -373,6 +377,40 @@ class SparseFineTuning:
             raise SFTFormatError(f"{where}: unexpected tensor '{extra[0]}' not listed in {METADATA_FILE}")
         meta = SFTMetadata.from_dict(doc)
         return cls(diffs, head, meta, source=str(directory))
+
+    # -- the Hugging Face Hub ------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, revision: str | None = None,
+                        cache_dir: str | Path | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False) -> SparseFineTuning:
+        """Load an SFT from a local directory, or from a Hub repository ``org/name`` (at ``revision``:
+        a branch, tag or commit) through the Hub cache (see ``deftx.core.hub``)."""
+        from deftx.core.hub import download, looks_like_repo_id
+
+        if Path(name_or_path).is_dir() or not looks_like_repo_id(str(name_or_path)):
+            return cls.load(name_or_path)
+        path = download(str(name_or_path), HUB_FILES, revision=revision, cache_dir=cache_dir, token=token,
+                        local_files_only=local_files_only)
+        sft = cls.load(path)
+        sft.source = f"{name_or_path}" + (f"@{revision}" if revision else "")
+        return sft
+
+    def push_to_hub(self, repo_id: str, *, revision: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, commit_message: str | None = None) -> str:
+        """Upload this SFT (``sft.json``, ``sft.safetensors`` and its model card) to the Hub
+        repository ``repo_id`` (created if missing); returns the commit URL."""
+        import tempfile
+
+        from deftx.core.hub import upload
+
+        with tempfile.TemporaryDirectory(prefix="deftx-push-") as tmp:
+            directory = Path(tmp) / "sft"
+            source = self.source
+            self.save(directory)
+            self.source = source
+            return upload(directory, repo_id, HUB_FILES, revision=revision, private=private, token=token,
+                          commit_message=commit_message)
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:

@@ -300,16 +300,21 @@ def _unknown(where: str, name: str, model: nn.Module, params: Mapping[str, Any])
 
 def import_composable(source: str | Path, model: str, out: str | Path, *, kind: str | None = None,
                       language: str | None = None, task: str | None = None,
-                      label_names: list[str] | None = None, overwrite: bool = False, log=print) -> SparseFineTuning:
-    """Read a composable-sft SFT (``source``: a ``pytorch_diff.bin`` or its directory), convert it
+                      label_names: list[str] | None = None, overwrite: bool = False, revision: str | None = None,
+                      log=print) -> SparseFineTuning:
+    """Read a composable-sft SFT (``source``: a ``pytorch_diff.bin``, its directory, or a Hub repository
+    ``org/name`` at ``revision``, fetched through the Hub cache), convert it
     over the base ``model`` (a Hugging Face id or directory) and save it as a deftx SFT in ``out``.
     ``kind`` defaults to :func:`infer_kind`; a task SFT's labels default to ``LABEL_0..`` with as
     many classes as its classifier has."""
+    from deftx.core.hub import download, looks_like_repo_id
     from deftx.core.io import check_output_dir
     from deftx.core.sft import SFT_OUTPUT
     from deftx.models import load_classifier, load_masked_lm, resolve_model_path
 
     check_output_dir(out, overwrite, SFT_OUTPUT)
+    if looks_like_repo_id(str(source)):
+        source = download(str(source), [FILE_NAME], revision=revision)
     content = read_composable(source)
     kind = kind or infer_kind(content)
     if kind not in ("language", "task"):
