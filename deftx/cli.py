@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,44 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+DEPRECATED_UNTIL = "0.4"
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option: sets the new option's value and says once what to use instead."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        _log(f"deftx: warning: {option_string} is deprecated for `{parser.prog}`; use {self.new} "
+             f"(the old spelling is accepted until deftx {DEPRECATED_UNTIL})")
+        setattr(namespace, self.dest, values)
+
+
+def _option(p: argparse.ArgumentParser, new: str, old: str, *, dest: str, required: bool = False,
+            **kwargs: Any) -> None:
+    """``new`` with ``old`` kept as a deprecated spelling. A required option is checked after
+    parsing (argparse would otherwise demand ``new`` even when ``old`` was given)."""
+    p.add_argument(new, dest=dest, **kwargs)
+    p.add_argument(old, dest=dest, action=_Deprecated, new=new, help=argparse.SUPPRESS,
+                   **{k: v for k, v in kwargs.items() if k in ("type", "metavar")})
+    if required:
+        p.set_defaults(_required=[*(p.get_default("_required") or []), (dest, new)], _parser=p)
+
+
+def _check_required(args: argparse.Namespace) -> None:
+    missing = [flag for dest, flag in getattr(args, "_required", None) or [] if getattr(args, dest, None) is None]
+    if missing:
+        args._parser.error(f"the following arguments are required: {', '.join(missing)}")
+
+
+def _output_dir(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
+    """``--output-dir`` (where a command writes; ``--out`` is its deprecated spelling)."""
+    _option(p, "--output-dir", "--out", dest="out", required=required, metavar="DIR", help=help)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -295,9 +334,38 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from deftx.config import preset_names
+    from deftx.config import preset_names, preset_summary
+    from deftx.workflows.experiments.config import experiment_presets
 
-    print("\n".join(preset_names()))
+    print("pipeline presets (deftx pipeline|train-lang|train-task|sweep --preset NAME):")
+    for name in preset_names():
+        print(f"  {name:<20} {preset_summary(name)}")
+    for dataset, presets in experiment_presets().items():
+        print(f"\n{dataset} experiment presets (deftx experiment {dataset} --preset NAME):")
+        for name, summary in presets:
+            print(f"  {name:<20} {summary}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from deftx.config import to_dict
+
+    if args.experiment:
+        from deftx.workflows.experiments.config import load_experiment
+
+        if args.method or args.address or args.local:
+            raise DeftxError("--method, --address and --local apply to pipeline configs; with --experiment use "
+                             "--set pipeline.KEY=VALUE")
+        cfg = load_experiment(args.experiment, preset=args.preset, config_file=args.config, overrides=args.overrides)
+    else:
+        cfg = _load_config(args)
+    data = json.loads(json.dumps(to_dict(cfg), default=str))   # paths and tuples as plain YAML values
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), end="")
     return 0
 
 
@@ -447,15 +515,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-lang", help="train one language SFT (masked LM on NusaX-MT train text)")
     _config_args(p)
     p.add_argument("--lang", required=True, help="NusaX language code, e.g. jav")
-    p.add_argument("--out", required=True, help="output SFT directory")
+    _output_dir(p, "output SFT directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_train_lang)
 
     p = sub.add_parser("train-task", help="train a NusaX sentiment task SFT on top of a source-language SFT")
     _config_args(p)
-    p.add_argument("--lang-sft", help="the source-language SFT to train on top of (omit to train on theta0)")
+    p.add_argument("--lang-sft", metavar="DIR",
+                   help="the source-language SFT directory to train on top of (omit to train on theta0)")
     p.add_argument("--source-lang", help="source language (default: the config's source_language)")
-    p.add_argument("--out", required=True, help="output SFT directory")
+    _output_dir(p, "output SFT directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_train_task)
 
@@ -467,9 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--sources", required=True, help="comma-separated labelled source languages, e.g. ind,jav,sun")
     p.add_argument("--lang-sft", action="append", default=[], metavar="LANG=DIR",
-                   help="a source language's SFT, applied to that language's batches (repeatable)")
+                   help="a source language's SFT directory, applied to that language's batches (repeatable)")
     p.add_argument("--subnet", action="append", default=[], metavar="KEY=VALUE", help="a subnetwork setting (repeatable)")
-    p.add_argument("--out", required=True, help="output model directory")
+    _output_dir(p, "output model directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_train_subnetworks)
 
@@ -482,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="the evaluation language")
     p.add_argument("--policy", choices=["union", "full", "related"], help="for an unseen target (default: the model's)")
     p.add_argument("--related", action="append", default=[], metavar="TARGET=SOURCE", help="for --policy related")
-    p.add_argument("--out", required=True, help="output SFT directory")
+    _output_dir(p, "output SFT directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_subnetworks_export)
 
@@ -493,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same command resumes an interrupted sweep without rerunning finished trials.")
     _config_args(p)
     p.add_argument("--space", required=True, help="search space file, e.g. tune_spaces/nusax.yaml")
-    p.add_argument("--langs", required=True, help="comma-separated target languages, e.g. jav,sun,min")
+    _option(p, "--languages", "--langs", dest="langs", required=True,
+            help="comma-separated target languages, e.g. jav,sun,min")
     p.add_argument("--num-samples", type=int, default=8, help="trials per language (default 8)")
     p.add_argument("--name", help="sweep name (default <output dir name>-sweep); the same name resumes")
     p.add_argument("--max-concurrent", type=int, default=1, help="trials running at once (default 1)")
@@ -529,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="an experiment preset with subnetwork systems, e.g. subnetworks-full")
     p.add_argument("--config", help="an experiment YAML file instead of a preset")
     p.add_argument("--space", required=True, help="search space file, e.g. tune_spaces/nusax-subnetworks.yaml")
-    p.add_argument("--samples", type=int, default=8, help="trials (default 8)")
+    _option(p, "--num-samples", "--samples", dest="samples", type=int, default=8, help="trials (default 8)")
     p.add_argument("--name", help="sweep name (default <dataset>-<preset>-<system>); the same name resumes")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment setting (repeatable)")
     p.add_argument("--output-dir", help="where shared work and trials go (default from the preset)")
@@ -552,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_registry_show)
     p = registry_parser("get", "download, verify the base fingerprint, compose into a Hugging Face model directory")
     p.add_argument("ref", help="a composed model (deftx-<task>-<lang>) or task SFT reference")
-    p.add_argument("--out", required=True, help="output directory")
+    _output_dir(p, "output directory (a Hugging Face model directory)")
     p.add_argument("--model", help="base model (default: the one recorded in the SFTs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_registry_get)
@@ -569,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate task SFT (+ language SFT) on NusaX languages")
     p.add_argument("--task", required=True, help="task SFT directory")
-    p.add_argument("--lang", help="language SFT directory to compose with (omit: task SFT alone)")
+    _option(p, "--lang-sft", "--lang", dest="lang", metavar="DIR",
+            help="language SFT directory to compose with (omit: task SFT alone)")
     p.add_argument("--languages", required=True, help="comma-separated NusaX codes to evaluate on, e.g. jav,sun")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--data", default="bundled", help="'bundled', 'hub' or a NusaX directory")
@@ -586,8 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sft_inspect)
     p = sft.add_parser("compose", help="export theta0 + task SFT + language SFT as a Hugging Face model directory")
     p.add_argument("--task", required=True, help="task SFT directory (its head is used)")
-    p.add_argument("--lang", help="language SFT directory (its head is not used)")
-    p.add_argument("--out", required=True, help="output directory")
+    _option(p, "--lang-sft", "--lang", dest="lang", metavar="DIR", help="language SFT directory (its head is not used)")
+    _output_dir(p, "output directory (a Hugging Face model directory)")
     p.add_argument("--model", help="base model (default: the one recorded in the task SFT)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_sft_compose)
@@ -596,10 +667,11 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: deftx sft pull my-org/xlmr-sft-jav --revision v1 --out sfts/jav")
     p.add_argument("repo", help="Hub repository, org/name")
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
-    p.add_argument("--out", help="also write the SFT to this directory (default: print its path in the cache)")
+    p.add_argument("--output-dir", dest="out", metavar="DIR",
+                   help="also write the SFT to this directory (default: print its path in the cache)")
     p.add_argument("--cache-dir", help="Hub cache directory (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)")
     p.add_argument("--offline", action="store_true", help="use only the Hub cache, never the network")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir directory")
     p.set_defaults(func=cmd_sft_pull)
     p = sft.add_parser("push", help="upload an SFT directory (with its model card) to the Hugging Face Hub",
                        epilog="example: deftx sft push runs/demo/sfts/lang-jav my-org/e5-small-sft-jav --private")
@@ -618,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(e.g. cambridgeltl/xlmr-lang-sft-quy-small)")
     p.add_argument("--revision", help="Hub branch, tag or commit (with a repository as source)")
     p.add_argument("--model", required=True, help="the base model it was trained on, e.g. xlm-roberta-base")
-    p.add_argument("--out", required=True, help="output SFT directory")
+    p.add_argument("--output-dir", dest="out", required=True, metavar="DIR", help="output SFT directory")
     p.add_argument("--kind", choices=["language", "task"],
                    help="default: task if the file sets a classifier head, else language")
     p.add_argument("--language", help="language code to record (a language SFT's language, a task SFT's source)")
@@ -633,9 +705,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="cache directory (default $DEFTX_CACHE or ~/.cache/deftx)")
     p.set_defaults(func=cmd_models_fetch)
 
-    p = sub.add_parser("presets", help="list the built-in presets")
+    p = sub.add_parser("presets", help="list the built-in presets (pipeline and experiment)")
     p.set_defaults(func=cmd_presets)
+
+    config = sub.add_parser("config", help="show a merged, validated configuration").add_subparsers(
+        dest="config_command", metavar="SUBCOMMAND", required=True)
+    p = config.add_parser("show", help="print the configuration a command would run with (YAML)",
+                          description="Merge a preset or config file with --set overrides, validate the result, "
+                                      "and print it in full, defaults included. Nothing is trained.")
+    _config_args(p)
+    p.add_argument("--experiment", choices=["nusax", "americasnli"],
+                   help="show an experiment configuration (deftx experiment DATASET --preset NAME) instead")
+    p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    p.set_defaults(func=cmd_config_show)
+    _add_examples(parser)
     return parser
+
+
+EXAMPLES = {
+    "deftx": "deftx pipeline --preset demo",
+    "deftx pipeline": "deftx pipeline --preset demo --set target_languages=[jav,sun] --output-dir runs/demo",
+    "deftx train-lang": "deftx train-lang --preset demo --lang jav --output-dir sfts/lang-jav",
+    "deftx train-task": "deftx train-task --preset demo --lang-sft sfts/lang-ind --output-dir sfts/task",
+    "deftx train-subnetworks": "deftx train-subnetworks --preset demo --sources ind,jav,sun --subnet mode=dynamic "
+                               "--output-dir subnets/ms",
+    "deftx subnetworks-export": "deftx subnetworks-export subnets/ms --target bbc --policy union "
+                                "--output-dir sfts/task-bbc",
+    "deftx sweep": "deftx sweep --preset demo --space tune_spaces/nusax.yaml --languages jav,sun --num-samples 8",
+    "deftx experiment": "deftx experiment nusax --preset small",
+    "deftx sweep-subnetworks": "deftx sweep-subnetworks nusax --preset subnetworks-full "
+                               "--space tune_spaces/nusax-subnetworks.yaml --num-samples 8",
+    "deftx registry": "deftx registry get deftx-nusax_senti-jav@champion --output-dir composed/jav",
+    "deftx registry list": "deftx registry list --tracking-uri sqlite:///runs/mlflow.db",
+    "deftx registry show": "deftx registry show deftx-nusax_senti-jav@champion",
+    "deftx registry get": "deftx registry get deftx-nusax_senti-jav@champion --output-dir composed/jav",
+    "deftx registry sync": "deftx registry sync runs/demo",
+    "deftx predict": "deftx predict deftx-nusax_senti-jav@champion 'Aku seneng banget karo layanan iki'",
+    "deftx evaluate": "deftx evaluate --task sfts/task --lang-sft sfts/lang-jav --languages jav --split valid",
+    "deftx sft": "deftx sft inspect sfts/lang-jav",
+    "deftx sft inspect": "deftx sft inspect sfts/lang-jav --json",
+    "deftx sft compose": "deftx sft compose --task sfts/task --lang-sft sfts/lang-jav --output-dir composed/jav",
+    "deftx sft pull": "deftx sft pull my-org/e5-small-sft-jav --revision v1 --output-dir sfts/lang-jav",
+    "deftx sft push": "deftx sft push sfts/lang-jav my-org/e5-small-sft-jav --private",
+    "deftx sft import-composable": "deftx sft import-composable cambridgeltl/xlmr-lang-sft-quy-small "
+                                   "--model xlm-roberta-base --language quy --output-dir sfts/lang-quy",
+    "deftx models": "deftx models fetch",
+    "deftx models fetch": "deftx models fetch --cache ~/.cache/deftx",
+    "deftx presets": "deftx presets",
+    "deftx config": "deftx config show --preset demo --set seed=1",
+    "deftx config show": "deftx config show --preset demo --set language_sft.selection.rank=8",
+}
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from _subparsers(child)
+
+
+def _add_examples(parser: argparse.ArgumentParser) -> None:
+    """Every ``--help`` ends with an example (``EXAMPLES``, keyed by the command's prog)."""
+    for p in _subparsers(parser):
+        p.epilog = f"example: {EXAMPLES[p.prog]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -645,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    _check_required(args)
     # By default SIGTERM ends Python without unwinding (no finally block, no MLflow run ended); only
     # the main thread may install a handler, and the caller's own handler is put back afterwards.
     previous = (signal.signal(signal.SIGTERM, _raise_terminated)

@@ -3,7 +3,7 @@
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python ray_jobs/sweep_subnetworks.py nusax --preset subnetworks-full \
-        --space tune_spaces/nusax-subnetworks.yaml --samples 16
+        --space tune_spaces/nusax-subnetworks.yaml --num-samples 16
 
 Arguments are those of `deftx sweep-subnetworks` (`--help`).
 """

@@ -2,9 +2,9 @@
 SFT), every phase on Ray Train workers under DeepSpeed.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python ray_jobs/train_sft.py --kind language --lang jav --config CONFIG.yaml --out /shared/sfts/lang-jav
+        python ray_jobs/train_sft.py --kind language --lang jav --config CONFIG.yaml --output-dir /shared/sfts/lang-jav
     ray job submit ... -- python ray_jobs/train_sft.py --kind task --lang-sft /shared/sfts/lang-ind \
-        --config CONFIG.yaml --out /shared/sfts/task-nusax_senti
+        --config CONFIG.yaml --output-dir /shared/sfts/task-nusax_senti
 
 Run directly it starts an embedded Ray on 127.0.0.1, or joins `--address HOST:6379`. The other
 arguments are those of `deftx train-lang` / `deftx train-task` (`--kind language --help`).

@@ -35,7 +35,7 @@ def test_console_script_entry_point_runs():
     (["pipeline", "--config", "/no/such/file.yaml"], "config file /no/such/file.yaml does not exist"),
     (["pipeline", "--preset", "nope"], "unknown preset 'nope'"),
     (["pipeline", "--set", "novalue"], "expected key=value"),
-    (["train-lang", "--lang", "xx", "--out", "/tmp/x"], "unknown NusaX language 'xx'"),
+    (["train-lang", "--lang", "xx", "--output-dir", "/tmp/x"], "unknown NusaX language 'xx'"),
     (["sft", "inspect", "/no/such/sft"], "/no/such/sft: not a directory"),
     (["evaluate", "--task", "/no/such/sft", "--languages", "jav"], "/no/such/sft: not a directory"),
 ])
@@ -53,19 +53,19 @@ def test_user_errors_are_one_line_with_exit_2(argv, message, capsys):
     (["pipeline", "--set", "language_sft.sparse.l1_reg=-.inf"], "language_sft.sparse.l1_reg: must be a finite"),
     (["pipeline", "--set", "task_sft.sparse.learning_rate=.inf"], "task_sft.sparse.learning_rate: must be a finite"),
     (["pipeline", "--set", "language_sft.mlm_probability=nan"], "language_sft.mlm_probability: must be a finite"),
-    (["train-task", "--config", "{dir}", "--out", "{dir}/t"], "config file {dir} is a directory, not a YAML file"),
+    (["train-task", "--config", "{dir}", "--output-dir", "{dir}/t"], "config file {dir} is a directory, not a YAML file"),
     (["pipeline", "--output-dir", "{file}"], "{file} exists and is a file, not a directory"),
     (["pipeline", "--set", "cluster.storage_path={file}/ray"], "cannot write to {file}/ray: {file} is a file"),
-    (["train-lang", "--lang", "jav", "--out", "{file}/sft"], "cannot write to {dir}/file: {file} is a file"),
-    (["registry", "get", "x@champion", "--out", "{victim}"], "{victim} already exists (use --overwrite to replace it)"),
-    (["sft", "compose", "--task", "t", "--out", "{victim}", "--overwrite"],
+    (["train-lang", "--lang", "jav", "--output-dir", "{file}/sft"], "cannot write to {dir}/file: {file} is a file"),
+    (["registry", "get", "x@champion", "--output-dir", "{victim}"], "{victim} already exists (use --overwrite to replace it)"),
+    (["sft", "compose", "--task", "t", "--output-dir", "{victim}", "--overwrite"],
      "refusing to replace {victim}: it is not a composed model directory written by deftx"),
-    (["registry", "get", "x@champion", "--out", "{victim}", "--overwrite"],
+    (["registry", "get", "x@champion", "--output-dir", "{victim}", "--overwrite"],
      "refusing to replace {victim}: it is not a composed model directory written by deftx"),
-    (["train-lang", "--lang", "jav", "--out", "{victim}", "--overwrite"],
+    (["train-lang", "--lang", "jav", "--output-dir", "{victim}", "--overwrite"],
      "refusing to replace {victim}: it is not an SFT directory written by deftx"),
-    (["train-task", "--out", ".", "--overwrite"], "refusing to write an SFT directory to {dir}: it is the current"),
-    (["sft", "compose", "--task", "t", "--out", "{dir}/..", "--overwrite"], "it is the current directory or one"),
+    (["train-task", "--output-dir", ".", "--overwrite"], "refusing to write an SFT directory to {dir}: it is the current"),
+    (["sft", "compose", "--task", "t", "--output-dir", "{dir}/..", "--overwrite"], "it is the current directory or one"),
 ], ids=["epochs-nan", "grad-norm-nan", "decay-inf", "l1-minus-inf", "lr-inf", "mlm-nan", "config-dir", "output-file",
         "storage-under-file", "out-under-file", "get-existing", "compose-foreign", "get-foreign", "train-foreign",
         "out-cwd", "out-parent"])
@@ -128,7 +128,7 @@ def test_a_cluster_address_that_is_not_ray_fails_fast(tmp_path):
             except OSError:
                 time.sleep(0.1)
         done = subprocess.run([sys.executable, "-m", "deftx", "train-task", "--address", f"127.0.0.1:{port}",
-                               "--out", str(tmp_path / "t"), "--set", f"output_dir={tmp_path / 'run'}"],
+                               "--output-dir", str(tmp_path / "t"), "--set", f"output_dir={tmp_path / 'run'}"],
                               capture_output=True, text=True, timeout=120)
     finally:
         server.kill()
@@ -192,10 +192,10 @@ def test_tiny_pipeline_end_to_end_via_cli(tiny_model_dir, tmp_path, method, caps
 
     assert main(["sft", "inspect", str(out / "sfts" / "lang-jav")]) == 0
     assert "language SFT, language jav" in capsys.readouterr().out
-    assert main(["sft", "compose", "--task", str(out / "sfts" / "task-nusax_senti"), "--lang",
-                 str(out / "sfts" / "lang-jav"), "--out", str(tmp_path / "hf"), "--model", str(tiny_model_dir)]) == 0
+    assert main(["sft", "compose", "--task", str(out / "sfts" / "task-nusax_senti"), "--lang-sft",
+                 str(out / "sfts" / "lang-jav"), "--output-dir", str(tmp_path / "hf"), "--model", str(tiny_model_dir)]) == 0
     assert (tmp_path / "hf" / "config.json").is_file() and "wrote " in capsys.readouterr().out
-    assert main(["evaluate", "--task", str(out / "sfts" / "task-nusax_senti"), "--lang", str(out / "sfts" / "lang-jav"),
+    assert main(["evaluate", "--task", str(out / "sfts" / "task-nusax_senti"), "--lang-sft", str(out / "sfts" / "lang-jav"),
                  "--languages", "jav", "--model", str(tiny_model_dir), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["language"] == "jav" and rows[0]["n"] == 400
@@ -261,7 +261,7 @@ def test_train_subnetworks_then_export_and_evaluate_a_target(tiny_model_dir, tmp
     db = tmp_path / "mlflow.db"
     common = ["--local", "--set", f"model.name_or_path={tiny_model_dir}", "--set", "task_sft.max_train_examples=24",
               "--set", f"tracking.uri=sqlite:///{db}"]
-    argv = ["train-subnetworks", "--sources", "jav,sun", "--out", str(model), *common,
+    argv = ["train-subnetworks", "--sources", "jav,sun", "--output-dir", str(model), *common,
             "--subnet", "mode=dynamic", "--subnet", "reselect_every=2", "--subnet", "probe_steps=2",
             "--subnet", "selection.density=0.2", "--subnet", "train.epochs=1"]
     assert main(argv) == 0
@@ -275,7 +275,7 @@ def test_train_subnetworks_then_export_and_evaluate_a_target(tiny_model_dir, tmp
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/subnetworks.json"]
     out = tmp_path / "bbc-task"
     assert main(["subnetworks-export", str(model), "--target", "bbc", "--policy", "related", "--related", "bbc=sun",
-                 "--out", str(out)]) == 0
+                 "--output-dir", str(out)]) == 0
     assert "related mask" in capsys.readouterr().out
     assert main(["evaluate", "--task", str(out), "--languages", "bbc", "--json", "--model", str(tiny_model_dir)]) == 0
     (row,) = json.loads(capsys.readouterr().out)
@@ -285,7 +285,7 @@ def test_train_subnetworks_then_export_and_evaluate_a_target(tiny_model_dir, tmp
                          (["--subnet", "colour=red"], "subnetworks.colour: unknown key")]:
         assert main([*argv, "--overwrite", *bad]) == 2
         assert message in capsys.readouterr().err
-    assert main(["subnetworks-export", str(model), "--target", "bbc", "--policy", "related", "--out",
+    assert main(["subnetworks-export", str(model), "--target", "bbc", "--policy", "related", "--output-dir",
                  str(tmp_path / "x")]) == 2
     assert "no related language for 'bbc'" in capsys.readouterr().err
 

@@ -111,7 +111,7 @@ def test_task_sft_import_applies_bit_for_bit(tmp_path, tiny_xlmr_dir, layout):
     assert infer_kind(content) == "task"
     assert content.nnz == sum(int((d != 0).sum()) for d in diffs.values()) > 0
     out = tmp_path / "imported"
-    code = main(["sft", "import-composable", str(source), "--model", str(tiny_xlmr_dir), "--out", str(out),
+    code = main(["sft", "import-composable", str(source), "--model", str(tiny_xlmr_dir), "--output-dir", str(out),
                  "--labels", ",".join(LABELS), "--task", "sentiment", "--language", "ind"])
     assert code == 0
     sft = SparseFineTuning.load(out)
@@ -173,7 +173,7 @@ def test_a_file_with_any_other_global_is_refused_before_unpickling(tmp_path, tin
         read_composable(source)
     assert "\n" not in str(info.value)
     assert not marker.exists()
-    code = main(["sft", "import-composable", str(source), "--model", str(tiny_xlmr_dir), "--out", str(tmp_path / "o")])
+    code = main(["sft", "import-composable", str(source), "--model", str(tiny_xlmr_dir), "--output-dir", str(tmp_path / "o")])
     assert code == 2 and not marker.exists() and not (tmp_path / "o").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("deftx: error: ") and "_touch" in err[0]
@@ -230,7 +230,7 @@ def test_import_from_a_hub_repository_in_the_cache(tmp_path, tiny_xlmr_dir, monk
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     out = tmp_path / "imported"
     assert main(["sft", "import-composable", "cambridgeltl/xlmr-task-sft-test", "--model", str(tiny_xlmr_dir),
-                 "--out", str(out)]) == 0
+                 "--output-dir", str(out)]) == 0
     expected, got = _classifier(tiny_xlmr_dir), _classifier(tiny_xlmr_dir)
     reference_apply(expected, diffs, absolute)
     sft = SparseFineTuning.load(out)

@@ -36,7 +36,7 @@ def test_cli_on_the_ray_backend_runs_with_an_empty_home(tiny_model_dir, tmp_path
     out = tmp_path / "task"
     cmd = [sys.executable, "-m", "deftx", "train-task", "--set", f"model.name_or_path={tiny_model_dir}",
            "--set", "task_sft.full.max_steps=2", "--set", "task_sft.sparse.max_steps=2",
-           "--set", "task_sft.max_train_examples=32", "--set", f"output_dir={tmp_path / 'run'}", "--out", str(out)]
+           "--set", "task_sft.max_train_examples=32", "--set", f"output_dir={tmp_path / 'run'}", "--output-dir", str(out)]
     done = subprocess.run(cmd, env=_fresh_env(home), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     text = done.stdout + done.stderr
     assert done.returncode == 0, text[-4000:]
@@ -88,7 +88,7 @@ def test_a_ray_that_does_not_start_is_one_line_with_exit_2(tmp_path, monkeypatch
 
     monkeypatch.setattr(ray, "init", failing_init)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    code = main(["train-task", "--set", "model.name_or_path=/nonexistent-not-loaded", "--out", str(tmp_path / "t"),
+    code = main(["train-task", "--set", "model.name_or_path=/nonexistent-not-loaded", "--output-dir", str(tmp_path / "t"),
                  "--set", f"output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2

@@ -81,9 +81,9 @@ def test_sft_pull_cli(hub_cache, capsys):
     assert sorted(p.name for p in path.iterdir()) == sorted(HUB_FILES)
     out = tmp / "pulled"
     assert main(["sft", "pull", "org/jav-sft", "--revision", "v2", "--cache-dir", str(cache), "--offline",
-                 "--out", str(out)]) == 0
+                 "--output-dir", str(out)]) == 0
     assert _same(SparseFineTuning.load(out), SparseFineTuning.load(tmp / "v2"))
-    assert main(["sft", "pull", "org/jav-sft", "--cache-dir", str(cache), "--offline", "--out", str(out)]) == 2
+    assert main(["sft", "pull", "org/jav-sft", "--cache-dir", str(cache), "--offline", "--output-dir", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
 
 

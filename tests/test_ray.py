@@ -106,7 +106,7 @@ def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tiny_model_dir, j
         "default": {"method": {"choice": ["lt_sft", "deft_x"]}, "density": {"loguniform": [0.01, 0.1]},
                     "rank": 2}}))
     cmd = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--",
-           "python", "ray_jobs/sweep.py", "--space", str(space), "--langs", "jav", "--num-samples", "2",
+           "python", "ray_jobs/sweep.py", "--space", str(space), "--languages", "jav", "--num-samples", "2",
            "--output-dir", str(job_dir), "--set", f"model.name_or_path={tiny_model_dir}", *TINY,
            "--set", f"tracking.uri={head['mlflow']}"]
     done = subprocess.run(cmd, cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=1200)

@@ -527,7 +527,7 @@ def test_subnetwork_sweep_runs_trials_on_the_validation_objective(tiny_model_dir
 
     db = tmp_path / "mlflow.db"
     cmd = [sys.executable, "-m", "deftx", "sweep-subnetworks", "nusax", "--preset", "subnetworks-small",
-           "--space", str(_space(tmp_path)), "--samples", "2", "--output-dir", str(tmp_path / "out"),
+           "--space", str(_space(tmp_path)), "--num-samples", "2", "--output-dir", str(tmp_path / "out"),
            "--set", f"pipeline.model.name_or_path={tiny_model_dir}", "--set", "pipeline.max_eval_examples=20",
            "--set", f"pipeline.tracking.uri=sqlite:///{db}"]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,

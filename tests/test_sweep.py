@@ -34,7 +34,7 @@ def test_check_sweep_rejects_bad_requests_before_any_work():
     cfg = load_pipeline_config()
     space = space_from_dict(SPACE)
     assert check_sweep(cfg, space, ["JAV", "sun"], 2) == ["jav", "sun"]
-    for langs, n, message in [(["xx"], 2, "--langs: unknown NusaX language 'xx'"),
+    for langs, n, message in [(["xx"], 2, "--languages: unknown NusaX language 'xx'"),
                               (["ind"], 2, "ind is the source language"),
                               (["jav", "jav"], 2, "jav is listed twice"),
                               ([], 2, "at least one target language"),
@@ -112,7 +112,7 @@ def test_phase2_evaluations_score_the_composition_being_trained(tiny_model_dir, 
 
 
 def _sweep_cmd(model_dir: Path, space: Path, out: Path, samples: int) -> list[str]:
-    return [sys.executable, "-m", "deftx", "sweep", "--space", str(space), "--langs", "jav", "--num-samples",
+    return [sys.executable, "-m", "deftx", "sweep", "--space", str(space), "--languages", "jav", "--num-samples",
             str(samples), "--local", "--set", f"model.name_or_path={model_dir}", *TINY, "--output-dir", str(out)]
 
 

@@ -16,6 +16,7 @@ from deftx.config.loading import (
     merge,
     parse_override,
     preset_names,
+    preset_summary,
     read_preset,
     read_yaml,
     to_dict,
@@ -36,4 +37,4 @@ from deftx.config.schema import (
 )
 from deftx.errors import ConfigError
 
-__all__ = ["BACKENDS", "ClusterConfig", "ConfigError", "DATASETS", "DataConfig", "EXCLUSIVE", "METHODS", "ModelConfig", "PhaseConfig", "PipelineConfig", "SFTConfig", "SelectionConfig", "TrackingConfig", "apply_overrides", "clear_alternatives", "fail", "from_dict", "load_pipeline_config", "merge", "parse_override", "preset_names", "read_preset", "read_yaml", "to_dict"]
+__all__ = ["BACKENDS", "ClusterConfig", "ConfigError", "DATASETS", "DataConfig", "EXCLUSIVE", "METHODS", "ModelConfig", "PhaseConfig", "PipelineConfig", "SFTConfig", "SelectionConfig", "TrackingConfig", "apply_overrides", "clear_alternatives", "fail", "from_dict", "load_pipeline_config", "merge", "parse_override", "preset_names", "preset_summary", "read_preset", "read_yaml", "to_dict"]

@@ -156,6 +156,24 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("deftx.presets").iterdir() if p.name.endswith(".yaml"))
 
 
+def summary_line(text: str) -> str:
+    """The first sentence of a preset file's leading comment (its one-line description)."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    first = " ".join(lines)
+    if first.startswith("`") and "`: " in first:   # "`deftx experiment ... --preset x`: what it is"
+        first = first.split("`: ", 1)[1]
+    cut = first.find(". ")
+    return (first[:cut + 1] if cut >= 0 else first)[:160]
+
+
+def preset_summary(name: str) -> str:
+    return summary_line(resources.files("deftx.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8"))
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():

@@ -269,6 +269,31 @@ def replace_directory(source: Path, target: Path) -> None:
     _remove(old)
 
 
+def _follow_umask(root: Path) -> None:
+    """Give everything below ``root`` the modes a plain ``open``/``mkdir`` would (some writers,
+    safetensors among them, create their files 0600)."""
+    mask = current_umask()
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, 0o777 & ~mask)
+        elif path.is_file():
+            executable = path.stat().st_mode & 0o100
+            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux exposes it (``/proc``)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as f:
+            line = next(x for x in f if x.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    mask = os.umask(0o022)   # elsewhere: set and restore (not thread-safe, but only a fallback)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
                      kind: OutputKind | None = None) -> Iterator[Path]:
@@ -287,7 +312,9 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
         check_output_dir(target, overwrite, kind, hint="pass overwrite=True to replace it")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())   # mkdtemp makes it 0700; the result follows the umask
         yield tmp
+        _follow_umask(tmp)
         _fsync_tree(tmp)
         replace_directory(tmp, target)
     except BaseException:

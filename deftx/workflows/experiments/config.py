@@ -292,6 +292,20 @@ class ExperimentConfig:
         return Path(self.pipeline.output_dir)
 
 
+def experiment_presets() -> dict[str, list[tuple[str, str]]]:
+    """Per dataset, its experiment presets as (name, one-line description)."""
+    from deftx.config.loading import summary_line
+
+    folder = resources.files("deftx.presets").joinpath("experiments")
+    out: dict[str, list[tuple[str, str]]] = {d: [] for d in EXPERIMENT_DATASETS}
+    for file in sorted(folder.iterdir(), key=lambda f: f.name):
+        for dataset in EXPERIMENT_DATASETS:
+            if file.name.startswith(f"{dataset}-") and file.name.endswith(".yaml"):
+                name = file.name.removeprefix(f"{dataset}-").removesuffix(".yaml")
+                out[dataset].append((name, summary_line(file.read_text(encoding="utf-8"))))
+    return out
+
+
 def _preset_text(dataset: str, preset: str) -> str:
     folder = resources.files("deftx.presets").joinpath("experiments")
     file = folder.joinpath(f"{dataset}-{preset}.yaml")

@@ -44,17 +44,17 @@ def check_sweep(cfg: PipelineConfig, space: SearchSpace, languages: list[str], n
     if num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {num_samples}")
     if not languages:
-        raise ConfigError("--langs: give at least one target language")
+        raise ConfigError("--languages: give at least one target language")
     out = []
     for code in languages:
         try:
             lang = check_language(code, cfg.data.dataset)
         except DataError as exc:
-            raise ConfigError(f"--langs: {exc}") from None
+            raise ConfigError(f"--languages: {exc}") from None
         if lang == cfg.source_language:
-            raise ConfigError(f"--langs: {lang} is the source language; sweep target languages")
+            raise ConfigError(f"--languages: {lang} is the source language; sweep target languages")
         if lang in out:
-            raise ConfigError(f"--langs: {lang} is listed twice")
+            raise ConfigError(f"--languages: {lang} is listed twice")
         out.append(lang)
     for lang in out:
         space.for_language(lang)
