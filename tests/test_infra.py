@@ -119,3 +119,59 @@ def test_ensure_ray_token_creates_the_token_ray_start_needs(tmp_path):
     again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert again.returncode == 0 and again.stdout == ""
     assert (tmp_path / ".ray" / "auth_token").read_text().strip() == token
+
+
+def _dockerfile() -> tuple[dict[str, str], dict[str, dict[str, str]], str]:
+    """(global ARG defaults, per stage its ARG defaults and WORKDIR, the file's text)."""
+    text = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
+    args: dict[str, str] = {}
+    stages: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "FROM":
+            image = words[1]
+            for key, value in args.items():
+                image = image.replace("${" + key + "}", value)
+            current = stages.setdefault(words[3], {"image": image})
+        elif words[0] == "ARG" and "=" in words[1]:
+            key, value = words[1].split("=", 1)
+            (current if current is not None else args)[key] = value
+        elif words[0] == "WORKDIR" and current is not None:
+            current["workdir"] = words[1]
+    return args, stages, text
+
+
+def test_the_manifests_image_is_built_from_our_dockerfile():
+    """The Dockerfile cannot be built here (no image registry): check that it builds what the
+    manifests run: Ray's image at our pinned Ray version and Python, the pinned torch from the
+    index of the right build, deftx from this checkout at the job's working directory."""
+    import importlib.metadata
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = dict(d.split("==") for d in project["dependencies"] if "==" in d)
+    _, stages, text = _dockerfile()
+    assert set(stages) == {"cpu", "cuda"}
+    ray = _ray_version()
+    assert stages["cpu"]["image"] == f"rayproject/ray:{ray}-py311"
+    assert stages["cuda"]["image"] == f"rayproject/ray:{ray}-py311-gpu"
+    assert project["requires-python"].startswith(">=3.11")
+    for name, stage in stages.items():
+        assert stage["TORCH"] == pins["torch"] == importlib.metadata.version("torch").split("+")[0]
+        assert stage["TORCH_INDEX"].endswith("/cpu" if name == "cpu" else "/cu128")
+        assert stage["workdir"] == "/app/deftx"
+    for needed in ("COPY deftx ./deftx", "COPY ray_jobs ./ray_jobs", "COPY infra ./infra", "deftx --version"):
+        assert text.count(needed) == 2, needed
+    job = _load("kuberay-rayjob.yaml")
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == stages["cpu"]["workdir"]
+    version = project["version"]
+    for manifest in ("kuberay-rayjob.yaml", "kuberay-raycluster.yaml"):
+        spec = _load(manifest)["spec"]
+        spec = spec.get("rayClusterSpec", spec)
+        head, worker = (pod["containers"][0]["image"] for pod in _pods(spec))
+        assert head.endswith(f"/deftx:{version}") and worker.endswith(f"/deftx:{version}-cuda"), manifest
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", "runs", ".git"} <= set(ignored)
