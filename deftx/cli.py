@@ -111,28 +111,62 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def cmd_train_lang(args: argparse.Namespace) -> int:
     from deftx.data import check_language
-    from deftx.workflows.single import train_language
+    from deftx.workflows.single import held_out_mlm_report, train_language, with_own_text
 
     cfg = _load_config(args)
-    lang = check_language(args.lang, cfg.data.dataset)
+    if args.text:
+        lang = args.lang.strip()
+        cfg = with_own_text(cfg, lang, args.text, args.held_out)
+    else:
+        lang = check_language(args.lang, cfg.data.dataset) if cfg.data.dataset != "table" else args.lang
+        if args.held_out is not None:
+            cfg.language_sft.held_out = args.held_out
+            cfg.language_sft.validate("language_sft")
     out = _fresh_output(args.out, args.overwrite, _sft_kind())
     sft = train_language(cfg, lang, out, log=_log)
     print(f"saved language SFT for {lang} to {out} ({sft.nnz:,} entries)")
+    report = held_out_mlm_report(cfg, lang, out, log=_log)
+    if report:
+        print(f"held-out MLM loss of {lang} ({report['lines']:.0f} lines): theta0 {report['theta0']:.3f}, "
+              f"theta0 + SFT {report['sft']:.3f} nats per masked token")
     return 0
 
 
 def cmd_train_task(args: argparse.Namespace) -> int:
     from deftx.data import check_language
-    from deftx.workflows.single import train_task
+    from deftx.workflows.single import train_task, with_own_table
 
     cfg = _load_config(args)
-    source = check_language(args.source_lang or cfg.source_language, cfg.data.dataset)
+    if args.data:
+        source = (args.source_lang or cfg.source_language).strip()
+        cfg = with_own_table(cfg, source, args.data, args.eval_data, text_column=args.text_column,
+                             pair_column=args.pair_column, label_column=args.label_column,
+                             labels=_labels(args.labels), metric=args.metric, name=args.task_name)
+    elif args.eval_data or args.labels:
+        raise DeftxError("--eval-data and --labels go with --data (your own labelled training table)")
+    elif cfg.data.dataset == "table":
+        source = args.source_lang or cfg.source_language
+    else:
+        source = check_language(args.source_lang or cfg.source_language, cfg.data.dataset)
     out = _fresh_output(args.out, args.overwrite, _sft_kind())
     sft = train_task(cfg, source, out, language_sft=args.lang_sft, log=_log)
-    valid = sft.metadata.metrics.get("source_valid", {})
-    print(f"saved task SFT to {out} ({sft.nnz:,} entries; {source} validation macro-F1 "
-          f"{100 * valid.get('macro_f1', float('nan')):.1f})")
+    valid = sft.metadata.metrics.get("source_valid")
+    scores = (f"{source} validation accuracy {100 * valid['accuracy']:.1f}, macro-F1 {100 * valid['macro_f1']:.1f}"
+              if valid else "no validation data")
+    print(f"saved task SFT ({sft.metadata.task}; labels {', '.join(sft.metadata.label_names or [])}) to {out} "
+          f"({sft.nnz:,} entries; {scores})")
     return 0
+
+
+def _labels(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def _table_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("your own labelled data (.csv, .tsv, .jsonl, optionally .gz, or hf:DATASET[:CONFIG][:SPLIT])")
+    g.add_argument("--text-column", default="text", help="the text column (default text)")
+    g.add_argument("--pair-column", help="a second text column, for text-pair tasks such as NLI (default: none)")
+    g.add_argument("--label-column", default="label", help="the label column (default label)")
 
 
 def _subnetwork_config(items: list[str]):
@@ -218,27 +252,62 @@ def _composition_and_model(task_dir: str, lang_dir: str | None, model: str | Non
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from deftx.data import NUSAX_LABELS, check_language, load_nusax_senti
     from deftx.evaluation import evaluate
 
+    tables, source = [], args.data_source
+    for item in args.data or []:
+        if item in ("bundled", "hub") or (Path(item).is_dir() and not item.startswith("hf:")):
+            _log(f"deftx: warning: --data {item} (where NusaX is read from) is deprecated for `deftx evaluate`; use "
+                 f"--data-source {item}; --data now names your own labelled tables (accepted until deftx "
+                 f"{DEPRECATED_UNTIL})")
+            source = item
+        else:
+            tables.append(item)
     composition, model, tokenizer = _composition_and_model(args.task, args.lang, args.model)
-    if composition.label_names != list(NUSAX_LABELS):
-        raise DeftxError(f"{args.task}: evaluate supports NusaX sentiment task SFTs "
-                         f"(labels {list(NUSAX_LABELS)}), got {composition.label_names}")
+    labels = list(composition.label_names)
+    if tables:
+        work = _own_tables(tables, labels, args)
+    else:
+        work = _nusax_tables(args, labels, source)
     rows = []
     with composition.applied(model):
-        for code in [c.strip() for c in args.languages.split(",") if c.strip()]:
-            lang = check_language(code, "nusax")
-            res = evaluate(model, tokenizer, load_nusax_senti(lang, args.split, args.data), len(NUSAX_LABELS),
-                           max_length=args.max_length)
-            rows.append({"language": lang, **res})
+        for lang, name, examples in work:
+            res = evaluate(model, tokenizer, examples, len(labels), max_length=args.max_length)
+            rows.append({"language": lang, "data": name, **res})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"| language | macro-F1 | accuracy | n |  ({args.split} split)\n|---|---|---|---|")
+        print(f"| language | data | accuracy | macro-F1 | n |  ({args.split if not tables else 'your tables'})\n"
+              f"|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['language']} | {100 * r['macro_f1']:.1f} | {100 * r['accuracy']:.1f} | {r['n']} |")
+            print(f"| {r['language']} | {r['data']} | {100 * r['accuracy']:.1f} | {100 * r['macro_f1']:.1f} | {r['n']} |")
     return 0
+
+
+def _own_tables(tables: list[str], labels: list[str], args: argparse.Namespace):
+    """(language, table, examples) for ``--data [LANG=]TABLE`` items, labels mapped to the task SFT's."""
+    from deftx.data.tables import Columns, load_table
+
+    columns = Columns(args.text_column, args.pair_column, args.label_column)
+    out = []
+    for item in tables:
+        lang, sep, table = item.partition("=")
+        if not sep or ":" in lang or "/" in lang:   # no LANG= prefix (hf:... and paths contain : or /)
+            lang, table = args.language or "-", item
+        out.append((lang, table, load_table(table, labels, lang, columns)))
+    return out
+
+
+def _nusax_tables(args: argparse.Namespace, labels: list[str], source: str):
+    from deftx.data import NUSAX_LABELS, check_language, load_nusax_senti
+
+    if labels != list(NUSAX_LABELS):
+        raise DeftxError(f"{args.task}: without --data, evaluate scores NusaX sentiment (labels "
+                         f"{list(NUSAX_LABELS)}); this task SFT has labels {labels}: give its test data with --data")
+    if not args.languages:
+        raise DeftxError("--languages: name the NusaX languages to evaluate on (or give your own tables with --data)")
+    langs = [check_language(c.strip(), "nusax") for c in args.languages.split(",") if c.strip()]
+    return [(lang, f"nusax {args.split}", load_nusax_senti(lang, args.split, source)) for lang in langs]
 
 
 def cmd_sft_inspect(args: argparse.Namespace) -> int:
@@ -514,7 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-lang", help="train one language SFT (masked LM on NusaX-MT train text)")
     _config_args(p)
-    p.add_argument("--lang", required=True, help="NusaX language code, e.g. jav")
+    p.add_argument("--lang", required=True, help="language code, e.g. jav (any code with --text)")
+    p.add_argument("--text", nargs="+", metavar="SOURCE",
+                   help="the language's text: .txt/.txt.gz files (one sentence or paragraph per line), "
+                        "hf:DATASET[:CONFIG][:SPLIT][:COLUMN], or names of bundled sources (default: the dataset's "
+                        "text of --lang)")
+    p.add_argument("--held-out", type=float, metavar="FRACTION",
+                   help="share of the text kept out of training for the held-out MLM loss it reports "
+                        "(default 0.02 with --text, else language_sft.held_out)")
     _output_dir(p, "output SFT directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_train_lang)
@@ -523,8 +599,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--lang-sft", metavar="DIR",
                    help="the source-language SFT directory to train on top of (omit to train on theta0)")
-    p.add_argument("--source-lang", help="source language (default: the config's source_language)")
+    p.add_argument("--source-lang", help="source language code (default: the config's source_language)")
     _output_dir(p, "output SFT directory")
+    p.add_argument("--data", metavar="TABLE", help="your own labelled training data of the source language, instead "
+                                                   "of the dataset's")
+    p.add_argument("--eval-data", metavar="TABLE", help="its validation data (scored after training)")
+    _table_args(p)
+    p.add_argument("--labels", help="comma-separated label names, in class-id order (default: the distinct labels "
+                                    "of --data, sorted)")
+    p.add_argument("--metric", choices=["accuracy", "macro_f1"], default="accuracy",
+                   help="the headline metric of your task (default accuracy)")
+    p.add_argument("--task-name", default="task", help="the task's name in the SFT and the registry (default task)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_train_task)
 
@@ -641,9 +726,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="task SFT directory")
     _option(p, "--lang-sft", "--lang", dest="lang", metavar="DIR",
             help="language SFT directory to compose with (omit: task SFT alone)")
-    p.add_argument("--languages", required=True, help="comma-separated NusaX codes to evaluate on, e.g. jav,sun")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    p.add_argument("--data", default="bundled", help="'bundled', 'hub' or a NusaX directory")
+    p.add_argument("--data", action="append", metavar="[LANG=]TABLE",
+                   help="your own labelled test data (repeatable; labels must be the task SFT's)")
+    p.add_argument("--language", help="the language code of --data tables given without LANG=")
+    _table_args(p)
+    p.add_argument("--languages", help="without --data: comma-separated NusaX codes to evaluate on, e.g. jav,sun")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="NusaX split (default test)")
+    p.add_argument("--data-source", default="bundled", help="where NusaX is read from: 'bundled', 'hub' or a "
+                                                            "directory (default bundled)")
     p.add_argument("--model", help="base model (default: the one recorded in the task SFT)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--json", action="store_true", help="print JSON")

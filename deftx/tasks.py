@@ -14,10 +14,16 @@ unlabelled language-SFT text come from, its labels and its metric.
   ``test`` the test set. Language-SFT text: the AmericasNLP 2021 training side of each language
   (``source`` must be a directory laid out as :mod:`deftx.data.americasnli` describes); for ``eng``
   the training pairs' premises and hypotheses (hub: MultiNLI's premises).
+* ``table`` (dataset ``table``): your own labelled files or Hugging Face datasets, per language and
+  split (``data.table``, :mod:`deftx.data.tables`), with the labels given or inferred from the
+  training tables and the metric you choose; language-SFT text: ``language_sft.text`` (required).
+  Its :class:`TaskSpec` is built from the configuration (:func:`spec_of`), its name is
+  ``data.table.name``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,7 @@ from deftx.data import (
     load_nusax_senti,
 )
 from deftx.data.nli_en import english_nli_split
+from deftx.data.tables import Columns, Row, infer_labels, read_rows, to_examples
 from deftx.data.text import load_language_text, split_held_out
 from deftx.errors import DataError
 
@@ -60,6 +67,7 @@ class TaskSpec:
     _train: Callable[[str, Source], list[Example]]
     _evaluation: Callable[[str, str, Source], list[Example]]
     _text: Callable[[str, Source, Sequence[str] | None], list[str]]
+    _has: Callable[[str, str], bool] | None = None   # (language, split) -> is there data? (default: yes)
 
     @property
     def num_labels(self) -> int:
@@ -91,6 +99,10 @@ class TaskSpec:
             return held
         limit = sft_cfg.max_train_examples
         return train if limit is None else train[:limit]
+
+    def has(self, lang: str, split: str) -> bool:
+        """Whether ``lang`` has a ``split`` (``train``, ``valid`` or ``test``) in this task's data."""
+        return True if self._has is None else self._has(lang, split)
 
     def language_name(self, lang: str) -> str:
         return self.language_names.get(lang, lang)
@@ -145,10 +157,59 @@ TASKS: dict[str, TaskSpec] = {
                             {**AMERICASNLI_LANGUAGES, "eng": "English"},
                             _americasnli_train, _americasnli_evaluation, _americasnlp_text),
 }
-DATASET_TASK = {spec.dataset: name for name, spec in TASKS.items()}
+TABLE_TASK = "table"
+DATASET_TASK = {**{spec.dataset: name for name, spec in TASKS.items()}, "table": TABLE_TASK}
 
 
-def task_spec(name: str) -> TaskSpec:
+def task_spec(name: str | TaskSpec) -> TaskSpec:
+    """A built-in task by name (a :class:`TaskSpec` is returned as it is)."""
+    if isinstance(name, TaskSpec):
+        return name
+    if name == TABLE_TASK:
+        raise DataError("the table task is defined by its configuration: use spec_of(config)")
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}; valid: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def spec_of(cfg) -> TaskSpec:
+    """The task of a pipeline configuration: a built-in one, or the table task of ``cfg.data.table``."""
+    if cfg.data.dataset == "table":
+        return table_task(cfg.data.table)
+    return task_spec(cfg.task)
+
+
+@functools.lru_cache(maxsize=64)
+def _rows(source: str, columns: Columns) -> tuple[Row, ...]:
+    return tuple(read_rows(source, columns))
+
+
+def table_task(table) -> TaskSpec:
+    """The task of your own tables (``TableConfig``; see :mod:`deftx.data.tables`)."""
+    columns = Columns(table.text_column, table.pair_column, table.label_column)
+    if table.labels:
+        labels = tuple(table.labels)
+    else:
+        labels = infer_labels(row.label for source in table.train.values() for row in _rows(source, columns))
+        if len(labels) < 2:
+            raise DataError(f"data.table.train: found a single label ({', '.join(labels)}); a classifier needs two")
+
+    def table_of(split: str, lang: str) -> str:
+        tables = getattr(table, split)
+        if lang not in tables:
+            raise DataError(f"data.table.{split}: no table for {lang!r} (have: {', '.join(tables) or 'none'})")
+        return tables[lang]
+
+    def train(lang: str, source: Source) -> list[Example]:
+        return to_examples(_rows(table_of("train", lang), columns), labels, lang)
+
+    def evaluation(lang: str, split: str, source: Source) -> list[Example]:
+        return to_examples(_rows(table_of(split, lang), columns), labels, lang)
+
+    def text(lang: str, source: Source, sources: Sequence[str] | None) -> list[str]:
+        if sources is None:
+            raise DataError("dataset 'table' has no default text for language SFTs: set language_sft.text")
+        return load_language_text(lang, sources)
+
+    return TaskSpec(table.name, "table", labels, table.metric, {}, train, evaluation, text,
+                    lambda lang, split: lang in getattr(table, split))

@@ -214,3 +214,20 @@ def test_a_job_survives_the_process_boundary_and_is_validated_there(artifacts):
         job_from_dict({**data, "kind": "nope"})
     with pytest.raises(Exception, match="not sources"):
         MultiSourceJob(PipelineConfig(), "fp", ("jav",), {"sun": artifacts["a"]})
+
+
+def test_keys_without_own_tables_are_unchanged_and_a_table_is_keyed_by_its_content(artifacts, tmp_path):
+    """``data.table`` (added later) is left out of the key when unset, so keys of every earlier run stay
+    valid; a table is keyed by its content, so an edited file is trained again."""
+    from deftx.config.schema import TableConfig
+
+    job = _jobs(artifacts)["task"]
+    assert "table" not in result_fields(job)["data"]
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\na,x\nb,y\n")
+    table = TableConfig(name="mine", train={"ind": str(train)})
+    own = _with(_with(job, ["config", "data", "table"], table), ["config", "data", "dataset"], "table")
+    before = job_key(own)
+    assert result_fields(own)["data"]["table"]["train_sha256"]["ind"]
+    train.write_text("text,label\na,x\nb,x\n")
+    assert job_key(own) != before != job_key(job)

@@ -18,7 +18,8 @@ from deftx.core.options import HEAD_BIAS_INITS, SVD_SOLVERS, SVD_TARGETS
 from deftx.errors import ConfigError
 
 METHODS = ("lt_sft", "deft_x")
-DATASETS = ("nusax", "americasnli")
+DATASETS = ("nusax", "americasnli", "table")
+TABLE_METRICS = ("accuracy", "macro_f1")
 
 
 def _check_fraction(key: str, value: float | None, *, low_open: bool = True, allow_none: bool = True) -> None:
@@ -203,18 +204,89 @@ def _default_language_sft() -> SFTConfig:
 
 
 @dataclass
+class TableConfig:
+    """Your own labelled classification data (``data.dataset: table``; ``deftx.data.tables``):
+    per language, a table for each split (a .csv/.tsv/.jsonl file, optionally .gz, or
+    ``hf:DATASET[:CONFIG][:SPLIT]``). ``train`` needs the source language; the pipeline evaluates
+    each target on ``test`` (and ``valid`` when given). ``labels`` null: the distinct labels of the
+    training tables, sorted. ``name`` is the task's name in SFTs and the registry."""
+
+    name: str = "task"
+    train: dict[str, str] = field(default_factory=dict)
+    valid: dict[str, str] = field(default_factory=dict)
+    test: dict[str, str] = field(default_factory=dict)
+    text_column: str = "text"
+    pair_column: str | None = None
+    label_column: str = "label"
+    labels: list[str] | None = None
+    metric: str = "accuracy"
+
+    def validate(self, key: str = "data.table") -> None:
+        import re
+
+        from deftx.data.tables import table_format
+        from deftx.errors import DataError
+
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", self.name):
+            raise fail(f"{key}.name", f"use lower-case letters, digits and _ (it names SFTs and registered "
+                       f"models), got {self.name!r}")
+        if self.metric not in TABLE_METRICS:
+            raise fail(f"{key}.metric", f"unknown metric {self.metric!r}; valid: {', '.join(TABLE_METRICS)}")
+        for split in ("train", "valid", "test"):
+            tables = getattr(self, split)
+            if not isinstance(tables, dict):
+                raise fail(f"{key}.{split}", f"expected a mapping language: table, got {tables!r}")
+            for lang, source in tables.items():
+                where = f"{key}.{split}.{lang}"
+                check_language_code(str(lang), where)
+                if not isinstance(source, str) or not source.strip():
+                    raise fail(where, f"expected a file path or hf:DATASET[:CONFIG][:SPLIT], got {source!r}")
+                try:
+                    kind = table_format(source)
+                except DataError as exc:
+                    raise fail(where, str(exc)) from None
+                if kind != "hf" and not Path(source).expanduser().is_file():
+                    raise fail(where, f"{source} does not exist")
+        if not self.train:
+            raise fail(f"{key}.train", "give the labelled training table of at least the source language")
+        for name in ("text_column", "label_column"):
+            if not getattr(self, name).strip():
+                raise fail(f"{key}.{name}", "must not be empty")
+        if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) != len(self.labels)):
+            raise fail(f"{key}.labels", f"give at least two distinct labels, or null to infer them; got {self.labels}")
+
+
+def check_language_code(code: str, key: str) -> str:
+    """A language code of your own data: 2-8 letters, digits, ``_`` or ``-`` (an ISO 639 code such as
+    ``quy``, or a variant such as ``jav_x``). It names directories and registered models."""
+    import re
+
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{1,7}", code):
+        raise fail(key, f"{code!r} is not a language code (2-8 lower-case letters, digits, _ or -, e.g. quy)")
+    return code
+
+
+@dataclass
 class DataConfig:
     """Where data comes from: ``bundled`` (NusaX, and AmericasNLI's final dev/test sets, shipped with
-    deftx), ``hub``, or a local directory laid out like the dataset's repository."""
+    deftx), ``hub``, or a local directory laid out like the dataset's repository; or, with dataset
+    ``table``, your own labelled files (``table``)."""
 
     dataset: str = "nusax"
     source: str = "bundled"
+    table: TableConfig | None = None
 
     def validate(self, key: str = "data") -> None:
         if self.dataset not in DATASETS:
             raise fail(f"{key}.dataset", f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
         if self.source not in ("bundled", "hub") and not Path(self.source).is_dir():
             raise fail(f"{key}.source", f"{self.source!r} is not 'bundled', 'hub' or an existing directory")
+        if self.dataset == "table":
+            if self.table is None:
+                raise fail(f"{key}.table", "dataset 'table' needs the tables (train/valid/test files per language)")
+            self.table.validate(f"{key}.table")
+        elif self.table is not None:
+            raise fail(f"{key}.table", f"only for dataset 'table' (this is {self.dataset!r})")
 
 
 BACKENDS = ("ray", "local")
@@ -332,10 +404,15 @@ class PipelineConfig:
                 (f"target_languages[{i}]", c) for i, c in enumerate(self.target_languages)]:
             if key == "source_language" and self.data.dataset == "americasnli" and code == "eng":
                 continue   # English MultiNLI from the hub: the published AmericasNLI source
+            if self.data.dataset == "table":
+                check_language_code(code, key)
+                continue
             try:
                 check_language(code, self.data.dataset)
             except DataError as exc:
                 raise fail(key, str(exc)) from None
+        if self.data.dataset == "table":
+            self._check_tables()
         if len(set(self.target_languages)) != len(self.target_languages):
             raise fail("target_languages", "lists a language twice")
         self.language_sft.validate("language_sft")
@@ -361,6 +438,25 @@ class PipelineConfig:
                         raise fail(f"{key}.{phase}.l1_reg", "the L1 pull needs whole parameters in the loss, "
                                     "which ZeRO-3 partitions; set it to 0 or use zero_stage 0-2")
         return self
+
+    def _check_tables(self) -> None:
+        table = self.data.table
+        assert table is not None
+        if self.source_language not in table.train:
+            raise fail("data.table.train", f"no training table for the source language {self.source_language!r}")
+
+    def check_pipeline_data(self) -> None:
+        """What the whole pipeline needs beyond one SFT: with your own tables, evaluation data for
+        every target and text for every language SFT (``deftx train-task`` needs neither)."""
+        table = self.data.table
+        if self.data.dataset != "table" or table is None:
+            return
+        for lang in self.target_languages:
+            if lang not in table.test and lang not in table.valid:
+                raise fail("data.table.test", f"no test (or valid) table for the target language {lang!r}")
+        if self.language_sft.text is None:
+            raise fail("language_sft.text", "dataset 'table' has no default text for language SFTs: name each "
+                       "language's text files (e.g. [data/{lang}.txt]) or hf:DATASET[:CONFIG][:SPLIT][:COLUMN]")
 
     def _check_text(self) -> None:
         from deftx.data.text import resolve_sources

@@ -10,7 +10,10 @@ A source is named by a string:
 * ``all``: every source of the language, in the order of :func:`text_sources`;
 * a path to a text file (``.txt`` or ``.txt.gz``, UTF-8, one sentence or paragraph per line);
   ``{lang}`` in it stands for the language's code, so one setting names each language's own file
-  (``/data/wiki/{lang}.txt.gz``).
+  (``/data/wiki/{lang}.txt.gz``);
+* ``hf:DATASET[:CONFIG][:SPLIT][:COLUMN]``: a column of a dataset loaded with ``datasets`` (a Hub
+  id or a local dataset directory; split ``train`` and column ``text`` unless given), ``{lang}``
+  replaced as in paths (``hf:wikimedia/wikipedia:20231101.{lang}``).
 
 :func:`split_held_out` keeps a slice of the lines apart (for held-out MLM loss), chosen by a hash
 of each line, so a line stays on its side whatever other sources are added.
@@ -93,8 +96,31 @@ def language_path(source: str, lang: str) -> Path:
     return Path(source.replace(LANG_PLACEHOLDER, lang)).expanduser()
 
 
+HF_PREFIX = "hf:"
+
+
 def _is_path(source: str) -> bool:
-    return os.sep in source or "/" in source or source.endswith(TEXT_SUFFIXES)
+    return source.startswith(HF_PREFIX) or os.sep in source or "/" in source or source.endswith(TEXT_SUFFIXES)
+
+
+def read_hf_text(source: str) -> list[str]:
+    """The non-empty values of one text column of a dataset (``hf:DATASET[:CONFIG][:SPLIT][:COLUMN]``)."""
+    from deftx.data.examples import load_hub_split
+
+    parts = source[len(HF_PREFIX):].split(":")
+    if not parts[0] or len(parts) > 4:
+        raise DataError(f"{source}: expected hf:DATASET[:CONFIG][:SPLIT][:COLUMN]")
+    parts += [""] * (4 - len(parts))
+    name, config, split, column = parts[0], parts[1] or None, parts[2] or "train", parts[3] or "text"
+    data = load_hub_split(name, config, split, "or give .txt / .txt.gz files")
+    columns = list(getattr(data, "column_names", []) or [])
+    if columns and column not in columns:
+        raise DataError(f"{source}: no column {column!r} (columns: {', '.join(columns)}); name it as the 4th part")
+    lines = []
+    for value in data[column] if columns else (row[column] for row in data):
+        if isinstance(value, str):
+            lines += [line for line in (_normalise(raw) for raw in value.splitlines()) if line]
+    return lines
 
 
 def resolve_sources(lang: str, sources: str | Sequence[str]) -> list[str]:
@@ -112,7 +138,8 @@ def resolve_sources(lang: str, sources: str | Sequence[str]) -> list[str]:
         for name in names:
             if name not in available and not _is_path(name):
                 valid = ", ".join([*available, ALL_SOURCES]) if available else "none bundled; give file paths"
-                raise DataError(f"unknown text source {name!r} for {lang}; valid: {valid}, or a .txt/.txt.gz path")
+                raise DataError(f"unknown text source {name!r} for {lang}; valid: {valid}, a .txt/.txt.gz path "
+                                f"or hf:DATASET[:CONFIG][:SPLIT][:COLUMN]")
             if name not in out:
                 out.append(name)
     return out
@@ -133,6 +160,10 @@ def load_language_text(lang: str, sources: str | Sequence[str] = (NUSAX_MT_TRAIN
             part = load_nusax_mt_text(lang, nusax_source)
         elif source in bundled:
             part = read_text_file(bundled[source])
+        elif source.startswith(HF_PREFIX):
+            part = read_hf_text(source.replace(LANG_PLACEHOLDER, lang))
+            if not part:
+                raise DataError(f"{source}: no text in it")
         else:
             part = read_text_file(language_path(source, lang))
             if not part:

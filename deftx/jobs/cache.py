@@ -23,6 +23,7 @@ from typing import Any
 
 from deftx import __version__
 from deftx.config import PipelineConfig, SFTConfig
+from deftx.core.io import sha256_file
 from deftx.core.sft import SparseFineTuning, current_base_fingerprint, read_metadata
 from deftx.errors import DeftxError
 from deftx.jobs.head import HEAD_INFO, head_problem
@@ -68,10 +69,25 @@ def input_key(directory: str | Path | None) -> str | None:
     raise DeftxError(f"{path}: neither an SFT nor an MLM head directory")
 
 
+def _data_parts(cfg: PipelineConfig) -> dict[str, Any]:
+    data = asdict(cfg.data)
+    table = data.pop("table")   # keys from before your own tables existed stay valid without one
+    if isinstance(table, dict):   # the tables' content, not only their names: an edited file retrains
+        for split in ("train", "valid", "test"):
+            files = table.get(split)
+            if isinstance(files, dict):
+                table[f"{split}_sha256"] = {lang: sha256_file(Path(src).expanduser()) for lang, src in files.items()
+                                            if isinstance(src, str) and not src.startswith("hf:")
+                                            and Path(src).expanduser().is_file()}
+    if table is not None:
+        data["table"] = table
+    return data
+
+
 def _base_parts(job: Job) -> dict[str, Any]:
     cfg: PipelineConfig = job.config
     return {"kind": job.kind, "deftx": __version__, "model": asdict(cfg.model), "fingerprint": job.fingerprint,
-            "seed": cfg.seed, "data": asdict(cfg.data), "task": cfg.task}
+            "seed": cfg.seed, "data": _data_parts(cfg), "task": cfg.task}
 
 
 def _sft_parts(sft: SFTConfig, phase1_only: bool) -> dict[str, Any]:

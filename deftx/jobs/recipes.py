@@ -20,7 +20,7 @@ from deftx.jobs.spec import Log, capped
 from deftx.models import load_classifier, load_masked_lm
 from deftx.subnetworks.artifact import load_masks, save_masks, subnetwork_model
 from deftx.subnetworks.train import train_subnetworks
-from deftx.tasks import task_spec
+from deftx.tasks import TaskSpec, task_spec
 from deftx.training.batches import classification_stream, masked_lm_stream
 from deftx.training.head_init import initialise_mlm_head
 from deftx.training.lt_sft import train_head_only, train_sparse_fine_tuning
@@ -47,7 +47,7 @@ def train_language_sft(model_path: str, tokenizer, lang: str, sft_cfg: SFTConfig
                        texts: list[str] | None = None,
                        head_init: dict[str, torch.Tensor] | None = None,
                        runtime: TrainingRuntime | None = None, phase1: Phase1Store | None = None,
-                       stop_after_phase1: bool = False, task: str = "nusax_senti") -> SparseFineTuning | None:
+                       stop_after_phase1: bool = False, task: str | TaskSpec = "nusax_senti") -> SparseFineTuning | None:
     """A language SFT by masked LM on ``lang``'s unlabelled text of ``task`` (NusaX-MT train
     sentences, AmericasNLP text; see :mod:`deftx.tasks`) or the given ``texts``.
 
@@ -131,7 +131,7 @@ def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: Spars
                    sft_cfg: SFTConfig, *, model_id: str, data_source: str, max_length: int, seed: int,
                    log: Log, eval_batch_size: int = 64,
                    runtime: TrainingRuntime | None = None, phase1: Phase1Store | None = None,
-                   stop_after_phase1: bool = False, task: str = "nusax_senti") -> SparseFineTuning | None:
+                   stop_after_phase1: bool = False, task: str | TaskSpec = "nusax_senti") -> SparseFineTuning | None:
     """A task SFT (``task``: NusaX sentiment by default) on ``source_lang``'s labelled data, trained
     on theta0 + ``lang_sft``, with its scores on the source validation split (theta0 + lang_sft +
     task SFT) in its metrics.
@@ -165,6 +165,9 @@ def train_task_sft(model_path: str, tokenizer, source_lang: str, lang_sft: Spars
                                                     max_length=max_length))
     if result.sft is None:
         return None
+    if not spec.has(source_lang, "valid"):
+        log(f"[task {source_lang}] no validation data: the SFT records no source_valid score")
+        return result.sft
     scorer = ClassifierScorer(model_path, spec.labels, seed=seed, batch_size=eval_batch_size, max_length=max_length,
                               tokenizer=tokenizer)
     with scorer.composed(result.sft, lang_sft):
@@ -188,7 +191,7 @@ class _MultiSource:
 
 def _multi_source(model_path: str, tokenizer, sources: list[str], lang_sfts: dict[str, SparseFineTuning | None],
                   max_train_examples: int | None, *, data_source: str, max_length: int, seed: int,
-                  task: str) -> _MultiSource:
+                  task: str | TaskSpec) -> _MultiSource:
 
     if not sources:
         raise ValueError("multi-source training needs at least one source language")
@@ -220,7 +223,7 @@ def train_multi_source_task_sft(model_path: str, tokenizer, sources: list[str],
                                 lang_sfts: dict[str, SparseFineTuning | None], sft_cfg: SFTConfig, *,
                                 model_id: str, data_source: str, max_length: int, seed: int, log: Log,
                                 runtime: TrainingRuntime | None = None, phase1: Phase1Store | None = None,
-                                stop_after_phase1: bool = False, task: str = "nusax_senti") -> SparseFineTuning | None:
+                                stop_after_phase1: bool = False, task: str | TaskSpec = "nusax_senti") -> SparseFineTuning | None:
     """A task SFT trained on the labelled data of several ``sources`` (at most
     ``max_train_examples`` each), on theta0, with each batch computed at theta + phi_lang of its
     language (``lang_sfts``; see :mod:`deftx.training.multi_source`). Both phases see the shifted
@@ -243,7 +246,7 @@ def train_subnetwork_model(model_path: str, tokenizer, sources: list[str],
                            lang_sfts: dict[str, SparseFineTuning | None], sub_cfg, *,
                            max_train_examples: int | None, model_id: str, data_source: str, max_length: int,
                            seed: int, log: Log, runtime: TrainingRuntime | None = None,
-                           task: str = "nusax_senti", masks_cache: str | None = None):
+                           task: str | TaskSpec = "nusax_senti", masks_cache: str | None = None):
     """A multi-source task model trained with language-specific subnetworks (``sub_cfg``: a
     ``SubnetworkConfig``; see :mod:`deftx.subnetworks`), each batch shifted by its language's SFT
     as in :func:`train_multi_source_task_sft`. Returns a ``SubnetworkModel`` (None off rank 0).

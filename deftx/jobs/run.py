@@ -35,7 +35,7 @@ from deftx.jobs.spec import (
     head_languages,
 )
 from deftx.models import load_masked_lm, load_tokenizer, resolve_model_path
-from deftx.tasks import task_spec
+from deftx.tasks import spec_of
 from deftx.training.phase1_store import Phase1Store
 from deftx.training.probe import ProbedRuntime, language_probe
 from deftx.training.runtime import LocalRuntime, TrainingRuntime
@@ -74,7 +74,7 @@ class _Context:
     def common(self, runtime: TrainingRuntime | None = None) -> dict[str, Any]:
         cfg = self.cfg
         return dict(max_length=cfg.model.max_length, seed=cfg.seed, log=self.log, runtime=runtime or self.runtime,
-                    task=cfg.task, model_id=cfg.model.name_or_path, data_source=cfg.data.source)
+                    task=spec_of(cfg), model_id=cfg.model.name_or_path, data_source=cfg.data.source)
 
 
 def run_job(job: Job, runtime: TrainingRuntime | None = None, log: Log = print) -> JobOutput | None:
@@ -113,7 +113,7 @@ def _run(job: Any, ctx: _Context) -> JobOutput | None:
 @_run.register
 def _(job: HeadJob, ctx: _Context) -> JobOutput | None:
     cfg = ctx.cfg
-    spec = task_spec(cfg.task)
+    spec = spec_of(cfg)
     texts = [t for lang in head_languages(cfg) for t in spec.adaptation_text(lang, cfg.data.source, cfg.language_sft)]
     model, _ = load_masked_lm(ctx.model_path, seed=cfg.seed)
     values, phase = warm_up_mlm_head(model, ctx.tokenizer, texts, cfg.language_sft, max_length=cfg.model.max_length,
@@ -169,7 +169,7 @@ def _probed(runtime: TrainingRuntime, job: LanguageJob, cfg: PipelineConfig, mod
     assert spec is not None
     split = spec.split
     lang = spec.language if split == "target_valid" else cfg.source_language
-    task = task_spec(cfg.task)
+    task = spec_of(cfg)
     examples = task.evaluation(lang, "valid", cfg.data.source) if runtime.rank == 0 else []
     probe = language_probe(model_path, tokenizer, SparseFineTuning.load(spec.task_sft), examples,
                            task.num_labels, split, seed=cfg.seed, batch_size=cfg.eval_batch_size,

@@ -29,7 +29,7 @@ from deftx.jobs.cache import base_identity, job_key, phase1_key, reuse_head, reu
 from deftx.jobs.executors import Executor, make_executor
 from deftx.jobs.spec import HeadJob, Job, LanguageJob, Log, TaskJob, capped, pipeline_languages, with_phase1
 from deftx.models import load_tokenizer, resolve_model_path
-from deftx.tasks import task_spec
+from deftx.tasks import spec_of
 from deftx.tracking.plots import close, language_bars
 from deftx.tracking.registry import PendingRegistration, Registry
 from deftx.tracking.runs import log_sft
@@ -153,12 +153,12 @@ def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list
     trained = TrainedSFTs(cfg, fingerprint, head_dir)
     for i, lang in enumerate(languages, 1):
         directory = trained.language_dir(lang)
-        banner = f"== language SFT {i}/{len(languages)}: {lang} ({task_spec(cfg.task).language_name(lang)}) =="
+        banner = f"== language SFT {i}/{len(languages)}: {lang} ({spec_of(cfg).language_name(lang)}) =="
         trained.language[lang], _ = run_sft(trained.language_job(lang), directory, executor, log, banner)
     if not with_task:
         return trained
 
-    directory = out / "sfts" / f"task-{cfg.task}"
+    directory = out / "sfts" / f"task-{spec_of(cfg).name}"
     job = trained.task_job(str(trained.language_dir(cfg.source_language)))
     trained.task, _ = run_sft(job, directory, executor, log, f"== task SFT: {cfg.task} on {cfg.source_language} ==")
     trained.task_dir = directory
@@ -180,6 +180,7 @@ def start_run(cfg: PipelineConfig, log: Log, executor: Executor | None) -> tuple
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     check_run_outputs(cfg)
+    cfg.check_pipeline_data()
     cfg = absolute_paths(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,21 +222,24 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
     out = Path(cfg.output_dir)
     for lang in languages:
         log_sft(tracker, experiment, run, trained.language_dir(lang), f"lang-{lang}")
-    log_sft(tracker, experiment, run, trained.task_dir, f"task-{cfg.task}")
+    log_sft(tracker, experiment, run, trained.task_dir, f"task-{spec_of(cfg).name}")
     model_path = resolve_model_path(cfg.model.name_or_path, log=log)
     tokenizer = load_tokenizer(model_path)
 
     log("== zero-shot evaluation ==")
-    spec = task_spec(cfg.task)
+    spec = spec_of(cfg)
     scorer = ClassifierScorer(model_path, spec.labels, seed=cfg.seed, batch_size=cfg.eval_batch_size,
                               max_length=cfg.model.max_length, tokenizer=tokenizer)
     result = PipelineResult(method=cfg.task_sft.selection.method, output_dir=str(out))
     valid_scores: dict[str, float] = {}
     for lang in languages:
+        if not spec.has(lang, "test"):
+            log(f"[eval {lang}] no test data: not evaluated")
+            continue
         test = capped(spec.evaluation(lang, "test", cfg.data.source), cfg.max_eval_examples)
         with scorer.composed(task_sft, lang_sfts[lang]):
             composed = scorer.score(test)
-            if lang != cfg.source_language and cfg.tracking.enabled:
+            if lang != cfg.source_language and cfg.tracking.enabled and spec.has(lang, "valid"):
                 valid_scores[lang] = scorer.score(spec.evaluation(lang, "valid", cfg.data.source))["macro_f1"]
         with scorer.composed(task_sft):
             alone = scorer.score(test)
@@ -255,7 +259,7 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
                                   f"test.{row['language']}.accuracy": row["accuracy"]})
     tracker.log_metrics(run, {"seconds": result.seconds})
     fig = language_bars({r["language"]: r["macro_f1"] for r in result.rows}, "test macro-F1",
-                        title="NusaX-senti test macro-F1: task + language SFT (bars) vs task SFT only",
+                        title=f"{spec_of(cfg).name} test macro-F1: task + language SFT (bars) vs task SFT only",
                         baseline={r["language"]: r["task_only_macro_f1"] for r in result.rows})
     tracker.log_figure(run, fig, "plots/f1-per-language.png")
     close(fig)
@@ -265,7 +269,7 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
         for lang, score in valid_scores.items():
             row = next(r for r in result.rows if r["language"] == lang)
             pending = PendingRegistration(
-                experiment=experiment, run_name=f"register-{out.name}-{lang}", task=cfg.task, language=lang,
+                experiment=experiment, run_name=f"register-{out.name}-{lang}", task=spec_of(cfg).name, language=lang,
                 task_sft=str(trained.task_dir), language_sft=str(trained.language_dir(lang)), score=score,
                 objective="target_valid_macro_f1",
                 params={"pipeline": out.name, "method": cfg.task_sft.selection.method},

@@ -4,6 +4,7 @@ workers under DeepSpeed, or this process)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from deftx.config import PipelineConfig, to_dict
@@ -18,6 +19,72 @@ from deftx.subnetworks.config import SubnetworkConfig
 from deftx.tracking.runs import log_sft
 from deftx.tracking.tracker import Tracker
 from deftx.workflows.pipeline import absolute_paths, check_run_outputs
+
+DEFAULT_HELD_OUT = 0.02   # the share of your own text kept for the held-out MLM loss
+
+
+def with_own_text(cfg: PipelineConfig, lang: str, text: list[str], held_out: float | None = None) -> PipelineConfig:
+    """``cfg`` training ``lang``'s SFT on ``text`` (files, ``hf:`` datasets or bundled source names;
+    :mod:`deftx.data.text`), any language code allowed, keeping ``held_out`` of it (default 2%, or
+    the config's if it sets one) for the held-out MLM loss. Checked before any work."""
+    from deftx.config.schema import check_language_code
+    from deftx.data.text import resolve_sources
+
+    check_language_code(lang, "--lang")
+    resolve_sources(lang, text)
+    cfg = copy.deepcopy(cfg)
+    cfg.language_sft.text = list(text)
+    cfg.language_sft.held_out = held_out if held_out is not None else (cfg.language_sft.held_out or DEFAULT_HELD_OUT)
+    cfg.language_sft.validate("language_sft")
+    return cfg
+
+
+def with_own_table(cfg: PipelineConfig, source: str, train: str, valid: str | None = None, *,
+                   text_column: str = "text", pair_column: str | None = None, label_column: str = "label",
+                   labels: list[str] | None = None, metric: str = "accuracy", name: str = "task") -> PipelineConfig:
+    """``cfg`` training a task SFT of ``source`` on your own labelled table ``train`` (validation
+    table ``valid``), the dataset ``table`` (:mod:`deftx.data.tables`). Checked before any work."""
+    from deftx.config.schema import DataConfig, TableConfig
+
+    cfg = copy.deepcopy(cfg)
+    table = TableConfig(name=name, train={source: train}, valid={source: valid} if valid else {},
+                        text_column=text_column, pair_column=pair_column, label_column=label_column,
+                        labels=labels, metric=metric)
+    cfg.data = DataConfig(dataset="table", source="bundled", table=table)
+    cfg.task, cfg.source_language, cfg.target_languages = "table", source, [source]
+    cfg.language_sft.text = None
+    return cfg.validate()
+
+
+def held_out_mlm_report(cfg: PipelineConfig, lang: str, sft_dir: Path, log: Log = print,
+                        max_lines: int = 256) -> dict[str, float] | None:
+    """The held-out MLM loss of ``lang``'s text (the lines ``language_sft.held_out`` kept out of
+    training) for theta0 and theta0 + the SFT, both with the SFT's MLM head; recorded in the SFT's
+    metrics (``held_out_mlm``). None when no text was held out."""
+    from deftx.held_out_mlm import THETA0, held_out_set, loss_matrix
+    from deftx.models import load_masked_lm, load_tokenizer
+    from deftx.tasks import spec_of
+
+    if not cfg.language_sft.held_out:
+        return None
+    lines = spec_of(cfg).adaptation_text(lang, cfg.data.source, cfg.language_sft, part="held_out")
+    if not lines:
+        log(f"[mlm-loss] {lang}: no line fell in the held-out slice; not measured")
+        return None
+    path = resolve_model_path(cfg.model.name_or_path, log=log)
+    sft = SparseFineTuning.load(sft_dir)
+    model, _ = load_masked_lm(path, seed=cfg.seed)
+    data = held_out_set(load_tokenizer(path), lang, lines, max_length=cfg.model.max_length, max_lines=max_lines,
+                        probability=cfg.language_sft.mlm_probability)
+    head_only = SparseFineTuning({}, sft.head, sft.metadata)
+    with head_only.applied(model):   # theta0's row with the SFT's head: the difference is the body's
+        rows = loss_matrix(model, {lang: data}, {"sft": sft}, with_head=False, log=lambda _: None)
+    report = {"lines": float(data.lines), "theta0": rows[THETA0][lang], "sft": rows["sft"][lang]}
+    log(f"[mlm-loss] {lang} held-out text ({data.lines} lines, {data.predicted} masked tokens): theta0 "
+        f"{report['theta0']:.3f}, theta0 + SFT {report['sft']:.3f} nats per token")
+    sft.metadata.metrics["held_out_mlm"] = report
+    sft.save(sft_dir, overwrite=True)
+    return report
 
 
 def _prepared(cfg: PipelineConfig, log: Log) -> tuple[PipelineConfig, str, Executor]:

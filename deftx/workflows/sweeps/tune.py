@@ -31,7 +31,7 @@ from deftx.jobs.executors import LocalExecutor, make_executor
 from deftx.jobs.ray import connect
 from deftx.jobs.spec import Log, Probe
 from deftx.models import load_classifier, load_masked_lm, resolve_model_path
-from deftx.tasks import task_spec
+from deftx.tasks import spec_of
 from deftx.tracking.plots import close, language_bars, trial_scatter
 from deftx.tracking.registry import PendingRegistration, Registry, composed_model_name
 from deftx.tracking.runs import log_sft, spectra_figure
@@ -248,7 +248,7 @@ def _trial(sample: dict[str, Any], *, shared: dict[str, Any], lang: str, setting
         tracker.set_tags(run, tags)
         if settings["register"]:
             pending = PendingRegistration(experiment=settings["experiment"], run_name=f"register-{lang}-{trial_id}",
-                                          task=cfg.task, language=lang, task_sft=task_dir, language_sft=lang_dir,
+                                          task=spec_of(cfg).name, language=lang, task_sft=task_dir, language_sft=lang_dir,
                                           score=metrics[key], objective=key, params=params, metrics=metrics, tags=tags)
             Registry(tracker).submit(pending, output_dir=settings["output_dir"], parent=run)
     report({**metrics, "phase2_step": -1, "final": 1})
@@ -282,7 +282,7 @@ def _reports_per_trial(cfg: PipelineConfig, space: SearchSpace) -> int:
 
     if not space.eval_every or space.sft != "language":
         return 1
-    n = len(task_spec(cfg.task).adaptation_text(cfg.source_language, cfg.data.source, cfg.language_sft))
+    n = len(spec_of(cfg).adaptation_text(cfg.source_language, cfg.data.source, cfg.language_sft))
     return cfg.language_sft.sparse.num_steps(n) // space.eval_every + 1
 
 
