@@ -111,7 +111,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def cmd_train_lang(args: argparse.Namespace) -> int:
     from deftx.data import check_language
-    from deftx.workflows.single import held_out_mlm_report, train_language, with_own_text
+    from deftx.workflows.single import train_language, with_own_text
 
     cfg = _load_config(args)
     if args.text:
@@ -125,7 +125,7 @@ def cmd_train_lang(args: argparse.Namespace) -> int:
     out = _fresh_output(args.out, args.overwrite, _sft_kind())
     sft = train_language(cfg, lang, out, log=_log)
     print(f"saved language SFT for {lang} to {out} ({sft.nnz:,} entries)")
-    report = held_out_mlm_report(cfg, lang, out, log=_log)
+    report = sft.metadata.metrics.get("held_out_mlm")
     if report:
         print(f"held-out MLM loss of {lang} ({report['lines']:.0f} lines): theta0 {report['theta0']:.3f}, "
               f"theta0 + SFT {report['sft']:.3f} nats per masked token")

@@ -417,3 +417,24 @@ def test_sync_handles_each_record_on_its_own(tmp_path, sfts):
     assert "Training goes on" not in text and "tracking is off" not in text
     assert len(list(pending.glob("*.json"))) == 3
     assert registry.resolve("deftx-nusax_senti-jav@champion").tags["score"] == repr(0.7)
+
+
+def test_the_champion_never_switches_to_another_base_model(tmp_path, sfts, other_base_dir):
+    """A better-scoring composed model of the same task and language, trained on another base
+    model, is registered as a version but does not take @champion, by promotion or reconciliation."""
+    registry = Registry(_tracker(tmp_path))
+    assert registry.submit(_pending(sfts, "lang-a", 0.5)).champion
+    classifier = load_classifier(str(other_base_dir), NUSAX_LABELS)
+    mlm, _ = load_masked_lm(str(other_base_dir))
+    task = make_sft(classifier, "task", seed=3)
+    task.metadata.base_model = str(other_base_dir)
+    lang = make_sft(mlm, "language", seed=4)
+    lang.metadata.base_model = str(other_base_dir)
+    other = {"task": task.save(tmp_path / "other-task"), "lang-x": lang.save(tmp_path / "other-lang")}
+    moved = registry.submit(_pending(other, "lang-x", 0.9))
+    assert moved.composed_version == "2" and not moved.champion
+    champion = registry.resolve("deftx-nusax_senti-jav@champion")
+    assert champion.version == "1"
+    assert registry.resolve("deftx-nusax_senti-jav/2").tags["base_fingerprint"] != champion.tags["base_fingerprint"]
+    assert registry.reconcile_champion("deftx-nusax_senti-jav", "target_valid_macro_f1") == "1"
+    assert registry.submit(_pending(sfts, "lang-b", 0.6)).champion   # the same base still competes

@@ -9,6 +9,7 @@ from typing import Protocol
 from deftx.config import PipelineConfig
 from deftx.jobs.run import run_job
 from deftx.jobs.spec import Job, Log
+from deftx.tracking.live import LiveRun
 from deftx.training.runtime import LocalRuntime
 
 
@@ -16,8 +17,8 @@ class Executor(Protocol):
     def prepare(self) -> None:
         """Check that jobs can run (e.g. reach the cluster) before any work is done."""
 
-    def run(self, job: Job, directory: Path, log: Log) -> None:
-        """Run ``job`` and leave its output in ``directory``."""
+    def run(self, job: Job, directory: Path, log: Log, live: LiveRun | None = None) -> None:
+        """Run ``job`` and leave its output in ``directory`` (live metrics to ``live``'s run)."""
 
 
 class LocalExecutor:
@@ -26,8 +27,8 @@ class LocalExecutor:
     def prepare(self) -> None:
         pass
 
-    def run(self, job: Job, directory: Path, log: Log) -> None:
-        output = run_job(job, LocalRuntime(), log)
+    def run(self, job: Job, directory: Path, log: Log, live: LiveRun | None = None) -> None:
+        output = run_job(job, LocalRuntime(), log, live)
         assert output is not None
         output.save(directory)
 

@@ -36,6 +36,7 @@ from deftx.jobs.spec import (
 )
 from deftx.models import load_masked_lm, load_tokenizer, resolve_model_path
 from deftx.tasks import spec_of
+from deftx.tracking.live import LiveRun
 from deftx.training.phase1_store import Phase1Store
 from deftx.training.probe import ProbedRuntime, language_probe
 from deftx.training.runtime import LocalRuntime, TrainingRuntime
@@ -77,13 +78,25 @@ class _Context:
                     task=spec_of(cfg), model_id=cfg.model.name_or_path, data_source=cfg.data.source)
 
 
-def run_job(job: Job, runtime: TrainingRuntime | None = None, log: Log = print) -> JobOutput | None:
+def run_job(job: Job, runtime: TrainingRuntime | None = None, log: Log = print,
+            live: LiveRun | None = None) -> JobOutput | None:
     """Run ``job`` (on every rank of a distributed runtime); the output on rank 0, None elsewhere.
-    The output records the job's key (:func:`deftx.jobs.cache.job_key`)."""
+    The output records the job's key (:func:`deftx.jobs.cache.job_key`). With ``live``, rank 0
+    logs every step's metrics to that MLflow run while the phases train."""
     runtime = runtime or LocalRuntime()
     if job.config.threads:
         torch.set_num_threads(job.config.threads)
-    return _run(job, _Context(job, runtime, log))
+    if live is None or runtime.rank != 0:
+        return _run(job, _Context(job, runtime, log))
+    from deftx.tracking.live import MlflowSink
+    from deftx.training.live import sending_to
+
+    sink = MlflowSink(live, log)
+    try:
+        with sending_to(sink):
+            return _run(job, _Context(job, runtime, log))
+    finally:
+        sink.flush()
 
 
 def _phase1_store(job: LanguageJob | TaskJob | MultiSourceJob) -> Phase1Store | None:

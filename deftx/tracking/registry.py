@@ -47,6 +47,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 CHAMPION = "champion"
 PENDING_DIR = "registry-pending"
 TAG_SCORE, TAG_OBJECTIVE = "score", "objective"
+TAG_BASE = "base_fingerprint"   # on every SFT and composed version (sft_tags)
 
 
 class RegistryError(DeftxError):
@@ -336,13 +337,21 @@ class Registry:
 
     def promote_champion(self, name: str, version: str, objective: str, score: float) -> bool:
         """Point ``champion`` at ``version`` if there is none, or if ``score`` beats the champion's
-        score on the same ``objective``. A champion scored on another objective is not comparable
-        and stays."""
+        score on the same ``objective``. A champion scored on another objective, or trained on
+        another base model (its ``base_fingerprint`` tag), is not comparable and stays: the alias
+        never silently switches to an SFT of another base."""
         with self._champion_lock():
             current = self.current_champion(name)
             if current is not None:
                 if str(current.version) == str(version):
                     return True
+                base = self.client.get_model_version(name, str(version)).tags.get(TAG_BASE)
+                if current.tags.get(TAG_BASE) and base and current.tags.get(TAG_BASE) != base:
+                    self.tracker.log(f"{name}: champion v{current.version} was trained on base model "
+                                     f"{current.tags.get('base_model') or '?'} ({current.tags[TAG_BASE][:19]}...), "
+                                     f"v{version} on another ({base[:19]}...); the champion stays (move the alias "
+                                     f"by hand if you switch base models)")
+                    return False
                 if current.tags.get(TAG_OBJECTIVE) != objective:
                     self.tracker.log(f"{name}: champion v{current.version} was scored on "
                                      f"{current.tags.get(TAG_OBJECTIVE) or 'no objective'}, not {objective}; "
@@ -358,9 +367,11 @@ class Registry:
         with self._champion_lock():
             versions = [v for v in self.client.search_model_versions(f"name='{name}'")
                         if v.tags.get(TAG_OBJECTIVE) == objective and TAG_SCORE in v.tags]
+            current = self.current_champion(name)
+            if current is not None and current.tags.get(TAG_BASE):   # only versions on the champion's base
+                versions = [v for v in versions if v.tags.get(TAG_BASE) in (None, current.tags[TAG_BASE])]
             if not versions:
                 return None
-            current = self.current_champion(name)
             if current is not None and current.tags.get(TAG_OBJECTIVE) not in (None, objective):
                 return str(current.version)
             best = max(versions, key=lambda v: (float(v.tags[TAG_SCORE]), -int(v.version)))

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,10 @@ def _metric_name(phase: str) -> str:
 
 
 def log_sft(tracker: Tracker, experiment: str, parent: RunHandle | None, sft_dir: str | Path, run_name: str,
-            extra_params: dict[str, Any] | None = None) -> RunHandle:
-    """A finished run describing the SFT in ``sft_dir``."""
+            extra_params: dict[str, Any] | None = None, existing: RunHandle | None = None) -> RunHandle:
+    """A finished run describing the SFT in ``sft_dir``: ``existing``, the run its training logged
+    live metrics to (``deftx.tracking.live``), completed; else a new run, with the per-step losses
+    the SFT records."""
     doc = read_metadata(sft_dir)
     training = doc.get("training") or {}
     params = {"kind": doc.get("kind"), "language": doc.get("language"), "task": doc.get("task"),
@@ -38,12 +42,19 @@ def log_sft(tracker: Tracker, experiment: str, parent: RunHandle | None, sft_dir
                                                          if not isinstance(v, (dict, list))},
               "base_model": doc.get("base_model"), "training": {k: v for k, v in training.items() if k != "phases"},
               **(extra_params or {})}
-    with tracker.run(experiment, run_name, parent=parent, params=params,
-                     tags={"deftx.kind": str(doc.get("kind")), "deftx.sft_dir": str(sft_dir)}) as run:
+    tags = {"deftx.kind": str(doc.get("kind")), "deftx.sft_dir": str(sft_dir),
+            "deftx.base_model": str(doc.get("base_model")), "deftx.base_fingerprint": str(doc.get("base_fingerprint"))}
+    if existing is not None:
+        tracker.log_params(existing, params)
+        tracker.set_tags(existing, tags)
+    opened = tracker.run(experiment, run_name, parent=parent, params=params, tags=tags) if existing is None else \
+        _completing(tracker, existing)
+    with opened as run:
         for phase in training.get("phases", []):
             name = _metric_name(phase.get("name", "phase"))
-            for step, loss in enumerate(phase.get("losses", []), 1):
-                tracker.log_metrics(run, {name: loss}, step=step)
+            if existing is None:   # a live run has every step already
+                for step, loss in enumerate(phase.get("losses", []), 1):
+                    tracker.log_metrics(run, {name: loss}, step=step)
             tracker.log_metrics(run, {f"{name}.final": phase.get("final_loss"), f"{name}.seconds": phase.get("seconds")})
         tracker.log_metrics(run, {"nnz": doc.get("nnz", 0), **{f"metrics.{k}": v for k, v in
                                                               (doc.get("metrics") or {}).items()}})
@@ -56,6 +67,17 @@ def log_sft(tracker: Tracker, experiment: str, parent: RunHandle | None, sft_dir
             close(fig)
         tracker.log_file(run, Path(sft_dir) / "sft.json", "sft")
     return run
+
+
+@contextlib.contextmanager
+def _completing(tracker: Tracker, run: RunHandle) -> Iterator[RunHandle]:
+    """An open run, ended FINISHED after the block (FAILED if it raises)."""
+    try:
+        yield run
+    except BaseException:
+        tracker.end_run(run, "FAILED")
+        raise
+    tracker.end_run(run)
 
 
 def _numel(shape: list[int]) -> int:

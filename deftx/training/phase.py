@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from deftx.errors import DeftxError
+from deftx.training import live
 from deftx.training.engine import StepEngine
 from deftx.training.progress import Progress
 
@@ -72,6 +73,7 @@ def run_phase(engine: StepEngine, batch_at: Callable[[int], dict[str, torch.Tens
         if on_step is not None:
             on_step(step + 1, value)
         progress.update(step + 1, loss=value, lr=engine.learning_rate)
+        live.emit(name, step + 1, {"loss": value, "lr": engine.learning_rate, "steps_per_s": progress.rate})
     result.seconds = time.perf_counter() - start
     module.eval()
     return result

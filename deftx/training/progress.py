@@ -22,16 +22,18 @@ class Progress:
         self.min_interval = min_interval
         self.start = self.last = time.perf_counter()
         self.first_step: int | None = None
+        self.rate = 0.0   # steps per second since the first update
 
     def update(self, step: int, **values: float) -> None:
         now = time.perf_counter()
         if self.first_step is None:
             self.first_step = step - 1
+        self.rate = (step - self.first_step) / max(now - self.start, 1e-9)
         done = step == self.total
         if not done and now - self.last < self.min_interval and step != self.first_step + 1:
             return
         self.last = now
-        rate = (step - self.first_step) / max(now - self.start, 1e-9)
+        rate = self.rate
         eta = (self.total - step) / rate if rate > 0 else 0.0
         parts = " ".join(f"{k} {v:.4g}" for k, v in values.items())
         tail = f"done in {_fmt_seconds(now - self.start)}" if done else f"eta {_fmt_seconds(eta)}"

@@ -30,6 +30,7 @@ from deftx.jobs.executors import Executor, make_executor
 from deftx.jobs.spec import HeadJob, Job, LanguageJob, Log, TaskJob, capped, pipeline_languages, with_phase1
 from deftx.models import load_tokenizer, resolve_model_path
 from deftx.tasks import spec_of
+from deftx.tracking.live import LiveRuns
 from deftx.tracking.plots import close, language_bars
 from deftx.tracking.registry import PendingRegistration, Registry
 from deftx.tracking.runs import log_sft
@@ -106,15 +107,22 @@ class TrainedSFTs:
 
 
 def run_sft(job: Job, directory: Path, executor: Executor, log: Log,
-            banner: str | None = None) -> tuple[SparseFineTuning, bool]:
+            banner: str | None = None, live: LiveRuns | None = None) -> tuple[SparseFineTuning, bool]:
     """The SFT of ``job`` in ``directory``: reused if saved with the job's key, else trained there
-    (after logging ``banner``). Returns (SFT, whether it was trained)."""
+    (after logging ``banner``), its metrics going to a run of ``live`` while it trains. Returns
+    (SFT, whether it was trained)."""
     sft = reuse_sft(directory, job_key(job), log)
     if sft is not None:
         return sft, False
     if banner:
         log(banner)
-    executor.run(job, directory, log)
+    run = live.start(directory.name, directory) if live is not None else None
+    try:
+        executor.run(job, directory, log, live=run)
+    except BaseException as exc:
+        if live is not None:
+            live.failed(directory, isinstance(exc, KeyboardInterrupt))
+        raise
     sft = SparseFineTuning.load(directory)
     log(f"saved {directory} ({sft.nnz:,} entries)")
     return sft, True
@@ -136,7 +144,8 @@ def run_phase1(job: Job, executor: Executor, log: Log, banner: str | None = None
 
 
 def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list[str], log: Log = print,
-                        with_task: bool = True, with_head: bool = True) -> TrainedSFTs:
+                        with_task: bool = True, with_head: bool = True,
+                        live: LiveRuns | None = None) -> TrainedSFTs:
     """Train (or reuse) the shared MLM head (unless not ``with_head``: nothing will train a language
     SFT), the language SFTs of ``languages`` and the task SFT (on the source language, on top of its
     language SFT) with ``executor``. ``cfg`` must have absolute paths (:func:`absolute_paths`)."""
@@ -154,13 +163,14 @@ def train_pipeline_sfts(cfg: PipelineConfig, executor: Executor, languages: list
     for i, lang in enumerate(languages, 1):
         directory = trained.language_dir(lang)
         banner = f"== language SFT {i}/{len(languages)}: {lang} ({spec_of(cfg).language_name(lang)}) =="
-        trained.language[lang], _ = run_sft(trained.language_job(lang), directory, executor, log, banner)
+        trained.language[lang], _ = run_sft(trained.language_job(lang), directory, executor, log, banner, live)
     if not with_task:
         return trained
 
     directory = out / "sfts" / f"task-{spec_of(cfg).name}"
     job = trained.task_job(str(trained.language_dir(cfg.source_language)))
-    trained.task, _ = run_sft(job, directory, executor, log, f"== task SFT: {cfg.task} on {cfg.source_language} ==")
+    trained.task, _ = run_sft(job, directory, executor, log,
+                              f"== task SFT: {spec_of(cfg).name} on {cfg.source_language} ==", live)
     trained.task_dir = directory
     return trained
 
@@ -216,13 +226,15 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
                         experiment: str) -> PipelineResult:
 
     languages = pipeline_languages(cfg)
-    trained = train_pipeline_sfts(cfg, executor, languages, log)
+    live = LiveRuns(tracker, experiment, parent=run)
+    trained = train_pipeline_sfts(cfg, executor, languages, log, live=live)
     lang_sfts, task_sft = trained.language, trained.task
     assert task_sft is not None and trained.task_dir is not None
     out = Path(cfg.output_dir)
     for lang in languages:
-        log_sft(tracker, experiment, run, trained.language_dir(lang), f"lang-{lang}")
-    log_sft(tracker, experiment, run, trained.task_dir, f"task-{spec_of(cfg).name}")
+        directory = trained.language_dir(lang)
+        log_sft(tracker, experiment, run, directory, f"lang-{lang}", existing=live.take(directory))
+    log_sft(tracker, experiment, run, trained.task_dir, f"task-{spec_of(cfg).name}", existing=live.take(trained.task_dir))
     model_path = resolve_model_path(cfg.model.name_or_path, log=log)
     tokenizer = load_tokenizer(model_path)
 

@@ -16,6 +16,7 @@ from deftx.jobs.spec import LanguageJob, Log, SubnetworkJob, TaskJob
 from deftx.models import resolve_model_path
 from deftx.subnetworks.artifact import SubnetworkModel
 from deftx.subnetworks.config import SubnetworkConfig
+from deftx.tracking.live import LiveRuns
 from deftx.tracking.runs import log_sft
 from deftx.tracking.tracker import Tracker
 from deftx.workflows.pipeline import absolute_paths, check_run_outputs
@@ -98,12 +99,36 @@ def _prepared(cfg: PipelineConfig, log: Log) -> tuple[PipelineConfig, str, Execu
     return cfg, fingerprint, executor
 
 
+def _tracked_run(cfg: PipelineConfig, job, out: Path, executor: Executor, experiment: str, log: Log,
+                 after=None) -> SparseFineTuning:
+    """Run ``job`` into ``out`` with its MLflow run open while it trains (live metrics), then
+    (after ``after(out)``, e.g. a held-out score stored in the SFT) complete that run as the
+    pipeline does for each SFT (``cfg.tracking``)."""
+    out = out.resolve()
+    tracker = Tracker(cfg.tracking.uri, enabled=cfg.tracking.enabled, log=log)
+    live = LiveRuns(tracker, experiment)
+    run = live.start(out.name, out)
+    try:
+        executor.run(job, out, log, live=run)
+        if after is not None:
+            after(out)
+    except BaseException as exc:
+        live.failed(out, isinstance(exc, KeyboardInterrupt))
+        raise
+    handle = log_sft(tracker, experiment, None, out, out.name, extra_params={"output": str(out)},
+                     existing=live.take(out))
+    if handle.run_id is not None:
+        log(f"MLflow: run {handle.run_id} in experiment {experiment} ({tracker.uri})")
+    return SparseFineTuning.load(out)
+
+
 def train_language(cfg: PipelineConfig, lang: str, out: Path, log: Log = print) -> SparseFineTuning:
     """A language SFT of ``lang`` in ``out`` (a base model without an MLM head warms one up on
-    ``lang``'s text first)."""
+    ``lang``'s text first); with ``language_sft.held_out``, its held-out MLM loss is measured and
+    stored in the SFT (:func:`held_out_mlm_report`). Tracked in MLflow while it trains."""
     cfg, fingerprint, executor = _prepared(cfg, log)
-    executor.run(LanguageJob(cfg, fingerprint, lang), out.resolve(), log)
-    return SparseFineTuning.load(out)
+    return _tracked_run(cfg, LanguageJob(cfg, fingerprint, lang), out, executor, cfg.experiment_name("train-lang"),
+                        log, after=lambda directory: held_out_mlm_report(cfg, lang, directory, log))
 
 
 def train_task(cfg: PipelineConfig, source: str, out: Path, language_sft: str | None = None,
@@ -116,8 +141,8 @@ def train_task(cfg: PipelineConfig, source: str, out: Path, language_sft: str | 
             raise DeftxError(f"{language_sft}: --lang-sft must be a language SFT, got a {kind} SFT")
         language_sft = str(Path(language_sft).resolve())
     cfg, fingerprint, executor = _prepared(cfg, log)
-    executor.run(TaskJob(cfg, fingerprint, source, language_sft=language_sft), out.resolve(), log)
-    return SparseFineTuning.load(out)
+    return _tracked_run(cfg, TaskJob(cfg, fingerprint, source, language_sft=language_sft), out, executor,
+                        cfg.experiment_name("train-task"), log)
 
 
 def train_subnetworks(cfg: PipelineConfig, sources: list[str], sub: SubnetworkConfig, out: Path,

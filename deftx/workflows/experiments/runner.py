@@ -64,7 +64,7 @@ class _NoTraining:
     def prepare(self) -> None:
         pass
 
-    def run(self, job: Job, directory: Path, log: Log) -> None:
+    def run(self, job: Job, directory: Path, log: Log, live=None) -> None:
         raise MissingUnit(f"{job.name} ({directory})")
 
 
