@@ -82,6 +82,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                                      "an embedded one; under `ray job submit` the cluster is joined by itself")
     g.add_argument("--local", action="store_true",
                    help="train in this process without Ray or DeepSpeed (the single-process reference)")
+    _verbose_arg(g)
+
+
+def _verbose_arg(p) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's, DeepSpeed's and MLflow's own messages here (default: Ray workers' go to "
+                        "<output dir>/logs/, MLflow's INFO lines are dropped)")
 
 
 def _load_config(args: argparse.Namespace, extra: list[str] | None = None):
@@ -105,7 +112,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
          f"source {cfg.source_language}, targets {', '.join(cfg.target_languages)}, output {cfg.output_dir}")
     result = run_pipeline(cfg, log=_log)
     print(result.table())
-    print(f"\nwall time {result.seconds / 60:.1f} min; SFTs and results in {result.output_dir}")
+    print(f"\nwall time {result.seconds / 60:.1f} min")
+    print(result.where())
     return 0
 
 
@@ -272,7 +280,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     rows = []
     with composition.applied(model):
         for lang, name, examples in work:
-            res = evaluate(model, tokenizer, examples, len(labels), max_length=args.max_length)
+            res = evaluate(model, tokenizer, examples, len(labels), max_length=args.max_length, log=_log,
+                           label=f"eval {lang} {name}")
             rows.append({"language": lang, "data": name, **res})
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -670,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a setting, e.g. seeds=[1] or pipeline.cluster.backend=ray (repeatable)")
     p.add_argument("--output-dir", help="where SFTs and scores go (default from the preset)")
     p.add_argument("--results-dir", help="where the report goes (default benchmarks/results/<dataset>-<preset>)")
+    _verbose_arg(p)
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the report from the units finished so far (while the experiment runs, "
                         "or after it was interrupted)")
@@ -688,6 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="sweep name (default <dataset>-<preset>-<system>); the same name resumes")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment setting (repeatable)")
     p.add_argument("--output-dir", help="where shared work and trials go (default from the preset)")
+    _verbose_arg(p)
     p.set_defaults(func=cmd_sweep_subnetworks)
 
     reg = sub.add_parser("registry", help="look up, download and compose registered SFTs").add_subparsers(
@@ -869,6 +880,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if getattr(args, "verbose", False):
+        os.environ["DEFTX_VERBOSE"] = "1"
     _check_required(args)
     # By default SIGTERM ends Python without unwinding (no finally block, no MLflow run ended); only
     # the main thread may install a handler, and the caller's own handler is put back afterwards.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -13,23 +13,32 @@ from deftx.core.roles import parameter_roles
 from deftx.data.examples import Example
 from deftx.models import load_classifier, load_tokenizer
 from deftx.training.batches import pad_batch, tokenize_texts
+from deftx.training.progress import Progress
 from deftx.training.runtime import load_values
+
+EVAL_QUIET_S = 5.0   # an evaluation shorter than this prints no progress
 
 
 @torch.no_grad()
 def predict(model: nn.Module, tokenizer, examples: Sequence[Example], *, batch_size: int = 64,
-            max_length: int = 128) -> list[int]:
-    """Predicted label indices, batches sorted by length to keep padding small."""
+            max_length: int = 128, log: Callable[[str], None] | None = None, label: str = "eval") -> list[int]:
+    """Predicted label indices, batches sorted by length to keep padding small. With ``log``, an
+    evaluation that lasts more than a few seconds shows its progress (``[label] batch i/n``)."""
     model.eval()
     seqs = tokenize_texts(tokenizer, [e.text for e in examples], max_length, [e.text_pair for e in examples])
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     preds = [0] * len(seqs)
-    for start in range(0, len(order), batch_size):
+    batches = -(-len(order) // batch_size)
+    progress = Progress(label, batches, sink=log, min_interval=10.0, quiet_for=EVAL_QUIET_S, unit="batch") \
+        if log is not None else None
+    for number, start in enumerate(range(0, len(order), batch_size), 1):
         chunk = order[start: start + batch_size]
         ids, attn = pad_batch([seqs[i] for i in chunk], tokenizer.pad_token_id)
         logits = model(input_ids=ids, attention_mask=attn).logits
         for i, p in zip(chunk, logits.argmax(-1).tolist()):
             preds[i] = p
+        if progress is not None:
+            progress.update(number)
     return preds
 
 
@@ -69,8 +78,9 @@ def scores(labels: Sequence[int], preds: Sequence[int], num_labels: int) -> dict
 
 
 def evaluate(model: nn.Module, tokenizer, examples: Sequence[Example], num_labels: int, *,
-             batch_size: int = 64, max_length: int = 128) -> dict[str, float]:
-    preds = predict(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)
+             batch_size: int = 64, max_length: int = 128, log: Callable[[str], None] | None = None,
+             label: str = "eval") -> dict[str, float]:
+    preds = predict(model, tokenizer, examples, batch_size=batch_size, max_length=max_length, log=log, label=label)
     return scores([e.label for e in examples], preds, num_labels)
 
 
@@ -82,7 +92,8 @@ class ClassifierScorer:
     through it."""
 
     def __init__(self, model_path: str, labels: Sequence[str], *, seed: int, batch_size: int = 64,
-                 max_length: int = 128, tokenizer=None) -> None:
+                 max_length: int = 128, tokenizer=None, log: Callable[[str], None] | None = None) -> None:
+        self.log = log   # where the progress of long evaluations goes (None: silent)
 
         self.model = load_classifier(model_path, list(labels), seed=seed)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
@@ -94,10 +105,10 @@ class ClassifierScorer:
         return head_inputs(self.model, self.tokenizer, examples, batch_size=self.batch_size,
                            max_length=self.max_length)
 
-    def score(self, examples: Sequence[Example]) -> dict[str, float]:
-        """Macro-F1, accuracy and n of the model as it is now."""
+    def score(self, examples: Sequence[Example], label: str = "eval") -> dict[str, float]:
+        """Macro-F1, accuracy and n of the model as it is now (progress as ``[label]``)."""
         return evaluate(self.model, self.tokenizer, examples, self.num_labels, batch_size=self.batch_size,
-                        max_length=self.max_length)
+                        max_length=self.max_length, log=self.log, label=label)
 
     @contextlib.contextmanager
     def composed(self, task, language=None, *, check_base: bool = True) -> Iterator[nn.Module]:

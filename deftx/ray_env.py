@@ -36,7 +36,50 @@ DEFAULT_AUTH_MODE = "token"   # `ray job submit` and `ray start` must use the sa
 SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"   # "0": node address 127.0.0.1 stays 127.0.0.1
 GCS_PORT_VAR = "RAY_GCS_SERVER_PORT"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-SETUP_HOOK = "deftx.ray_env.loopback_rendezvous"
+SETUP_HOOK = "deftx.ray_env.worker_setup"
+WORKER_LOG_DIR_VAR = "DEFTX_WORKER_LOG_DIR"   # set by the driver unless verbose: where workers' own output goes
+VERBOSE_VAR = "DEFTX_VERBOSE"
+
+_driver_stream = None   # a worker's original stderr, kept for deftx's own lines when fd 2 goes to a file
+
+
+def verbose() -> bool:
+    """Whether Ray's and DeepSpeed's own output should stay on the terminal (``--verbose``)."""
+    return os.environ.get(VERBOSE_VAR, "") not in ("", "0")
+
+
+def worker_setup() -> None:
+    """Ray worker setup hook: the loopback rendezvous (:func:`loopback_rendezvous`), and, when the
+    driver names a log directory, the worker's own output (Ray's, torch's and DeepSpeed's
+    messages on fd 1 and 2) sent to ``<dir>/worker-<pid>.log``."""
+    loopback_rendezvous()
+    directory = os.environ.get(WORKER_LOG_DIR_VAR)
+    if directory:
+        redirect_worker_output(Path(directory))
+
+
+def redirect_worker_output(directory: Path) -> Path:
+    """Send this process's fd 1 and 2 (and ``sys.stdout`` / ``sys.stderr``) to a log file in
+    ``directory``; deftx's lines go to the original stderr (:func:`driver_stream`), which Ray
+    forwards to the driver."""
+    global _driver_stream
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"worker-{os.getpid()}.log"
+    if _driver_stream is None:
+        sys.stderr.flush()
+        sys.stdout.flush()
+        _driver_stream = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    return path
+
+
+def driver_stream():
+    """Where a worker writes the lines the user should see (the original stderr after
+    :func:`redirect_worker_output`, else ``sys.stderr``)."""
+    return _driver_stream or sys.stderr
 
 
 def host_of(address: str) -> str | None:

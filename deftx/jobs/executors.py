@@ -39,5 +39,6 @@ def make_executor(cfg: PipelineConfig, log: Log = print) -> Executor:
         return LocalExecutor()
     from deftx.jobs.ray import RayExecutor
 
-    return RayExecutor(cfg.cluster, default_storage=Path(cfg.output_dir).resolve() / "ray", log=log)
+    out = Path(cfg.output_dir).resolve()
+    return RayExecutor(cfg.cluster, default_storage=out / "ray", log=log, log_dir=out / "logs")
 

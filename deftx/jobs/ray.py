@@ -19,7 +19,6 @@ import contextlib
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -35,10 +34,13 @@ from deftx.jobs.spec import Job, Log, job_from_dict, job_to_dict
 from deftx.ray_env import (
     GCS_PORT_VAR,
     SETUP_HOOK,
+    WORKER_LOG_DIR_VAR,
+    driver_stream,
     environment,
     free_loopback_port,
     prepare_ray_process,
     start_failure_message,
+    verbose,
 )
 from deftx.tracking.live import LiveRun
 
@@ -96,8 +98,9 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
                            f"`ray job submit`)")
 
 
-def connect(cluster: ClusterConfig, log: Log = print) -> str:
-    """Join the configured Ray cluster, or start an embedded one on 127.0.0.1. Returns a description."""
+def connect(cluster: ClusterConfig, log: Log = print, log_dir: Path | None = None) -> str:
+    """Join the configured Ray cluster, or start an embedded one on 127.0.0.1. Returns a description.
+    With ``log_dir`` (and not ``--verbose``) the workers' own output goes to files there."""
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     prepare_ray_process(address)   # before `import ray` reads the settings (see deftx/ray_env.py)
     import ray
@@ -106,12 +109,21 @@ def connect(cluster: ClusterConfig, log: Log = print) -> str:
     if ray.is_initialized():
         return "the Ray instance already initialised in this process"
     env["worker_process_setup_hook"] = SETUP_HOOK
+    redirect = log_dir is not None and not verbose()
+    if redirect:
+        env["env_vars"][WORKER_LOG_DIR_VAR] = str(log_dir)
+
+    def say_where() -> None:
+        if redirect:
+            log(f"Ray, torch and DeepSpeed messages of the workers go to {log_dir}/worker-*.log "
+                f"(--verbose shows them here)")
     if address:
         check_reachable(address)
         try:
             ray.init(address=address, runtime_env=env, log_to_driver=True)
         except (ConnectionError, TimeoutError, RuntimeError) as exc:
             raise ClusterError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+        say_where()
         return f"Ray cluster at {address}"
     cpus = os.cpu_count() or 1
     log(f"starting an embedded Ray on 127.0.0.1 ({cpus} CPUs)")
@@ -122,7 +134,7 @@ def connect(cluster: ClusterConfig, log: Log = print) -> str:
     since = time.time()
     try:
         with environment(**{GCS_PORT_VAR: str(port)}):
-            ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+            context = ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                      _node_ip_address="127.0.0.1", runtime_env=env, log_to_driver=True,
                      logging_config=ray.LoggingConfig(log_level="WARNING"))
     except Exception as exc:  # Ray raises several types (RuntimeError, TimeoutError, ...) for a failed start
@@ -130,6 +142,10 @@ def connect(cluster: ClusterConfig, log: Log = print) -> str:
             ray.shutdown()
         raise ClusterError(start_failure_message(exc, since)) from None
     warm_autoscaling_coordinator()
+    url = getattr(context, "dashboard_url", None)
+    if url:
+        log(f"Ray dashboard: http://{url.removeprefix('http://')}")
+    say_where()
     return "embedded Ray on 127.0.0.1"
 
 
@@ -203,7 +219,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(cluster.threads_per_worker)
     _quiet_report_lines()
     rank = ray.train.get_context().get_world_rank()
-    log: Log = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)
+    log: Log = (lambda line: print(line, file=driver_stream(), flush=True)) if rank == 0 else (lambda line: None)
     checkpoint = ray.train.get_checkpoint()
     with (checkpoint.as_directory() if checkpoint is not None else nullcontext(None)) as resume_dir:
         if resume_dir is not None and (Path(resume_dir) / ARTIFACT_DIR).is_dir():
@@ -227,8 +243,10 @@ def _train_worker(config: dict[str, Any]) -> None:
 class RayExecutor:
     """Runs each job as a Ray Train ``TorchTrainer`` of ``cluster.num_workers`` DeepSpeed workers."""
 
-    def __init__(self, cluster: ClusterConfig, default_storage: Path, log: Log = print) -> None:
+    def __init__(self, cluster: ClusterConfig, default_storage: Path, log: Log = print,
+                 log_dir: Path | None = None) -> None:
         self.cluster = cluster
+        self.log_dir = log_dir
         self.storage = Path(cluster.storage_path).resolve() if cluster.storage_path else default_storage
         self.log = log
         self._connected = False
@@ -242,7 +260,7 @@ class RayExecutor:
             return
         import ray
 
-        self.description = connect(self.cluster, self.log)
+        self.description = connect(self.cluster, self.log, self.log_dir)
         if self.cluster.check_resources:
             check_resources(self.cluster, ray.cluster_resources())
         self.log(f"phases run on {self.cluster.num_workers} Ray Train workers ({self.description}), DeepSpeed "

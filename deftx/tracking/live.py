@@ -53,6 +53,9 @@ class MlflowSink:
     def __init__(self, live: LiveRun, log: Callable[[str], None] = print, every: float | None = None):
         from mlflow import MlflowClient
 
+        from deftx.tracking.tracker import quiet_mlflow
+
+        quiet_mlflow()
         self.live, self.log = live, log
         self.flush_seconds = flush_seconds() if every is None else every
         self.client = MlflowClient(live.uri)

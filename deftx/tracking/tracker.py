@@ -38,6 +38,15 @@ MAX_PARAM_LENGTH = 6000   # MLflow 3 accepts up to 6000 characters per param val
 REACH_TIMEOUT_S = 3.0
 
 
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (store creation, migrations) stay out of deftx's output unless
+    ``--verbose``; importing mlflow sets its loggers to INFO, so this runs after the import."""
+    import logging
+
+    if os.environ.get("DEFTX_VERBOSE", "") in ("", "0"):
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def default_tracking_uri(root: str | Path | None = None) -> str:
     """``sqlite:///<root>/mlflow/mlflow.db`` (root: the working directory)."""
     base = Path(root or os.getcwd()).resolve() / DEFAULT_DIR
@@ -140,6 +149,8 @@ class Tracker:
     def client(self):
         if self._client is None:
             from mlflow import MlflowClient
+
+            quiet_mlflow()
 
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from deftx.models import load_tokenizer, resolve_model_path
 from deftx.tasks import spec_of
 from deftx.tracking.live import LiveRuns
 from deftx.tracking.plots import close, language_bars
-from deftx.tracking.registry import PendingRegistration, Registry
+from deftx.tracking.registry import PendingRegistration, Registry, composed_model_name
 from deftx.tracking.runs import log_sft
 from deftx.tracking.tracker import Tracker
 from deftx.training.phase1_store import Phase1Store
@@ -44,9 +44,14 @@ class PipelineResult:
     seconds: float = 0.0
     method: str = ""
     output_dir: str = ""
+    task: str = "nusax_senti"
+    sfts: dict[str, str] = field(default_factory=dict)          # name -> directory
+    mlflow: dict[str, str] = field(default_factory=dict)        # experiment, run_id, uri
+    registered: list[str] = field(default_factory=list)         # "NAME vN (@champion)" or what waits for sync
 
     def table(self) -> str:
-        lines = [f"NusaX-senti test macro-F1 (method {self.method}; source language task SFT, zero-shot)",
+        title = "NusaX-senti" if self.task == "nusax_senti" else self.task
+        lines = [f"{title} test macro-F1 (method {self.method}; source language task SFT, zero-shot)",
                  "",
                  "| language | role | task + lang SFT | task SFT only | n |",
                  "|---|---|---|---|---|"]
@@ -58,6 +63,19 @@ class PipelineResult:
             avg = sum(r["macro_f1"] for r in targets) / len(targets)
             avg0 = sum(r["task_only_macro_f1"] for r in targets) / len(targets)
             lines.append(f"| average of targets | | {100 * avg:.1f} | {100 * avg0:.1f} | |")
+        return "\n".join(lines)
+
+    def where(self) -> str:
+        """Where everything the run made is: SFT directories, the MLflow run, registered models."""
+        lines = [f"SFTs and results in {self.output_dir}:"]
+        lines += [f"  {name:<24} {path}" for name, path in self.sfts.items()]
+        if self.mlflow:
+            lines.append(f"MLflow: run {self.mlflow['run_id']} in experiment {self.mlflow['experiment']} "
+                         f"({self.mlflow['uri']}; `mlflow ui --backend-store-uri {self.mlflow['uri']}`)")
+        else:
+            lines.append("MLflow: not tracked")
+        if self.registered:
+            lines.append("registered: " + "; ".join(self.registered))
         return "\n".join(lines)
 
 
@@ -212,9 +230,11 @@ def run_pipeline(cfg: PipelineConfig, log: Log = print, executor: Executor | Non
     experiment = cfg.experiment_name(f"pipeline-{out.name}")
     run = tracker.start_run(experiment, f"pipeline-{out.name}", params=asdict(cfg),
                             tags={"deftx.output_dir": str(out), "deftx.version": __version__})
+    tracked = {"experiment": experiment, "run_id": run.run_id, "uri": tracker.uri} if run.run_id else {}
     tracker.log_file(run, out / "config.json")
     try:
         result = _train_and_evaluate(cfg, executor, log, started, tracker, run, experiment)
+        result.mlflow = tracked if not tracker.offline else {}
     except BaseException as exc:
         tracker.end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -241,8 +261,10 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
     log("== zero-shot evaluation ==")
     spec = spec_of(cfg)
     scorer = ClassifierScorer(model_path, spec.labels, seed=cfg.seed, batch_size=cfg.eval_batch_size,
-                              max_length=cfg.model.max_length, tokenizer=tokenizer)
-    result = PipelineResult(method=cfg.task_sft.selection.method, output_dir=str(out))
+                              max_length=cfg.model.max_length, tokenizer=tokenizer, log=log)
+    result = PipelineResult(method=cfg.task_sft.selection.method, output_dir=str(out), task=spec.name,
+                            sfts={**{f"lang-{lang}": str(trained.language_dir(lang)) for lang in languages},
+                                  f"task-{spec.name}": str(trained.task_dir)})
     valid_scores: dict[str, float] = {}
     for lang in languages:
         if not spec.has(lang, "test"):
@@ -250,11 +272,12 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
             continue
         test = capped(spec.evaluation(lang, "test", cfg.data.source), cfg.max_eval_examples)
         with scorer.composed(task_sft, lang_sfts[lang]):
-            composed = scorer.score(test)
+            composed = scorer.score(test, f"eval {lang} test, task + language SFT")
             if lang != cfg.source_language and cfg.tracking.enabled and spec.has(lang, "valid"):
-                valid_scores[lang] = scorer.score(spec.evaluation(lang, "valid", cfg.data.source))["macro_f1"]
+                valid_scores[lang] = scorer.score(spec.evaluation(lang, "valid", cfg.data.source),
+                                                  f"eval {lang} valid, task + language SFT")["macro_f1"]
         with scorer.composed(task_sft):
-            alone = scorer.score(test)
+            alone = scorer.score(test, f"eval {lang} test, task SFT alone")
         role = "source" if lang == cfg.source_language else "target"
         result.rows.append({"language": lang, "name": spec.language_name(lang), "role": role,
                             "macro_f1": composed["macro_f1"], "accuracy": composed["accuracy"],
@@ -289,6 +312,9 @@ def _train_and_evaluate(cfg: PipelineConfig, executor: Executor, log: Log, start
                          "test_task_only_macro_f1": row["task_only_macro_f1"]},
                 tags={"deftx.pipeline": str(out)})
             done = registry.submit(pending, output_dir=out, parent=run)
+            name = composed_model_name(pending.task, lang)
+            result.registered.append(f"{name} v{done.composed_version}" + (" @champion" if done.champion else "")
+                                     if done is not None else f"{name} waits on disk (deftx registry sync {out})")
             if done is not None:
                 log(f"registered {pending.task}-{lang}: composed v{done.composed_version}"
                     + (" (champion)" if done.champion else ""))
