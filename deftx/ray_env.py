@@ -55,7 +55,10 @@ def worker_setup() -> None:
     loopback_rendezvous()
     directory = os.environ.get(WORKER_LOG_DIR_VAR)
     if directory:
-        redirect_worker_output(Path(directory))
+        try:
+            redirect_worker_output(Path(directory))
+        except OSError:   # e.g. a node of a cluster that cannot write the driver's directory: keep the output
+            pass
 
 
 def redirect_worker_output(directory: Path) -> Path:
