@@ -419,6 +419,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         print(f"  {name:<20} {preset_summary(name)}")
     for dataset, presets in experiment_presets().items():
+        if not presets:
+            continue
         print(f"\n{dataset} experiment presets (deftx experiment {dataset} --preset NAME):")
         for name, summary in presets:
             print(f"  {name:<20} {summary}")
@@ -669,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "seeds and budget, then write a Markdown table, CSVs, plots and provenance under "
                                    "benchmarks/results/<dataset>-<preset>/ and log them to MLflow. Finished units "
                                    "are reused, so an interrupted experiment resumes with the same command.")
-    p.add_argument("dataset", choices=["nusax", "americasnli"], help="the experiment's dataset")
+    p.add_argument("dataset", choices=["nusax", "americasnli", "table"],
+                   help="the experiment's dataset (table: your own, with --config)")
     p.add_argument("--preset", help="small (minutes) or full (hours on 2 CPUs); NusaX also tuned (the bundled "
                                     "text, with a table tuned on validation), subnetworks-small and subnetworks-full "
                                     "(language-specific subnetworks); AmericasNLI also english (from the bundled "
@@ -815,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Merge a preset or config file with --set overrides, validate the result, "
                                       "and print it in full, defaults included. Nothing is trained.")
     _config_args(p)
-    p.add_argument("--experiment", choices=["nusax", "americasnli"],
+    p.add_argument("--experiment", choices=["nusax", "americasnli", "table"],
                    help="show an experiment configuration (deftx experiment DATASET --preset NAME) instead")
     p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     p.set_defaults(func=cmd_config_show)

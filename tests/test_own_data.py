@@ -226,3 +226,39 @@ def test_pipeline_on_your_own_tables(tiny_model_dir, tmp_path, capsys):
     assert "[eval eng] no test data: not evaluated" in capsys.readouterr().err
     task = SparseFineTuning.load(tmp_path / "run" / "sfts" / "task-reviews")
     assert task.metadata.label_names == ["1", "3", "5"]
+
+
+@pytest.mark.slow
+def test_an_experiment_on_your_own_tables(tiny_model_dir, tmp_path, capsys):
+    """`deftx experiment table --config`: full fine-tuning and LT-SFT on your tables, one seed,
+    targets = every language with evaluation data; the report names your task and tables."""
+    _example_files(tmp_path)
+    _write_csv(tmp_path / "reviews-valid-gos.csv", ["review", "stars"], _reviews("jav", "valid", 24))
+    _write_csv(tmp_path / "reviews-test.csv", ["review", "stars"], _reviews("eng", "test", 24))
+    config = tmp_path / "experiment.yaml"
+    settings = {
+        "dataset": "table", "seeds": [1], "methods": {"lt_sft": {"method": "lt_sft"}}, "full_ft": True,
+        "analysis": False, "eval_splits": ["test", "valid"], "results_dir": str(tmp_path / "reports"),
+        "pipeline": {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"dataset": "table", "table": {
+                "name": "reviews", "text_column": "review", "label_column": "stars",
+                "train": {"eng": str(tmp_path / "reviews-train.csv")},
+                "valid": {"eng": str(tmp_path / "reviews-valid.csv"), "gos": str(tmp_path / "reviews-valid-gos.csv")},
+                "test": {"eng": str(tmp_path / "reviews-test.csv"), "gos": str(tmp_path / "reviews-test-gos.csv")}}},
+            "task": "table", "source_language": "eng", "target_languages": "all",
+            "language_sft": {"text": [str(tmp_path / "{lang}-news.txt")], "head_warmup_steps": 2,
+                             "full": {"max_steps": 2}, "sparse": {"max_steps": 2}},
+            "task_sft": {"full": {"max_steps": 3}, "sparse": {"max_steps": 3}},
+            "cluster": {"backend": "local"}, "tracking": {"enabled": False},
+            "output_dir": str(tmp_path / "run")}}
+    tests = settings["pipeline"]["data"]["table"]["test"]
+    config.write_text(json.dumps({**settings, "pipeline": {**settings["pipeline"], "data": {
+        "dataset": "table", "table": {**settings["pipeline"]["data"]["table"], "test": {"gos": tests["gos"]}}}}}))
+    assert main(["experiment", "table", "--config", str(config)]) == 2   # eng has no test table
+    assert "pipeline.data.table.test: no table for 'eng'" in capsys.readouterr().err
+    config.write_text(json.dumps(settings))
+    assert main(["experiment", "table", "--config", str(config)]) == 0
+    report = (tmp_path / "reports" / "table-custom" / "results.md").read_text()
+    assert report.startswith("# reviews zero-shot transfer") and "your tables (pipeline.data.table)" in report
+    assert "| eng (source) |" in report and "| gos |" in report and "| **average of the 1 targets** |" in report

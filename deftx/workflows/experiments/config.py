@@ -37,7 +37,7 @@ XLMR_TASK_K = 14_155_776
 XLMR_LANGUAGE_K = 7_667_712
 BUDGETS = ("xlmr-base", "config")
 SOURCE_SFT_PART = "source_sft"   # records of task SFT + the source language's SFT, scored on the targets
-EXPERIMENT_DATASETS = ("nusax", "americasnli")
+EXPERIMENT_DATASETS = ("nusax", "americasnli", "table")
 MAIN_LAYOUTS = ("single_source", "leave_fold_out")
 
 
@@ -149,6 +149,13 @@ class ExperimentConfig:
             self.pipeline.validate()
         except ConfigError as exc:
             raise ConfigError(f"pipeline.{exc}") from None
+        if self.dataset == "table":
+            table = self.pipeline.data.table
+            for lang in [self.pipeline.source_language, *self.pipeline.target_languages]:
+                for split in self.eval_splits:
+                    if lang not in getattr(table, split):
+                        raise ConfigError(f"pipeline.data.table.{split}: no table for {lang!r}; an experiment scores "
+                                          f"the source and every target on each of eval_splits ({', '.join(self.eval_splits)})")
         if not self.seeds:
             raise ConfigError("seeds: give at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -340,7 +347,11 @@ def load_experiment(dataset: str, preset: str | None = None, config_file: str | 
     defaults = to_dict(PipelineConfig())
     defaults["data"]["dataset"], defaults["task"] = dataset, DATASET_TASK[dataset]
     pipeline = merge(defaults, data.pop("pipeline", {}) or {})
-    if pipeline.get("target_languages") == "all":
+    if pipeline.get("target_languages") == "all" and dataset == "table":   # every language with evaluation data
+        tables = (pipeline.get("data") or {}).get("table") or {}
+        codes = sorted(set(tables.get("test") or {}) | set(tables.get("valid") or {}))
+        pipeline["target_languages"] = [c for c in codes if c != pipeline["source_language"]]
+    elif pipeline.get("target_languages") == "all":
         codes = NUSAX_LANGUAGES if dataset == "nusax" else AMERICASNLI_LANGUAGES
         pipeline["target_languages"] = [c for c in codes if c != pipeline["source_language"]]
     cfg = from_dict(ExperimentConfig, {**data, "pipeline": {}})

@@ -19,7 +19,7 @@ from deftx.jobs.head import load_head
 from deftx.jobs.recipes import set_mlm_head
 from deftx.jobs.spec import Log
 from deftx.models import load_masked_lm, load_tokenizer, resolve_model_path
-from deftx.tasks import task_spec
+from deftx.tasks import spec_of
 from deftx.workflows.experiments.config import ExperimentConfig
 from deftx.workflows.experiments.state import MissingUnit
 
@@ -50,7 +50,7 @@ class MLMDiagnostics:
         model, _ = load_masked_lm(path, seed=pipe.seed)
         if self.head_dir is not None:
             set_mlm_head(model, load_head(self.head_dir))
-        spec = task_spec(pipe.task)
+        spec = spec_of(pipe)
         self._sets = {}
         for lang in languages:
             lines = spec.adaptation_text(lang, pipe.data.source, pipe.language_sft, "held_out")

@@ -15,7 +15,7 @@ from deftx.core.sft import SparseFineTuning
 from deftx.evaluation import ClassifierScorer
 from deftx.jobs.spec import Log
 from deftx.models import resolve_model_path
-from deftx.tasks import task_spec
+from deftx.tasks import spec_of
 from deftx.training.phase1_store import Phase1Store
 from deftx.workflows.experiments.config import ExperimentConfig
 from deftx.workflows.experiments.state import MissingUnit
@@ -28,7 +28,7 @@ class Evaluator:
     def __init__(self, cfg: ExperimentConfig, cache_dir: Path, log: Log, report_only: bool = False) -> None:
         pipe = cfg.pipeline
         self.cfg, self.cache_dir, self.log, self.report_only = cfg, cache_dir, log, report_only
-        self.spec = task_spec(pipe.task)
+        self.spec = spec_of(pipe)
         self.scorer = ClassifierScorer(resolve_model_path(pipe.model.name_or_path, log=lambda line: None),
                                        self.spec.labels, seed=pipe.seed, batch_size=pipe.eval_batch_size,
                                        max_length=pipe.model.max_length)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from deftx.held_out_mlm import VARIANTS, language_signal
-from deftx.tasks import task_spec
+from deftx.tasks import spec_of
 from deftx.tracking.plots import close, grouped_bars
 from deftx.workflows.experiments.config import FULL_FT, SOURCE_SFT_PART, ExperimentConfig, xlmr_densities
 from deftx.workflows.experiments.state import ExperimentState, Record
@@ -70,16 +70,17 @@ def per_seed_average(records: Sequence[Record], languages: Sequence[str], metric
 
 def metric_of(cfg: ExperimentConfig) -> tuple[str, str]:
     """The headline metric of the experiment's task: (record field, label)."""
-    metric = task_spec(cfg.pipeline.task).metric
+    metric = spec_of(cfg.pipeline).metric
     return metric, {"macro_f1": "macro-F1", "accuracy": "accuracy"}[metric]
 
 
 def dataset_title(cfg: ExperimentConfig) -> str:
-    return {"nusax": "NusaX-senti", "americasnli": "AmericasNLI"}[cfg.dataset]
+    return {"nusax": "NusaX-senti", "americasnli": "AmericasNLI"}.get(cfg.dataset) or spec_of(cfg.pipeline).name
 
 
 def _language(lang: str, cfg: ExperimentConfig) -> str:
-    return f"{lang} ({task_spec(cfg.pipeline.task).language_name(lang)})"
+    name = spec_of(cfg.pipeline).language_name(lang)
+    return lang if name == lang else f"{lang} ({name})"
 
 
 def main_table(state: ExperimentState, split: str = "test") -> str:
@@ -422,6 +423,9 @@ DEFAULT_HYPERPARAMETERS = ("fixed in the preset before any test score was seen (
                            "test data")
 
 
+TABLE_HYPERPARAMETERS = "as given in the experiment's config (say how they were chosen with `hyperparameters:`)"
+
+
 def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequence[str]) -> str:
     cfg = state.config
     pipe = cfg.pipeline
@@ -448,7 +452,8 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
         (f"- wall time: {prov['wall_seconds'] / 60:.1f} min for this invocation on {prov['cpus']} CPUs; "
         f"{prov['compute_seconds_all_invocations'] / 60:.1f} min of training and evaluation over all invocations "
         f"(a resumed experiment reuses finished units; per stage in provenance.json)"),
-        f"- model: `{pipe.model.name_or_path}`; backend `{pipe.cluster.backend}`; data `{pipe.data.source}`",
+        f"- model: `{pipe.model.name_or_path}`; backend `{pipe.cluster.backend}`; data "
+        f"`{pipe.data.source if cfg.dataset != 'table' else 'your tables (pipeline.data.table)'}`",
         f"- layout: {layout}",
         (f"- task SFT seeds: {', '.join(map(str, cfg.seeds))}; language SFTs trained once (seed {pipe.seed}) and shared "
         "by the seeds, so the spread is that of the task training (classifier head initialisation, data order, dropout)"),
@@ -457,7 +462,7 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
          + (f"; task SFT {_phase_text(pipe.task_sft)}; full fine-tuning = the task SFT's phase 1 on theta0 (same "
             "steps, learning rate and seed), evaluated directly" if cfg.main_table else
             "; no main-table task models (main_table: false); the subnetwork systems' training is below")),
-        f"- hyperparameters: {cfg.hyperparameters or DEFAULT_HYPERPARAMETERS}",
+        f"- hyperparameters: {cfg.hyperparameters or (DEFAULT_HYPERPARAMETERS if cfg.dataset != 'table' else TABLE_HYPERPARAMETERS)}",
     ]
     if cfg.main_table:
         parts += [
@@ -561,6 +566,9 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
 def _train_data_text(cfg: ExperimentConfig) -> str:
     if cfg.dataset == "americasnli":
         return "offline: the other languages' AmericasNLI dev sets, labelled as such; not MultiNLI"
+    if cfg.dataset == "table":
+        table = cfg.pipeline.data.table
+        return "your tables: " + ", ".join(f"{lang} {path}" for lang, path in table.train.items())
     return "the NusaX-senti train splits"
 
 

@@ -15,7 +15,7 @@ from deftx.core.roles import body_parameters
 from deftx.core.sft import SparseFineTuning
 from deftx.jobs.spec import Log
 from deftx.models import load_classifier, resolve_model_path
-from deftx.tasks import task_spec
+from deftx.tasks import spec_of
 from deftx.tracking.plots import density_by_layer_figure, spectra_by_type_figure
 from deftx.tracking.runs import log_sft
 from deftx.tracking.tracker import Tracker
@@ -44,7 +44,7 @@ def analysis_figures(state: ExperimentState, log: Log) -> dict[str, Any]:
     cfg = state.config
     pipe = cfg.pipeline
     model = load_classifier(resolve_model_path(pipe.model.name_or_path, log=lambda line: None),
-                            task_spec(pipe.task).labels,
+                            spec_of(pipe).labels,
                             seed=pipe.seed)
     theta0 = {n: p.detach() for n, p in body_parameters(model).items()}
     curves: dict[str, dict[str, Any]] = {}

@@ -46,7 +46,7 @@ from deftx.jobs.executors import Executor
 from deftx.jobs.spec import Job, LanguageJob, Log, MultiSourceJob, Phase1, SubnetworkJob, TaskJob
 from deftx.subnetworks.artifact import SubnetworkModel
 from deftx.subnetworks.train import check_reselection, steps_for_sizes
-from deftx.tasks import task_spec
+from deftx.tasks import spec_of
 from deftx.training.phase1_store import Phase1Store
 from deftx.workflows.experiments.config import FULL_FT, SOURCE_SFT_PART, ExperimentConfig
 from deftx.workflows.experiments.diagnostics import MLMDiagnostics
@@ -98,7 +98,7 @@ def check_subnetwork_schedules(cfg: ExperimentConfig) -> None:
     dynamic = {name: sub for name, sub in dynamic.items() if sub.mode == "dynamic"}
     if not dynamic:
         return
-    spec, source = task_spec(cfg.pipeline.task), cfg.pipeline.data.source
+    spec, source = spec_of(cfg.pipeline), cfg.pipeline.data.source
     cap = cfg.multi_source.max_examples_per_language
     sizes: dict[str, int] = {}
     for fold in range(cfg.multi_source.folds):
@@ -503,7 +503,7 @@ class Experiment:
         split; per language, the champion trial; then the champions at every seed, scored on the
         evaluation splits (part ``tuned``)."""
         cfg, tuning = self.cfg, self.cfg.tuning
-        metric = task_spec(cfg.pipeline.task).metric
+        metric = spec_of(cfg.pipeline).metric
         for system in tuning.systems:
             trials = tuning.trials_for(system)
             scores: dict[int, dict[str, float]] = {}
