@@ -127,7 +127,7 @@ def parameter_roles(model: nn.Module, kind: SFTKind) -> ParameterRoles:
         else:
             head[name] = param
     base = base_model(model)
-    prefix = _base_prefix(model)
+    prefix = base_prefix(model)
     maskable_ids = {id(p) for p in maskable.values()}
     for name, param in base.named_parameters():
         if id(param) in body_ids and id(param) not in maskable_ids:
@@ -145,7 +145,8 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     return {name for name, param in model.named_parameters() if id(param) not in body_ids and id(param) != decoder_id}
 
 
-def _base_prefix(model: nn.Module) -> str:
+def base_prefix(model: nn.Module) -> str:
+    """The name of the base encoder inside ``model`` plus a dot (``roberta.``), or "" for a bare encoder."""
     base = base_model(model)
     if base is model:
         return ""

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from deftx.core.fingerprint import base_fingerprint
-from deftx.core.roles import base_model, body_parameters, head_parameter_names
+from deftx.core.roles import base_prefix, body_parameters, head_parameter_names
 from deftx.core.sft import SFTMetadata, SparseDelta, SparseFineTuning
 from deftx.errors import SFTFormatError
 
@@ -231,21 +231,11 @@ def infer_num_labels(content: ComposableFile) -> int:
                                 f"the label names explicitly")
 
 
-def _prefix(model: nn.Module) -> str:
-    base = base_model(model)
-    if base is model:
-        return ""
-    for name, module in model.named_modules():
-        if module is base:
-            return name + "."
-    return ""
-
-
 def to_sft(content: ComposableFile, model: nn.Module, metadata: SFTMetadata) -> SparseFineTuning:
     """``content`` as a deftx SFT over ``model``'s base weights (see the module docstring for the
     mapping). ``metadata`` supplies kind, language or task and label names; the base fingerprint
     and the import's provenance are filled in here."""
-    prefix = _prefix(model)
+    prefix = base_prefix(model)
     body = body_parameters(model)
     by_id = {id(p): n for n, p in model.named_parameters()}
     aliases = {n: by_id.get(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
