@@ -13,6 +13,7 @@ one warning.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,12 +40,20 @@ class LiveRun:
     run_id: str
 
 
+def phase_metric(phase: str) -> str:
+    """``lang jav phase 1/2 (full)`` -> ``loss.phase1_full``; head warm-up -> ``loss.head_warmup``
+    (the key of a phase's per-step losses in an SFT's run)."""
+    if "warm-up" in phase:
+        return "loss.head_warmup"
+    match = re.search(r"phase (\d)/\d \((\w+)\)", phase)
+    return f"loss.phase{match.group(1)}_{match.group(2)}" if match else "loss." + re.sub(r"\W+", "_", phase)
+
+
 def metric_key(phase: str, value: str) -> str:
     """``lang jav phase 1/2 (full)``, ``loss`` -> ``loss.phase1_full`` (the key the SFT's per-step
-    losses always had); ``lr`` -> ``lr.phase1_full``; ``steps_per_s`` -> ``steps_per_s.phase1_full``."""
-    from deftx.tracking.runs import _metric_name
-
-    return value + _metric_name(phase)[len("loss"):]
+    losses always had); ``lr`` -> ``lr.phase1_full``; ``steps_per_s`` -> ``steps_per_s.phase1_full``.
+    (Kept here, free of the plotting imports of ``deftx.tracking.runs``: Ray workers call it.)"""
+    return value + phase_metric(phase)[len("loss"):]
 
 
 class MlflowSink:

@@ -18,16 +18,9 @@ from typing import Any
 import torch
 
 from deftx.core.sft import read_metadata
+from deftx.tracking.live import phase_metric
 from deftx.tracking.plots import close, mask_density_per_layer, singular_spectra
 from deftx.tracking.tracker import RunHandle, Tracker
-
-
-def _metric_name(phase: str) -> str:
-    """``lang jav phase 1/2 (full)`` -> ``loss.phase1_full``; head warm-up -> ``loss.head_warmup``."""
-    if "warm-up" in phase:
-        return "loss.head_warmup"
-    match = re.search(r"phase (\d)/\d \((\w+)\)", phase)
-    return f"loss.phase{match.group(1)}_{match.group(2)}" if match else "loss." + re.sub(r"\W+", "_", phase)
 
 
 def log_sft(tracker: Tracker, experiment: str, parent: RunHandle | None, sft_dir: str | Path, run_name: str,
@@ -51,7 +44,7 @@ def log_sft(tracker: Tracker, experiment: str, parent: RunHandle | None, sft_dir
         _completing(tracker, existing)
     with opened as run:
         for phase in training.get("phases", []):
-            name = _metric_name(phase.get("name", "phase"))
+            name = phase_metric(phase.get("name", "phase"))
             if existing is None:   # a live run has every step already
                 for step, loss in enumerate(phase.get("losses", []), 1):
                     tracker.log_metrics(run, {name: loss}, step=step)
