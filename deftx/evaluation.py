@@ -16,7 +16,7 @@ from deftx.training.batches import pad_batch, tokenize_texts
 from deftx.training.progress import Progress
 from deftx.training.runtime import load_values
 
-EVAL_QUIET_S = 5.0   # an evaluation shorter than this prints no progress
+EVAL_QUIET_S = 15.0   # an evaluation shorter than this prints no progress
 
 
 @torch.no_grad()
