@@ -126,7 +126,12 @@ def cmd_train_lang(args: argparse.Namespace) -> int:
         lang = args.lang.strip()
         cfg = with_own_text(cfg, lang, args.text, args.held_out)
     else:
-        lang = check_language(args.lang, cfg.data.dataset) if cfg.data.dataset != "table" else args.lang
+        if cfg.data.dataset == "table":
+            from deftx.config.schema import check_language_code
+
+            lang = check_language_code(args.lang.strip(), "--lang")
+        else:
+            lang = check_language(args.lang, cfg.data.dataset)
         if args.held_out is not None:
             cfg.language_sft.held_out = args.held_out
             cfg.language_sft.validate("language_sft")
