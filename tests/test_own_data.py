@@ -61,17 +61,8 @@ def test_label_inference_sorts_numbers_as_numbers():
 
 
 def test_a_local_hf_dataset_is_read_through_datasets(tmp_path):
-    """``hf:DATASET[:CONFIG][:SPLIT]`` with a dataset directory (no network): labelled rows, and a
-    text column for language SFTs; a ClassLabel gives its names."""
-    import datasets
-
-    data = datasets.Dataset.from_dict(
-        {"sentence": ["a good one", "a bad one", "fine"], "label": [1, 0, 1]},
-        features=datasets.Features({"sentence": datasets.Value("string"),
-                                    "label": datasets.ClassLabel(names=["bad", "good"])}))
-    directory = tmp_path / "hfdata"
-    datasets.DatasetDict({"train": data, "test": data.select([0, 1])}).save_to_disk(str(directory))
-    # a directory saved by save_to_disk is read with load_from_disk; give load_dataset a data directory instead
+    """``hf:DATASET[:CONFIG][:SPLIT]`` with a local data directory read by ``datasets.load_dataset``
+    (no network): labelled rows per split, and a text column for language SFTs."""
     (tmp_path / "raw").mkdir()
     _write_csv(tmp_path / "raw" / "train.csv", ["sentence", "label"], [["a good one", "good"], ["a bad one", "bad"]])
     _write_csv(tmp_path / "raw" / "test.csv", ["sentence", "label"], [["fine", "good"]])
