@@ -239,7 +239,7 @@ def _sft_kind():
 
 
 def _fresh_output(out: str, overwrite: bool, kind) -> Path:
-    """``--out``, checked before any work: new, or (``--overwrite``) a directory of ``kind`` that
+    """``--output-dir``, checked before any work: new, or (``--overwrite``) a directory of ``kind`` that
     deftx wrote, in a writable folder."""
     from deftx.core.io import check_output_dir
 
@@ -772,8 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_sft_compose)
 
-    p = sft.add_parser("pull", help="download an SFT from the Hugging Face Hub (kept in the Hub cache)",
-                       epilog="example: deftx sft pull my-org/xlmr-sft-jav --revision v1 --out sfts/jav")
+    p = sft.add_parser("pull", help="download an SFT from the Hugging Face Hub (kept in the Hub cache)")
     p.add_argument("repo", help="Hub repository, org/name")
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
     p.add_argument("--output-dir", dest="out", metavar="DIR",
@@ -782,8 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="use only the Hub cache, never the network")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir directory")
     p.set_defaults(func=cmd_sft_pull)
-    p = sft.add_parser("push", help="upload an SFT directory (with its model card) to the Hugging Face Hub",
-                       epilog="example: deftx sft push runs/demo/sfts/lang-jav my-org/e5-small-sft-jav --private")
+    p = sft.add_parser("push", help="upload an SFT directory (with its model card) to the Hugging Face Hub")
     p.add_argument("path", help="SFT directory")
     p.add_argument("repo", help="Hub repository, org/name (created if missing)")
     p.add_argument("--revision", help="branch to push to (created if missing; default: main)")

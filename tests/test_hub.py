@@ -96,7 +96,7 @@ def test_the_model_card_describes_the_sft(tmp_path):
     assert "# Language SFT: jav" in body
     assert "| K (changed entries) | 3 of 64 body entries (4.688%) |" in body
     assert "sha256:" + "ab" * 32 in body and '{"rank": 8}' in body
-    assert "deftx sft compose" in body
+    assert "deftx sft compose --task TASK_SFT_DIR --lang-sft THIS_SFT_DIR --output-dir" in body   # current flags
     # a local base-model path is not a Hub link
     local = _sft()
     local.metadata.base_model = "/models/e5"

@@ -9,6 +9,7 @@ from ``sft.json``, which stays the source of truth; nothing reads the card back.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -42,7 +43,7 @@ def sft_card(doc: Mapping[str, Any]) -> str:
     method = doc.get("method", "?")
     subject = doc.get("language") if kind == "language" else doc.get("task")
     tensors = doc.get("tensors", {})
-    total = sum(_numel(t.get("shape", [])) for t in tensors.values())
+    total = sum(math.prod(int(s) for s in t.get("shape", [])) for t in tensors.values())
     nnz = int(doc.get("nnz", 0))
     tags = ["deftx", "sparse-fine-tuning", f"{kind}-sft", method.replace("_", "-")]
     out = _front_matter(doc.get("base_model", ""), tags, _languages(doc.get("language")))
@@ -74,11 +75,11 @@ def sft_card(doc: Mapping[str, Any]) -> str:
                 "with deftx.Composition(task, lang).applied(model):",
                 "    ...  # model is now theta0 + phi_task + phi_language",
                 "```", "", "or export the composition as a plain Hugging Face model:", "",
-                "```", "deftx sft compose --task TASK_SFT_DIR --lang LANGUAGE_SFT_DIR --out composed/", "```", ""]
+                "```", "deftx sft compose --task TASK_SFT_DIR --lang-sft LANGUAGE_SFT_DIR --output-dir composed/", "```", ""]
     else:
         out += ["Compose it with a task SFT trained on another language, to transfer that task to "
                 f"{subject or 'this language'} (its masked-LM head is not used there):", "",
-                "```", "deftx sft compose --task TASK_SFT_DIR --lang THIS_SFT_DIR --out composed/", "```", "",
+                "```", "deftx sft compose --task TASK_SFT_DIR --lang-sft THIS_SFT_DIR --output-dir composed/", "```", "",
                 "or in Python: `deftx.Composition(task_sft, deftx.SparseFineTuning.from_pretrained(\"THIS_REPO\"))`.",
                 ""]
     out += ["Files: `sft.json` (metadata, shapes, checksum) and `sft.safetensors` (indices and values); "
@@ -106,13 +107,6 @@ def composed_card(provenance: Mapping[str, Any], labels: list[str] | None) -> st
                                    f"{comp.get('language_source') or '-'}" if lang else "none"),
             "", f"Provenance in full: `{PROVENANCE_NAME}`.", ""]
     return "\n".join(out)
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _compact(value: Any) -> str:

@@ -198,7 +198,7 @@ def run_subnetwork_sweep(cfg: ExperimentConfig, space: SubnetworkSpace, num_samp
                          name: str | None = None, log: Log = print) -> SubnetworkSweepResult:
     """The shared work, then ``num_samples`` Tune trials of ``space`` (see the module docstring)."""
     if num_samples < 1:
-        raise ConfigError(f"--samples: must be >= 1, got {num_samples}")
+        raise ConfigError(f"--num-samples: must be >= 1, got {num_samples}")
     started = time.perf_counter()
     name = name or f"{cfg.dataset}-{cfg.preset}-{space.system}"
     pipe = cfg.pipeline
