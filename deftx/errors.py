@@ -25,3 +25,10 @@ class DataError(DeftxError):
 
 class ModelError(DeftxError):
     """A base model cannot be found, fetched, converted or used for the requested SFT kind."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none (for one-line
+    errors that quote a library's failure)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

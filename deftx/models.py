@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from deftx.core.roles import untie_and_freeze_decoder
-from deftx.errors import ModelError
+from deftx.errors import ModelError, first_line
 
 
 def _quiet_transformers() -> None:
@@ -86,8 +86,7 @@ def _load(what: str, name_or_path: str, loader):
     try:
         return loader()
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load {what} {name_or_path!r}: {first}") from None
+        raise ModelError(f"cannot load {what} {name_or_path!r}: {first_line(exc)}") from None
 
 
 def load_tokenizer(name_or_path: str):

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from deftx import __version__
-from deftx.errors import SFTFormatError
+from deftx.errors import SFTFormatError, first_line
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -27,11 +27,6 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def looks_like_repo_id(value: str) -> bool:
     """``org/name`` that is not an existing local path."""
     return bool(_REPO_ID.match(value)) and not Path(value).exists()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def download(repo_id: str, patterns: Sequence[str], *, revision: str | None = None,
@@ -54,7 +49,7 @@ def download(repo_id: str, patterns: Sequence[str], *, revision: str | None = No
         raise SFTFormatError(f"{where}: the Hub cannot be reached and the repository is not in the Hub cache "
                              f"({cache_dir or '$HF_HUB_CACHE'})") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise SFTFormatError(f"{where}: cannot download from the Hub ({_first_line(exc)})") from None
+        raise SFTFormatError(f"{where}: cannot download from the Hub ({first_line(exc)})") from None
     return Path(path)
 
 
@@ -74,5 +69,5 @@ def upload(directory: str | Path, repo_id: str, patterns: Sequence[str], *, revi
                                  allow_patterns=list(patterns),
                                  commit_message=commit_message or f"Upload SFT with deftx {__version__}")
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise SFTFormatError(f"{repo_id}: upload to the Hub failed ({_first_line(exc)})") from None
+        raise SFTFormatError(f"{repo_id}: upload to the Hub failed ({first_line(exc)})") from None
     return str(getattr(info, "commit_url", info))

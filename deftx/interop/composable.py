@@ -41,7 +41,7 @@ from torch import nn
 from deftx.core.fingerprint import base_fingerprint
 from deftx.core.roles import base_prefix, body_parameters, head_parameter_names
 from deftx.core.sft import SFTMetadata, SparseDelta, SparseFineTuning
-from deftx.errors import SFTFormatError
+from deftx.errors import SFTFormatError, first_line
 
 FILE_NAME = "pytorch_diff.bin"
 SOURCE_FORMAT = "composable-sft"
@@ -121,8 +121,7 @@ def _load_weights_only(file: Path) -> Any:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(str(file), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ComposableImportError(f"{file}: cannot be read with weights_only=True ({first})") from None
+        raise ComposableImportError(f"{file}: cannot be read with weights_only=True ({first_line(exc)})") from None
 
 
 def _shape(value: Any, where: str) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deftx.errors import first_line
 from deftx.tracking.tracker import RunHandle, Tracker
 
 FLUSH_SECONDS = 5.0   # default; DEFTX_LIVE_FLUSH_SECONDS overrides it (how fresh a live view is)
@@ -90,8 +91,7 @@ class MlflowSink:
                 self.client.log_batch(self.live.run_id, metrics=self.buffer[start:start + 1000])
         except Exception as exc:  # noqa: BLE001 - tracking must never cost a training run
             self.failed = True
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.log(f"WARNING: live metrics to MLflow stopped ({first}); training goes on")
+            self.log(f"WARNING: live metrics to MLflow stopped ({first_line(exc)}); training goes on")
         self.buffer.clear()
 
 

@@ -37,7 +37,7 @@ from deftx import __version__
 from deftx.core.compose import COMPOSED_OUTPUT, Composition, export_hf_model
 from deftx.core.io import check_output_dir, replace_json
 from deftx.core.sft import SparseFineTuning, current_base_fingerprint, read_metadata
-from deftx.errors import DeftxError
+from deftx.errors import DeftxError, first_line
 from deftx.mlflow_model import DATA_DIR, LANGUAGE_ARTIFACT, LOADER_MODULE, TASK_ARTIFACT, ComposedPredictor
 from deftx.models import load_classifier, load_tokenizer, resolve_model_path
 from deftx.tracking.tracker import RunHandle, Tracker, flatten_params
@@ -449,8 +449,7 @@ class Registry:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination),
                                                         tracking_uri=self.tracker.uri)
         except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing or unreadable artifact
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RegistryError(f"cannot download {uri} from {self.tracker.uri}: {first}") from None
+            raise RegistryError(f"cannot download {uri} from {self.tracker.uri}: {first_line(exc)}") from None
         return Path(local)
 
     def fetch_sfts(self, ref: ModelRef | str, destination: str | Path) -> tuple[VersionInfo, Path, Path | None]:
