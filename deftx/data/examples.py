@@ -102,6 +102,18 @@ def check_width(fields: list[str], header: list[str], file: object, line: int) -
         raise DataError(f"{file}: line {line}: expected {len(header)} fields, got {len(fields)}")
 
 
+HF_PREFIX = "hf:"
+
+
+def hf_source_parts(source: str, names: tuple[str, ...]) -> list[str]:
+    """``hf:DATASET[:A][:B]...`` split into DATASET and one part per name of ``names`` (empty when
+    not given); a :class:`DataError` showing the expected form otherwise."""
+    parts = source[len(HF_PREFIX):].split(":")
+    if not parts[0] or len(parts) > 1 + len(names):
+        raise DataError(f"{source}: expected hf:DATASET" + "".join(f"[:{n}]" for n in names))
+    return parts + [""] * (1 + len(names) - len(parts))
+
+
 def load_hub_split(path: str, name: str | None, split: str, fallback: str) -> Any:
     """``datasets.load_dataset(path, name, split=split)``, with failures as one-line :class:`DataError`.
 

@@ -23,10 +23,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deftx.data.examples import Example, check_width, column_index, load_hub_split, read_table
+from deftx.data.examples import (
+    HF_PREFIX,
+    Example,
+    check_width,
+    column_index,
+    hf_source_parts,
+    load_hub_split,
+    read_table,
+)
 from deftx.errors import DataError
 
-HF_PREFIX = "hf:"
 DELIMITERS = {".csv": ",", ".tsv": "\t"}
 FORMATS = (".csv", ".tsv", ".jsonl")
 
@@ -62,12 +69,8 @@ def table_format(source: str) -> str:
 
 def parse_hf(source: str) -> tuple[str, str | None, str]:
     """``hf:DATASET[:CONFIG][:SPLIT]`` -> (dataset, config or None, split)."""
-    parts = source[len(HF_PREFIX):].split(":")
-    if not parts[0] or len(parts) > 3:
-        raise DataError(f"{source}: expected hf:DATASET[:CONFIG][:SPLIT]")
-    config = parts[1] if len(parts) > 1 and parts[1] else None
-    split = parts[2] if len(parts) > 2 and parts[2] else "train"
-    return parts[0], config, split
+    name, config, split = hf_source_parts(source, ("CONFIG", "SPLIT"))
+    return name, config or None, split or "train"
 
 
 def _label_text(value: object, where: str) -> str:

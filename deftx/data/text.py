@@ -29,6 +29,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from deftx.data.examples import HF_PREFIX, hf_source_parts
 from deftx.data.languages import NUSAX_LANGUAGES
 from deftx.errors import DataError
 
@@ -96,9 +97,6 @@ def language_path(source: str, lang: str) -> Path:
     return Path(source.replace(LANG_PLACEHOLDER, lang)).expanduser()
 
 
-HF_PREFIX = "hf:"
-
-
 def _is_path(source: str) -> bool:
     return source.startswith(HF_PREFIX) or os.sep in source or "/" in source or source.endswith(TEXT_SUFFIXES)
 
@@ -107,12 +105,9 @@ def read_hf_text(source: str) -> list[str]:
     """The non-empty values of one text column of a dataset (``hf:DATASET[:CONFIG][:SPLIT][:COLUMN]``)."""
     from deftx.data.examples import load_hub_split
 
-    parts = source[len(HF_PREFIX):].split(":")
-    if not parts[0] or len(parts) > 4:
-        raise DataError(f"{source}: expected hf:DATASET[:CONFIG][:SPLIT][:COLUMN]")
-    parts += [""] * (4 - len(parts))
-    name, config, split, column = parts[0], parts[1] or None, parts[2] or "train", parts[3] or "text"
-    data = load_hub_split(name, config, split, "or give .txt / .txt.gz files")
+    name, config, split, column = hf_source_parts(source, ("CONFIG", "SPLIT", "COLUMN"))
+    data = load_hub_split(name, config or None, split or "train", "or give .txt / .txt.gz files")
+    column = column or "text"
     columns = list(getattr(data, "column_names", []) or [])
     if columns and column not in columns:
         raise DataError(f"{source}: no column {column!r} (columns: {', '.join(columns)}); name it as the 4th part")
