@@ -18,6 +18,15 @@ at a loopback address (where it also keeps Ray from dialling 127.0.0.1 at the ro
 The one listener Ray does not open itself is torch's rendezvous store on the rank-0 Ray Train
 worker, which binds all interfaces whatever ``MASTER_ADDR`` says: :func:`loopback_rendezvous`, a
 worker setup hook, hands it a socket bound to 127.0.0.1 when the group's address is loopback.
+
+Metrics export: every Ray process (the driver included) runs a periodic OpenTelemetry metric
+reader for Ray's own Prometheus metrics, and that reader can crash the process it runs in (a
+segfault in ``TemporalMetricStorage::buildMetrics``, seen once in this project's test suite in
+the driver of an embedded Ray while two Ray Train workers trained). An embedded Ray has no
+Prometheus to read those metrics, so :func:`prepare_ray_process` turns Ray's metrics collection off
+for it (``RAY_enable_metrics_collection=0`` and ``RAY_enable_open_telemetry=0``: with both, no
+Ray process starts a metric exporter thread). Set either variable yourself to keep Ray's default.
+A Ray cluster that deftx joins keeps its own settings.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ AUTH_MODE_VAR = "RAY_AUTH_MODE"
 DEFAULT_AUTH_MODE = "token"   # `ray job submit` and `ray start` must use the same mode (README, cluster section)
 SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"   # "0": node address 127.0.0.1 stays 127.0.0.1
 GCS_PORT_VAR = "RAY_GCS_SERVER_PORT"
+EMBEDDED_RAY_DEFAULTS = {"RAY_enable_metrics_collection": "0", "RAY_enable_open_telemetry": "0"}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 SETUP_HOOK = "deftx.ray_env.worker_setup"
 WORKER_LOG_DIR_VAR = "DEFTX_WORKER_LOG_DIR"   # set by the driver unless verbose: where workers' own output goes
@@ -105,8 +115,12 @@ def is_loopback(address: str | None) -> bool:
 
 def prepare_ray_process(address: str | None) -> None:
     """Settle this process's Ray settings before Ray starts or is joined at ``address`` (None: an
-    embedded Ray): the authentication mode, and for a Ray on this machine the loopback rule."""
-    settle_auth_mode()
+    embedded Ray): the authentication mode, for a Ray on this machine the loopback rule, and for
+    an embedded Ray no metrics export (see the module's docstring); a variable already set wins."""
+    if address is None:
+        for key, value in EMBEDDED_RAY_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    settle_auth_mode()   # also makes an already imported Ray re-read its RAY_* configuration
     if address is None or is_loopback(address):
         os.environ.setdefault(SINGLE_MACHINE_VAR, "0")
         if "ray._private.ray_constants" in sys.modules:   # read at import: refresh it

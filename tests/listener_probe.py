@@ -27,6 +27,8 @@ from pathlib import Path
 
 import psutil
 
+from deftx.ray_env import EMBEDDED_RAY_DEFAULTS
+
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 
@@ -100,7 +102,9 @@ def _train_loop(config: dict) -> None:
     dist.all_reduce(total)
     if ray.train.get_context().get_world_rank() == 0:
         Path(config["ready"]).write_text(json.dumps({"master_port": int(os.environ["MASTER_PORT"]),
-                                                     "pid": os.getpid(), "world": int(total.item())}))
+                                                     "pid": os.getpid(), "world": int(total.item()),
+                                                     "ray_metrics": {k: os.environ.get(k) for k in
+                                                                     EMBEDDED_RAY_DEFAULTS}}))
         deadline = time.time() + 120
         while not Path(config["done"]).exists() and time.time() < deadline:
             time.sleep(0.2)

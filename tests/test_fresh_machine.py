@@ -115,3 +115,18 @@ def test_settle_auth_mode_after_ray_was_imported(monkeypatch):
     finally:
         monkeypatch.undo()
         Config.initialize("")
+
+
+def test_an_embedded_ray_exports_no_metrics_unless_the_user_says_so(monkeypatch):
+    """Ray's metric exporter thread can crash the process it runs in, and an embedded Ray has no
+    Prometheus to read it: deftx turns it off there, keeps a user's own setting, and leaves the
+    settings of a cluster it joins alone."""
+    from deftx.ray_env import EMBEDDED_RAY_DEFAULTS, prepare_ray_process
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in EMBEDDED_RAY_DEFAULTS})
+    prepare_ray_process("10.1.2.3:6379")
+    assert not any(key in os.environ for key in EMBEDDED_RAY_DEFAULTS)
+    os.environ["RAY_enable_open_telemetry"] = "1"
+    prepare_ray_process(None)
+    assert os.environ["RAY_enable_open_telemetry"] == "1"
+    assert os.environ["RAY_enable_metrics_collection"] == "0"

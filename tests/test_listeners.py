@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from loopback import on_host_network
 
+from deftx.ray_env import EMBEDDED_RAY_DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).with_name("listener_probe.py")
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
@@ -67,6 +69,7 @@ def test_ray_instances_listen_on_loopback_only_and_down_sh_stops_only_its_own(tm
         training = report["training"]
         assert training and training["world"] == 2, "the probe did not look while the workers trained"
         assert training["master_port"] in {r["port"] for r in report["listeners"]}   # the rendezvous store
+        assert training["ray_metrics"] == EMBEDDED_RAY_DEFAULTS     # no metric exporter in the Ray processes
         assert len(report["listeners"]) >= 10        # GCS, raylet, workers, agents, dashboard, metrics
         assert _exposed(report) == []
         assert report["reachable_from_outside"] == []
