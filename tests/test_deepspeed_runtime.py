@@ -417,3 +417,22 @@ def test_resuming_from_a_tampered_checkpoint_runs_no_code(tmp_path, tiny_model_d
         assert message.startswith("refusing to load the checkpoint in") and "GLOBAL posix.system" in message
         assert "\n" not in message
     assert not marker.exists()
+
+
+def test_deepspeed_loads_without_importing_mlflow_and_mlflow_still_imports_after():
+    """DeepSpeed's autotuner tries ``import mlflow`` when DeepSpeed loads (most of its import time);
+    deftx's workers load DeepSpeed without it, and MLflow stays importable for live tracking."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from deftx.training.distributed.engine import load_deepspeed\n"
+            "load_deepspeed()\n"
+            "from deepspeed.autotuning import autotuner\n"
+            "print('mlflow' in sys.modules, autotuner.has_mlflow, 'deepspeed' in sys.modules)\n"
+            "import mlflow\n"
+            "print(mlflow.__name__, load_deepspeed() is sys.modules['deepspeed'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [line.split() for line in done.stdout.splitlines()[-2:]] == [["False", "False", "True"],
+                                                                        ["mlflow", "True"]]

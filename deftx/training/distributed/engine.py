@@ -9,6 +9,8 @@ Requires ``torch.distributed`` to be initialised (Ray Train or a launcher does i
 from __future__ import annotations
 
 import ctypes
+import importlib.abc
+import sys
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -21,12 +23,40 @@ from deftx.training.engine import adamw, linear_schedule
 SHM_COMM_OP = "deepspeed_shm_comm"
 
 
+class _NoMlflow(importlib.abc.MetaPathFinder):
+    """Refuses ``mlflow`` (and its submodules) while installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlflow" or name.startswith("mlflow."):
+            raise ImportError("mlflow is not imported on DeepSpeed's behalf")
+        return None
+
+
+def load_deepspeed():
+    """``import deepspeed``, without the ``mlflow`` import that DeepSpeed's autotuner (a feature
+    deftx does not use) attempts when its module loads: that import is 1.7 of the 2.2 s DeepSpeed
+    takes to import on the reference machine, paid by every worker of every phase. While DeepSpeed
+    loads, ``import mlflow`` fails, and the autotuner records that MLflow is missing. Later imports
+    of ``mlflow`` (deftx's live tracking on rank 0) are untouched, and a process that already
+    imported ``mlflow`` keeps it: DeepSpeed then sees that module as usual."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    guard = _NoMlflow()
+    sys.meta_path.insert(0, guard)
+    try:
+        import deepspeed
+    finally:
+        sys.meta_path.remove(guard)
+    return deepspeed
+
+
 def skip_inference_comm_op() -> None:
     """Keep DeepSpeed from building its shared-memory all-reduce op when it sets up communication.
     The op serves only ``inference_all_reduce`` (tensor-parallel inference), which training never
     calls; building it JIT-compiles C++ into ``~/.cache/torch_extensions`` (about 35 s on a fresh
     machine) and prints a line on every worker of every job. DeepSpeed keeps its table of
     compatible ops in one module-level dict, read when the communication backend is created."""
+    load_deepspeed()
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
@@ -38,6 +68,7 @@ def checkpoint_safe_globals() -> list:
     (found by resuming real ZeRO 0-3 checkpoints with ``weights_only=True``; ZeRO-0 needs none).
     ``DynamicLossScaler`` is the scaler DeepSpeed keeps under fp16. Nothing else may be rebuilt
     when a checkpoint is read."""
+    load_deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -85,7 +116,7 @@ class DeepSpeedEngine:
                  weight_decay: float, total_steps: int, warmup_ratio: float = 0.0,
                  max_grad_norm: float | None = 1.0, zero_stage: int = 2, micro_batch_size: int = 1,
                  sparse_embedding: bool = True) -> None:
-        import deepspeed
+        deepspeed = load_deepspeed()
 
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage must be 0-3, got {zero_stage}")

@@ -46,6 +46,7 @@ from deftx.training.distributed.engine import (
     DeepSpeedEngine,
     DeepSpeedValueAccess,
     gather_owned,
+    load_deepspeed,
     project_outside_mask,
     return_freed_memory,
     use_weights_only_loading,
@@ -120,6 +121,7 @@ class DeepSpeedRuntime:
             raise RuntimeError("DeepSpeedRuntime needs an initialised torch.distributed process group")
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage must be 0-3, got {zero_stage}")
+        load_deepspeed()   # first, so that nothing imports DeepSpeed the slow way (see the function)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.zero_stage = zero_stage
@@ -262,8 +264,7 @@ class DeepSpeedRuntime:
         for name in sorted(params):
             p = params[name]
             if self.zero_stage == 3:
-                import deepspeed
-
+                deepspeed = load_deepspeed()
                 with deepspeed.zero.GatheredParameters([p]):
                     if keep:
                         out[name] = p.data.detach().clone()
