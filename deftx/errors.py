@@ -27,8 +27,20 @@ class ModelError(DeftxError):
     """A base model cannot be found, fetched, converted or used for the requested SFT kind."""
 
 
+CAUSE_CHARS = 300   # how much of a cause given on the line after a first line ending in ':' is kept
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message, or its type's name when it has none (for one-line
-    errors that quote a library's failure)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    errors that quote a library's failure). A first line that ends in ':' announces its cause on
+    the next line (Ray Train's "Training failed due to controller error:"), so the first non-empty
+    line after it is kept too, cut at ``CAUSE_CHARS`` characters."""
+    lines = [line.strip() for line in str(exc).strip().splitlines()]
+    if not lines or not lines[0]:
+        return type(exc).__name__
+    head = lines[0]
+    if head.endswith(":"):
+        cause = next((line for line in lines[1:] if line), "")
+        if cause:
+            head = f"{head} {cause if len(cause) <= CAUSE_CHARS else cause[:CAUSE_CHARS - 3] + '...'}"
+    return head

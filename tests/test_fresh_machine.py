@@ -130,3 +130,20 @@ def test_an_embedded_ray_exports_no_metrics_unless_the_user_says_so(monkeypatch)
     prepare_ray_process(None)
     assert os.environ["RAY_enable_open_telemetry"] == "1"
     assert os.environ["RAY_enable_metrics_collection"] == "0"
+
+
+def test_a_failed_ray_train_run_names_the_cause_given_after_a_colon():
+    """Ray Train reports a run killed by Ray's out-of-memory monitor as "Training failed due to
+    controller error:" with the cause on the next line; deftx's one-line error keeps that cause."""
+    from deftx.errors import CAUSE_CHARS, first_line
+    from deftx.jobs.ray import _first_line
+
+    cause = ("4 worker(s) were killed due to the node running low on memory. Memory on the node "
+             "(IP: 127.0.0.1) was 22.18GB used / 23.54GB limit (0.942369)")
+    outer = RuntimeError("run failed")
+    outer.__cause__ = RuntimeError(f"Training failed due to controller error:\n\n{cause}\nObject store: ...")
+    assert _first_line(outer) == f"RuntimeError: Training failed due to controller error: {cause}"
+    long = ValueError("it failed:\n" + "x" * 1000)
+    assert first_line(long) == "it failed: " + "x" * (CAUSE_CHARS - 3) + "..."
+    assert first_line(ValueError("one line\nmore")) == "one line"
+    assert first_line(ValueError("")) == "ValueError" and _first_line(ValueError("")) == "ValueError"

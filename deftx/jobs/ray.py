@@ -28,7 +28,7 @@ from typing import Any
 
 from deftx.config import ClusterConfig, to_dict
 from deftx.core.io import atomic_directory
-from deftx.errors import DeftxError
+from deftx.errors import DeftxError, first_line
 from deftx.jobs.cache import job_key
 from deftx.jobs.spec import Job, Log, job_from_dict, job_to_dict
 from deftx.ray_env import (
@@ -308,5 +308,4 @@ def _first_line(exc: BaseException) -> str:
     seen = exc
     while seen.__cause__ is not None:
         seen = seen.__cause__
-    text = str(seen).strip().splitlines()
-    return f"{type(seen).__name__}: {text[0] if text else ''}"
+    return f"{type(seen).__name__}: {first_line(seen)}" if str(seen).strip() else type(seen).__name__
