@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny random-weight encoder with a tokenizer trained on real NusaX text."""
+"""Shared fixtures: a tiny random-weight encoder with a tokenizer trained on real NusaX text.
+
+The README's test command runs two pytest-xdist workers (``-n 2 --dist loadgroup``). Every test that
+starts a Ray instance is marked ``xdist_group("ray")``, so those tests run one after another on one
+worker while the other worker runs the rest: two Ray instances at once would compete for Ray's fixed
+default ports and for the machine's two cores. Without ``-n`` the mark does nothing."""
 
 from __future__ import annotations
 
@@ -36,6 +41,18 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     return f"deftx test network: {_NETWORK}"
+
+
+@pytest.fixture(autouse=True)
+def _in_its_xdist_group(request):
+    """A grouped test must reach its worker with xdist's group suffix on its node id: without it
+    (a pytest that drops the suffix, as 9.2 does) xdist would silently run Ray tests side by side."""
+    mark = request.node.get_closest_marker("xdist_group")
+    if mark is not None and getattr(request.config.option, "loadgroup", False):   # set in xdist workers
+        name = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+        assert request.node.nodeid.endswith(f"@{name}"), (
+            f"{request.node.nodeid} runs outside its xdist group {name!r}: this pytest and pytest-xdist "
+            f"do not group tests (see the pins in pyproject.toml)")
 
 
 @pytest.fixture(scope="session")

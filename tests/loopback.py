@@ -23,6 +23,9 @@ IFF_UP = 0x1
 # the network namespace the session started in (kept open by isolate()), for the tests that must
 # look at what a user sees on the machine's real interfaces
 _host_netns_fd: int | None = None
+# how a pytest-xdist worker, started inside the controller's namespace, finds that host namespace:
+# the /proc path of the descriptor the controller keeps open
+HOST_NETNS_VAR = "DEFTX_TEST_HOST_NETNS"
 
 
 def _bring_up(interface: bytes = b"lo") -> None:
@@ -42,17 +45,25 @@ def isolate() -> str:
     only ``lo``, up. Returns a one-line description of the network the session uses."""
     if os.environ.get("DEFTX_TEST_NETWORK") == "host":
         return "host network (DEFTX_TEST_NETWORK=host)"
+    global _host_netns_fd
     if only_loopback_interfaces():
+        inherited = os.environ.get(HOST_NETNS_VAR)
+        if inherited and _host_netns_fd is None:
+            try:
+                _host_netns_fd = os.open(inherited, os.O_RDONLY)
+            except OSError:
+                return "loopback only (already isolated; the host namespace is not reachable)"
+            return "loopback only (the namespace of the pytest-xdist controller)"
         return "loopback only (already isolated)"
     if os.geteuid() != 0:
         return "host network (not root: services bind 127.0.0.1, but torch's rendezvous listens on all interfaces)"
-    global _host_netns_fd
     libc = ctypes.CDLL(None, use_errno=True)
     host = os.open("/proc/self/ns/net", os.O_RDONLY)
     if libc.unshare(CLONE_NEWNET) != 0:
         os.close(host)
         return f"host network (unshare failed: {os.strerror(ctypes.get_errno())})"
     _host_netns_fd = host
+    os.environ[HOST_NETNS_VAR] = f"/proc/{os.getpid()}/fd/{host}"   # for the workers this process starts
     _bring_up()
     return "loopback only (private network namespace)"
 

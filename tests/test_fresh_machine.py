@@ -27,6 +27,7 @@ def _fresh_env(home: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_cli_on_the_ray_backend_runs_with_an_empty_home(tiny_model_dir, tmp_path):
     """`deftx train-task` on 2 Ray Train workers (the README's default backend) with nothing in HOME:
     Ray creates its token itself, the SFT is written, no traceback, and DeepSpeed builds no C++ op

@@ -23,7 +23,7 @@ PROBE = Path(__file__).with_name("listener_probe.py")
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 PORTS = {"RAY_PORT": "6412", "RAY_DASHBOARD_PORT": "8312", "MLFLOW_PORT": "5012"}
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]   # see tests/conftest.py
 
 
 def _user_env(home: Path) -> dict[str, str]:

@@ -24,7 +24,7 @@ TINY = ["--set", "target_languages=[jav]", "--set", "language_sft.head_warmup_st
         "--set", "task_sft.full.max_steps=3", "--set", "task_sft.sparse.max_steps=3",
         "--set", "max_eval_examples=40", "--set", "language_sft.max_train_examples=64"]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]   # see tests/conftest.py
 
 
 def _env(state: Path) -> dict[str, str]:

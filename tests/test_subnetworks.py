@@ -517,6 +517,7 @@ def test_subnetwork_sweep_configs_validate_for_every_subnetwork_preset(tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_subnetwork_sweep_runs_trials_on_the_validation_objective(tiny_model_dir, tmp_path):
     """A real Tune sweep (random search, 2 trials) of the dynamic system on a tiny model: shared
     work once, every trial scored on the held-out targets' validation split and logged to MLflow."""

@@ -123,6 +123,7 @@ def _space_file(tmp_path: Path, **changes) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_sweep_registers_versions_sets_the_champion_and_predicts(tiny_model_dir, tmp_path):
     """A real Tune sweep (Optuna + ASHA) of 2 trials: every trial is a registered composed model,
     champion = the best on the objective, lookup + compose + predict work from the registry."""
@@ -168,6 +169,7 @@ def _terminated_trials(experiment: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir, tmp_path):
     space = _space_file(tmp_path, scheduler={"kind": "none"}, eval_every=0)
     cmd = _sweep_cmd(tiny_model_dir, space, tmp_path / "out", 3) + ["--set", "language_sft.sparse.max_steps=150"]
