@@ -95,14 +95,16 @@ def test_ray_job_submit_runs_the_pipeline(head, tiny_model_dir, job_dir):
 
 
 def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tiny_model_dir, job_dir):
-    """`ray job submit ... ray_jobs/sweep.py`: each trial launches a 2-worker TorchTrainer (Train V2
-    pattern, trial 0.01 CPU + workers 0.99); the pipeline's head, source SFT and task SFT are reused;
-    trials are registered on the MLflow server and the champion moves to the best of them."""
-    from deftx.tracking.registry import open_registry
+    """`ray job submit ... ray_jobs/sweep.py` (Optuna + ASHA): each trial launches a 2-worker
+    TorchTrainer (Train V2 pattern, trial 0.01 CPU + workers 0.99); the pipeline's head, source SFT
+    and task SFT are reused; every finished trial is a composed model registered on the MLflow
+    server, the champion moves to the best of them, and lookup + compose + predict work from the
+    registry; the trials' runs are nested under the sweep's, with their plots and loss curves."""
+    from deftx.tracking.registry import load_model, open_registry
 
     space = job_dir.parent / "space.json"
     space.write_text(json.dumps({
-        "dataset": "nusax", "eval_every": 2, "scheduler": {"kind": "asha"},
+        "dataset": "nusax", "eval_every": 2, "searcher": "optuna", "scheduler": {"kind": "asha"},
         "default": {"method": {"choice": ["lt_sft", "deft_x"]}, "density": {"loguniform": [0.01, 0.1]},
                     "rank": 2}}))
     cmd = ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--",
@@ -123,8 +125,22 @@ def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tiny_model_dir, j
         meta = json.loads((job_dir / "sweeps" / "job-sweep" / "jav" / version.tags["deftx.trial"] / "sft" /
                            "sft.json").read_text())
         assert meta["training"]["world_size"] == 2 and "phase1_reused_from" in meta["training"]
+    assert len(from_sweep) == result["languages"][0]["finished"]
     best = max(float(v.tags["score"]) for v in versions)
-    assert float(registry.resolve("deftx-nusax_senti-jav@champion").tags["score"]) == best
+    champion = registry.resolve("deftx-nusax_senti-jav@champion")
+    assert float(champion.tags["score"]) == best
+    assert champion.tags["objective"] == "target_valid_macro_f1"
+    labels = load_model("deftx-nusax_senti-jav@champion", head["mlflow"]).predict(["apik tenan", "ala banget"])
+    assert len(labels) == 2 and set(labels) <= {"negative", "neutral", "positive"}
+    runs = registry.client.search_runs([registry.tracker.experiment_id("deftx-nusax_senti-sweep-job-sweep")])
+    parents = {r.info.run_name: r.info.run_id for r in runs}
+    trial_runs = [r for r in runs if r.info.run_name.startswith("trial-jav-")]
+    assert trial_runs and all(r.data.tags["mlflow.parentRunId"] == parents["sweep-job-sweep-jav"] for r in trial_runs)
+    artifacts = [a.path for a in registry.client.list_artifacts(parents["sweep-job-sweep-jav"], "plots")]
+    assert sorted(artifacts) == ["plots/spectra-jav.png", "plots/trials-jav.png"]
+    trial_plots = [a.path for a in registry.client.list_artifacts(trial_runs[0].info.run_id, "plots")]
+    assert trial_plots == ["plots/mask-density-per-layer.png"]
+    assert registry.client.get_metric_history(trial_runs[0].info.run_id, "loss.phase2_sparse")
 
 
 def _task_job(model_dir: Path, out: Path):
