@@ -485,8 +485,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         overrides.append(f"pipeline.output_dir={args.output_dir}")
     cfg = load_experiment(args.dataset, preset=args.preset, config_file=args.config, overrides=overrides)
     command = "deftx " + " ".join(shlex.quote(a) for a in args.argv)
-    _log(f"deftx {__version__}: {args.dataset} experiment ({cfg.preset}): methods "
-         f"{', '.join((['full_ft'] if cfg.full_ft else []) + list(cfg.methods))}; seeds {cfg.seeds}; "
+    if cfg.trains_task_models:
+        systems = (f"methods {', '.join((['full_ft'] if cfg.full_ft and cfg.main_table else []) + list(cfg.methods))}"
+                   f"; seeds {cfg.seeds}")
+        if cfg.tuning.enabled:
+            systems += f"; tuned on {', '.join(cfg.tuning.languages)} ({cfg.tuning.trials} trials per system)"
+    else:
+        systems = f"language SFTs only ({', '.join(cfg.methods)}; no task models)"
+    _log(f"deftx {__version__}: {args.dataset} experiment ({cfg.preset}): {systems}; "
          f"{len(cfg.pipeline.target_languages)} targets; output {cfg.pipeline.output_dir}")
     _, directory = run_and_report(cfg, command=command, results_dir=args.results_dir, log=_log,
                                   report_only=args.report_only)

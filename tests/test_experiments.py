@@ -395,6 +395,28 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
     assert not (tmp_path / "nothing" / "sfts").exists()
 
 
+def test_a_language_sft_only_experiment_says_so(tmp_path, capsys):
+    """A preset's tuned table is switched off with `tuning.languages=[]` (its spaces stay unused), and
+    with main_table false nothing trains a task model: the banner and the report's header say that
+    instead of listing task seeds (checked on an empty output with --report-only: nothing trains)."""
+    from deftx.cli import main
+
+    overrides = ["main_table=false", "tuning.languages=[]"]
+    cfg = load_experiment("nusax", preset="tuned", overrides=overrides)
+    assert not cfg.tuning.enabled and cfg.tuning.systems and not cfg.trains_task_models
+    assert load_experiment("nusax", preset="tuned", overrides=["main_table=false"]).trains_task_models
+    results = tmp_path / "results"
+    argv = ["experiment", "nusax", "--preset", "tuned", "--report-only", "--output-dir", str(tmp_path / "out"),
+            "--results-dir", str(results), "--set", "pipeline.tracking.enabled=false",
+            *[a for o in overrides for a in ("--set", o)]]
+    assert main(argv) == 0
+    banner = capsys.readouterr().err.splitlines()[0]
+    assert "language SFTs only (lt_sft, deft_x_energy; no task models)" in banner and "seeds" not in banner
+    header = (results / "results.md").read_text().split("## ")[0]
+    assert "language SFTs only (seed 42)" in header
+    assert "task SFT seeds" not in header and "subnetwork systems' training" not in header
+
+
 def test_experiment_config_defaults_validate():
     cfg = ExperimentConfig(pipeline=PipelineConfig(), methods={"lt_sft": {"method": "lt_sft"}})
     assert cfg.validate() is cfg

@@ -135,6 +135,12 @@ class ExperimentConfig:
     reuse_from: str | None = None   # another experiment's output directory: its MLM head and language SFTs
     hyperparameters: str | None = None   # how the settings were chosen, for the report (default: fixed up front)
 
+    @property
+    def trains_task_models(self) -> bool:
+        """False when the experiment gives language SFTs (and their diagnostics) only: no main table,
+        no subnetwork systems, no tuned table; its seeds then train nothing."""
+        return self.main_table or bool(self.subnetworks.systems) or self.tuning.enabled
+
     def validate(self) -> ExperimentConfig:
         if self.dataset not in EXPERIMENT_DATASETS:
             raise ConfigError(f"dataset: unknown experiment dataset {self.dataset!r}; "

@@ -456,12 +456,15 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
         f"`{pipe.data.source if cfg.dataset != 'table' else 'your tables (pipeline.data.table)'}`",
         f"- layout: {layout}",
         (f"- task SFT seeds: {', '.join(map(str, cfg.seeds))}; language SFTs trained once (seed {pipe.seed}) and shared "
-        "by the seeds, so the spread is that of the task training (classifier head initialisation, data order, dropout)"),
+        "by the seeds, so the spread is that of the task training (classifier head initialisation, data order, dropout)"
+         if cfg.trains_task_models else
+         f"- language SFTs only (seed {pipe.seed}): no main table, subnetwork systems or tuned table, so no task model"),
         f"- {budget_text(cfg)}",
         (f"- phases: language SFT {_phase_text(pipe.language_sft)}"
          + (f"; task SFT {_phase_text(pipe.task_sft)}; full fine-tuning = the task SFT's phase 1 on theta0 (same "
             "steps, learning rate and seed), evaluated directly" if cfg.main_table else
-            "; no main-table task models (main_table: false); the subnetwork systems' training is below")),
+            "; no main-table task models (main_table: false)"
+            + ("; the subnetwork systems' training is below" if cfg.subnetworks.systems else ""))),
         f"- hyperparameters: {cfg.hyperparameters or (DEFAULT_HYPERPARAMETERS if cfg.dataset != 'table' else TABLE_HYPERPARAMETERS)}",
     ]
     if cfg.main_table:
