@@ -394,6 +394,29 @@ def test_small_experiment_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys
     assert not prov["complete"] and prov["missing_units"] and prov["units_trained"] == 0
     assert not (tmp_path / "nothing" / "sfts").exists()
 
+    # tuning.champion=average: one champion per system, the trial best on the tuned targets' mean
+    # validation score; the trials are reused (their scores unchanged), only new champions train
+    averaged = tmp_path / "averaged"
+    argv_avg = [*argv, "--set", "tuning.champion=average", "--set", "pipeline.tracking.enabled=false"]
+    argv_avg[argv_avg.index(str(results))] = str(averaged)
+    assert main(argv_avg) == 0
+    capsys.readouterr()
+    with (averaged / "scores.csv").open() as f:
+        rows_avg = list(csv.DictReader(f))
+    key = ("part", "system", "seed", "language", "split", "macro_f1", "extra")
+    assert sorted(tuple(r[k] for k in key) for r in rows_avg if r["part"] == "tuning") == sorted(
+        tuple(r[k] for k in key) for r in rows if r["part"] == "tuning")
+    for system in cfg.tuning.systems:
+        valid = {(json.loads(r["extra"])["trial"], r["language"]): float(r["macro_f1"]) for r in rows
+                 if r["part"] == "tuning" and r["system"] == system}
+        mean = {i: sum(valid[(i, lang)] for lang in cfg.tuning.languages) / len(cfg.tuning.languages)
+                for i in range(cfg.tuning.trials)}
+        best = max(mean, key=lambda i: (mean[i], -i))
+        mine = [r for r in rows_avg if r["part"] == "tuned" and r["system"] == system]
+        assert {r["language"] for r in mine} == set(cfg.tuning.languages)
+        assert {json.loads(r["extra"])["trial"] for r in mine} == {best}
+    assert "tuning.champion: average" in (averaged / "results.md").read_text()
+
 
 def test_a_language_sft_only_experiment_says_so(tmp_path, capsys):
     """A preset's tuned table is switched off with `tuning.languages=[]` (its spaces stay unused), and

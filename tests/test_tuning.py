@@ -53,6 +53,20 @@ def test_each_language_gets_its_best_trial_and_the_earlier_one_on_a_tie():
     assert champions({}, ["jav"]) == {}
 
 
+def test_the_average_rule_gives_every_language_the_trial_best_on_their_mean():
+    # per language, trial 2 wins jav and trial 0 sun; on the mean (0.60, 0.625, 0.61) trial 1 wins both
+    scores = {0: {"jav": 0.45, "sun": 0.75}, 1: {"jav": 0.55, "sun": 0.70}, 2: {"jav": 0.62, "sun": 0.60}}
+    assert champions(scores, ["jav", "sun"]) == {"jav": 2, "sun": 0}
+    assert champions(scores, ["jav", "sun"], "average") == {"jav": 1, "sun": 1}
+    tie = {0: {"jav": 0.5, "sun": 0.7}, 1: {"jav": 0.7, "sun": 0.5}}
+    assert champions(tie, ["jav", "sun"], "average") == {"jav": 0, "sun": 0}       # the earlier trial
+    part = {0: {"jav": 0.9}, 1: {"jav": 0.5, "sun": 0.5}}    # trial 0 was not scored on sun
+    assert champions(part, ["jav", "sun"], "average") == {"jav": 1, "sun": 1}
+    assert champions({0: {"jav": 0.9}}, ["jav", "sun"], "average") == {}
+    with pytest.raises(ValueError, match="unknown champion rule 'best'"):
+        champions(scores, ["jav"], "best")
+
+
 def test_a_trial_selection_is_the_method_selection_with_the_sampled_keys():
     base = SelectionConfig(method="deft_x", density=0.05, energy=0.9)
     chosen = trial_selection(base, {"density": 0.01, "rank_rule": "fixed", "rank": 8, "learning_rate": 1e-4})
@@ -82,6 +96,8 @@ def test_no_tuned_languages_switch_the_tuned_table_off_whatever_the_spaces():
     ({"languages": ["ace"], "systems": {"full_ft": {"epochs": 2}}}, "tuning.languages: 'ace' is not a target"),
     ({"languages": ["jav", "jav"], "systems": {"full_ft": {"epochs": 2}}}, "listed twice"),
     ({"languages": ["jav"], "systems": {}}, "tuning.systems: give at least one system"),
+    ({"languages": ["jav"], "systems": {"full_ft": {"epochs": 2}}, "champion": "best"},
+     "tuning.champion: unknown rule 'best'; valid: per_language, average"),
     ({"languages": ["jav"], "systems": {"mad_x": {"density": 0.1}}}, "tuning.systems.mad_x: neither full_ft"),
     ({"languages": ["jav"], "systems": {"full_ft": {"density": 0.1}}}, "tuning.systems.full_ft.density: not tunable"),
     ({"languages": ["jav"], "systems": {"lt_sft": {"epochs": 2}}}, "tuning.systems.lt_sft.epochs: not tunable"),

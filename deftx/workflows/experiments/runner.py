@@ -520,7 +520,7 @@ class Experiment:
                                      extra={"trial": i, "settings": sample})
             if len(scores) < len(trials):   # report-only, part-way: no champion yet
                 continue
-            best = champions(scores, tuning.languages)
+            best = champions(scores, tuning.languages, tuning.champion)
             self.state.tuning[system] = {"trials": trials, "champions": best, "valid": scores, "task_sft_dirs": task_dirs}
             self.log(f"[tuning {system}] champions: " + ", ".join(f"{lang} trial {i + 1}" for lang, i in best.items()))
         for seed in cfg.seeds:

@@ -38,6 +38,7 @@ from deftx.workflows.sweeps.space import (
     selection_from_sample,
 )
 
+CHAMPION_RULES = ("per_language", "average")
 FULL_FT = "full_ft"   # the fully fine-tuned baseline's system name (re-exported by config.py)
 PHASE_KEYS = ("learning_rate", "epochs")
 SELECTION_KEYS = tuple(k for k in TUNABLE if k != "method")
@@ -49,18 +50,23 @@ class TuningConfig:
     """``languages``: the targets tuned (empty: no tuned table). ``trials``: settings drawn per
     system. ``systems``: system name (``full_ft`` or a method) -> its space, each key a constant or
     ``{choice: [...]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}``.
-    ``seed``: the draws' seed."""
+    ``seed``: the draws' seed. ``champion``: ``per_language`` (each target's best trial on its own
+    validation split) or ``average`` (one champion per system, the best trial on the tuned targets'
+    average: several validation splits instead of one, so less of the choice is the split's noise)."""
 
     languages: list[str] = field(default_factory=list)
     trials: int = 8
     seed: int = 0
     systems: dict[str, dict[str, Any]] = field(default_factory=dict)
+    champion: str = "per_language"
 
     @property
     def enabled(self) -> bool:
         return bool(self.languages)
 
     def validate(self, methods: list[str], targets: list[str], main: str) -> None:
+        if self.champion not in CHAMPION_RULES:
+            raise ConfigError(f"tuning.champion: unknown rule {self.champion!r}; valid: {', '.join(CHAMPION_RULES)}")
         if not self.enabled:   # no tuned table; a preset's spaces stay unused (`--set 'tuning.languages=[]'`)
             return
         if main != "single_source":
@@ -154,14 +160,25 @@ def active(sample: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sample.items() if k != unused}
 
 
-def champions(scores: dict[int, dict[str, float]], languages: list[str]) -> dict[str, int]:
-    """Per language, the trial with the highest validation score (the earlier trial on a tie).
-    ``scores[trial][language]``; a language no trial was scored on has no champion."""
+def champions(scores: dict[int, dict[str, float]], languages: list[str], rule: str = "per_language") -> dict[str, int]:
+    """Per language, its champion trial (the earlier trial on a tie). ``scores[trial][language]``.
+    ``per_language``: the trial with the highest validation score on that language; a language no
+    trial was scored on has no champion. ``average``: for every language the trial with the highest
+    mean over ``languages``, among the trials scored on all of them (none: no champion)."""
+    def best(scored: list[tuple[int, float]]) -> int:
+        return max(scored, key=lambda item: (item[1], -item[0]))[0]
+
+    if rule == "average":
+        complete = [(trial, sum(s[lang] for lang in languages) / len(languages))
+                    for trial, s in sorted(scores.items()) if languages and all(lang in s for lang in languages)]
+        return {lang: best(complete) for lang in languages} if complete else {}
+    if rule != "per_language":
+        raise ValueError(f"unknown champion rule {rule!r}; valid: {', '.join(CHAMPION_RULES)}")
     out: dict[str, int] = {}
     for lang in languages:
         scored = [(trial, s[lang]) for trial, s in sorted(scores.items()) if lang in s]
         if scored:
-            out[lang] = max(scored, key=lambda item: (item[1], -item[0]))[0]
+            out[lang] = best(scored)
     return out
 
 
