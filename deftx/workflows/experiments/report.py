@@ -547,13 +547,13 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
         parts += ["", f"## Tuned on validation ({t.trials} trials per system)", "",
                   (f"For each system, {t.trials} settings drawn at random (seed {t.seed}) from its space ({spaces}) "
                    f"were trained at seed {cfg.seeds[0]} on the source language and scored on the validation split "
-                   f"of every tuned target; "
+                   "of every tuned target; "
                    + ("a target's champion is its best trial there" if t.champion == "per_language" else
                       "a system's champion, the same for every target, is its best trial on the targets' average "
                       "(tuning.champion: average)")
-                   + ". The champions were trained "
-                   f"with every seed and scored once on test. The fixed columns repeat the main table. SFT methods "
-                   f"tune the task SFT (its selection and phase-2 learning rate) over the method's language SFTs."),
+                   + ". The champions were trained with every seed and scored once on test. The fixed columns "
+                   "repeat the main table. SFT methods tune the task SFT (its selection and phase-2 learning rate) "
+                   "over the method's language SFTs."),
                   "", f"Test {label} (%), {spread}:", "", tuned_table(state, "test"), ""]
         if "valid" in cfg.eval_splits:
             parts += [f"Validation {label} (%; the first seed's tuned cells are the champions' own trials):", "",
