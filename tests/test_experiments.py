@@ -440,6 +440,46 @@ def test_a_language_sft_only_experiment_says_so(tmp_path, capsys):
     assert "task SFT seeds" not in header and "subnetwork systems' training" not in header
 
 
+def test_scores_and_head_input_shifts_keep_each_finished_language_when_stopped(tmp_path):
+    """A run stopped part-way through scoring the languages (here: the scorer fails on the second)
+    keeps the first language's results on disk; the next call scores only what is missing."""
+    from contextlib import nullcontext
+
+    from deftx.workflows.experiments.evaluator import Evaluator
+
+    class Scorer:
+        def __init__(self, fail_on=None):
+            self.fail_on, self.calls = fail_on, []
+
+        def score(self, examples):
+            self.calls.append(examples[0])
+            if examples[0] == self.fail_on:
+                raise KeyboardInterrupt
+            return {"macro_f1": 0.5, "accuracy": 0.5, "n": 1}
+
+        def head_inputs(self, examples):
+            self.calls.append(examples[0])
+            if examples[0] == self.fail_on:
+                raise KeyboardInterrupt
+            return torch.ones(1, 4), ["positive"]
+
+    ev = object.__new__(Evaluator)
+    ev.cfg = load_experiment("nusax", preset="small", overrides=["eval_splits=[test]"])
+    ev.cache_dir, ev.log, ev.report_only = tmp_path, lambda line: None, False
+    ev.examples = {(lang, split): [lang] for lang in ("jav", "sun") for split in ("test", "valid")}
+    for call in (lambda: ev.scores("k", ["jav", "sun"], lambda lang: nullcontext()),
+                 lambda: ev.head_input_shift("k", ["jav", "sun"], lambda lang: nullcontext(),
+                                             {"own": lambda lang: nullcontext()})):
+        ev.scorer = Scorer(fail_on="sun")
+        with pytest.raises(KeyboardInterrupt):
+            call()
+        ev.scorer = Scorer()
+        call()
+        assert set(ev.scorer.calls) == {"sun"}     # jav was kept from the stopped call
+    assert json.loads((tmp_path / "k.json").read_text())["jav/test"]["n"] == 1
+    assert set(json.loads((tmp_path / "shift-k.json").read_text())) == {"jav", "sun"}
+
+
 def test_experiment_config_defaults_validate():
     cfg = ExperimentConfig(pipeline=PipelineConfig(), methods={"lt_sft": {"method": "lt_sft"}})
     assert cfg.validate() is cfg

@@ -68,9 +68,9 @@ class Evaluator:
             with apply_for(lang):
                 for split in splits:
                     cached[f"{lang}/{split}"] = self._score(lang, split)
+            replace_json(path, cached)   # per language: a stopped run keeps the languages it finished
         self.log(f"[eval] {key.split('-')[0]}: {len(languages)} language(s) x {len(splits)} split(s) in "
                  f"{time.perf_counter() - started:.0f} s")
-        replace_json(path, cached)
         return {tuple(w.split("/")): cached[w] for w in want}  # type: ignore[misc]
 
     def head_input_shift(self, key: str, languages: list[str], reference, others: dict[str, Any],
@@ -88,6 +88,8 @@ class Evaluator:
         if self.report_only:
             raise MissingUnit(f"head-input shift {key}")
         for lang in languages:
+            if all(name in cached.get(lang, {}) for name in others):
+                continue
             examples = self._data(lang, split)
             with reference(lang):
                 base, base_preds = self.scorer.head_inputs(examples)
@@ -98,7 +100,7 @@ class Evaluator:
                 row[name] = {"cosine": float(torch.nn.functional.cosine_similarity(inputs, base, dim=-1).mean()),
                              "agreement": sum(a == b for a, b in zip(preds, base_preds)) / max(len(preds), 1)}
             cached[lang] = row
-        replace_json(path, cached)
+            replace_json(path, cached)   # per language: a stopped run keeps the languages it finished
         return {lang: cached[lang] for lang in languages}
 
     @contextmanager
