@@ -126,6 +126,9 @@ def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tiny_model_dir, j
                            "sft.json").read_text())
         assert meta["training"]["world_size"] == 2 and "phase1_reused_from" in meta["training"]
     assert len(from_sweep) == result["languages"][0]["finished"]
+    # the sweep's own best (result.json) is its best registered version; the pipeline's version
+    # competes for the champion too, so the champion is the best of all of them
+    assert max(float(v.tags["score"]) for v in from_sweep) == pytest.approx(result["languages"][0]["best_score"])
     best = max(float(v.tags["score"]) for v in versions)
     champion = registry.resolve("deftx-nusax_senti-jav@champion")
     assert float(champion.tags["score"]) == best
