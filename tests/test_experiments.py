@@ -465,7 +465,8 @@ def test_scores_and_head_input_shifts_keep_each_finished_language_when_stopped(t
 
     ev = object.__new__(Evaluator)
     ev.cfg = load_experiment("nusax", preset="small", overrides=["eval_splits=[test]"])
-    ev.cache_dir, ev.log, ev.report_only = tmp_path, lambda line: None, False
+    lines: list[str] = []
+    ev.cache_dir, ev.log, ev.report_only = tmp_path, lines.append, False
     ev.examples = {(lang, split): [lang] for lang in ("jav", "sun") for split in ("test", "valid")}
     for call in (lambda: ev.scores("k", ["jav", "sun"], lambda lang: nullcontext()),
                  lambda: ev.head_input_shift("k", ["jav", "sun"], lambda lang: nullcontext(),
@@ -478,6 +479,10 @@ def test_scores_and_head_input_shifts_keep_each_finished_language_when_stopped(t
         assert set(ev.scorer.calls) == {"sun"}     # jav was kept from the stopped call
     assert json.loads((tmp_path / "k.json").read_text())["jav/test"]["n"] == 1
     assert set(json.loads((tmp_path / "shift-k.json").read_text())) == {"jav", "sun"}
+    # the long head-input pass says how far it is, one line per finished language
+    shift_lines = [line for line in lines if line.startswith("[head-input shift]")]
+    assert [line.split(": ")[1].split(" (")[0] for line in shift_lines] == ["jav", "sun"]
+    assert "(2/2, 2 models on 1 valid examples)" in shift_lines[-1]
 
 
 def test_experiment_config_defaults_validate():

@@ -87,7 +87,8 @@ class Evaluator:
             return {lang: cached[lang] for lang in languages}
         if self.report_only:
             raise MissingUnit(f"head-input shift {key}")
-        for lang in languages:
+        started = time.perf_counter()
+        for i, lang in enumerate(languages, 1):
             if all(name in cached.get(lang, {}) for name in others):
                 continue
             examples = self._data(lang, split)
@@ -101,6 +102,9 @@ class Evaluator:
                              "agreement": sum(a == b for a, b in zip(preds, base_preds)) / max(len(preds), 1)}
             cached[lang] = row
             replace_json(path, cached)   # per language: a stopped run keeps the languages it finished
+            self.log(f"[head-input shift] {key.split('-')[0]}: {lang} ({i}/{len(languages)}, "
+                     f"{len(others) + 1} models on {len(examples)} {split} examples) after "
+                     f"{time.perf_counter() - started:.0f} s")
         return {lang: cached[lang] for lang in languages}
 
     @contextmanager
