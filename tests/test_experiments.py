@@ -485,6 +485,27 @@ def test_scores_and_head_input_shifts_keep_each_finished_language_when_stopped(t
     assert "(2/2, 2 models on 1 valid examples)" in shift_lines[-1]
 
 
+@pytest.mark.parametrize("splits", [["test"], ["test", "valid"]])
+def test_head_input_table_shows_the_shifts_with_validation_scores_only_when_they_were_scored(splits):
+    """The head-input shifts are measured on validation even when an experiment scores only test;
+    the table then shows the shifts alone instead of columns of dashes."""
+    from deftx.workflows.experiments.report import head_input_table
+    from deftx.workflows.experiments.state import ExperimentState
+
+    cfg = load_experiment("nusax", preset="small", overrides=[f"eval_splits=[{','.join(splits)}]"])
+    method = next(iter(cfg.methods))
+    state = ExperimentState(cfg, records=[Record("main", method, cfg.seeds[0], "jav", "valid", 0.5, 0.5, 10, False)])
+    for lang, cosine in (("ind", 0.97), ("jav", 0.8)):
+        for composition in ("own", "source"):
+            state.head_input_shift.append({"system": method, "seed": cfg.seeds[0], "language": lang,
+                                           "composition": composition, "cosine": cosine, "agreement": 0.9})
+    lines = head_input_table(state).splitlines()
+    columns = 9 if "valid" in splits else 6
+    assert all(line.count("|") == columns + 1 for line in lines)
+    assert len(lines) == 4 and "(source) | 0.970 | 0.970 | 90% | 90% |" in lines[2]
+    assert lines[3].endswith("| 50.0 | - | - |") == ("valid" in splits)
+
+
 def test_experiment_config_defaults_validate():
     cfg = ExperimentConfig(pipeline=PipelineConfig(), methods={"lt_sft": {"method": "lt_sft"}})
     assert cfg.validate() is cfg
