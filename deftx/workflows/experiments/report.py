@@ -567,7 +567,7 @@ def results_markdown(state: ExperimentState, prov: dict[str, Any], pngs: Sequenc
                       tuned_table(state, "valid"), ""]
         parts += ["Champions (validation score of the trial at the first seed):", "", tuned_settings_table(state)]
     if state.missing:
-        parts += ["", f"## Not computed yet ({len(state.missing)} units)", "",
+        parts += ["", f"## Not computed yet ({len(state.missing)} unit{'' if len(state.missing) == 1 else 's'})", "",
                   ("This report was written with `--report-only` from the units finished so far; cells and averages "
                   "above cover only the seeds and languages present (an average row needs every target of a seed). "
                   "Re-running the experiment's command continues where it stopped."), ""]
