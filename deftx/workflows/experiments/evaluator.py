@@ -47,31 +47,43 @@ class Evaluator:
     def _score(self, lang: str, split: str) -> dict[str, float]:
         return self.scorer.score(self._data(lang, split))
 
+    def _fill(self, path: Path, languages: list[str], done, compute, missing: str,
+              progress=None) -> tuple[dict[str, Any], int]:
+        """The JSON cache at ``path`` with every language of ``languages`` present: ``compute(lang)``
+        (a dict merged into the cache) for each language ``done(cache, lang)`` is false, the cache
+        written after each one so that a stopped run keeps the languages it finished.
+        ``progress(i, lang, seconds)`` after each computed language. Returns the cache and how many
+        languages were computed. Report-only: ``MissingUnit`` (``missing``) instead of computing."""
+        cached: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        todo = [(i, lang) for i, lang in enumerate(languages, 1) if not done(cached, lang)]
+        if todo and self.report_only:
+            raise MissingUnit(missing)
+        started = time.perf_counter()
+        for i, lang in todo:
+            cached.update(compute(lang))
+            replace_json(path, cached)
+            if progress is not None:
+                progress(i, lang, time.perf_counter() - started)
+        return cached, len(todo)
+
     def scores(self, key: str, languages: list[str], apply_for,
                splits: list[str] | None = None) -> dict[tuple[str, str], dict[str, float]]:
         """(language, split) -> scores of the model ``apply_for(language)`` sets up (a context
         manager) on ``splits`` (default: the experiment's), cached under ``key``."""
         splits = list(splits or self.cfg.eval_splits)
-        path = self.cache_dir / f"{key}.json"
-        want = [f"{lang}/{split}" for lang in languages for split in splits]
-        cached: dict[str, Any] = {}
-        if path.is_file():
-            cached = json.loads(path.read_text(encoding="utf-8"))
-        if all(w in cached for w in want):
-            return {tuple(w.split("/")): cached[w] for w in want}  # type: ignore[misc]
-        if self.report_only:
-            raise MissingUnit(f"scores {key}")
-        started = time.perf_counter()
-        for lang in languages:
-            if all(f"{lang}/{split}" in cached for split in splits):
-                continue
+
+        def compute(lang: str) -> dict[str, Any]:
             with apply_for(lang):
-                for split in splits:
-                    cached[f"{lang}/{split}"] = self._score(lang, split)
-            replace_json(path, cached)   # per language: a stopped run keeps the languages it finished
-        self.log(f"[eval] {key.split('-')[0]}: {len(languages)} language(s) x {len(splits)} split(s) in "
-                 f"{time.perf_counter() - started:.0f} s")
-        return {tuple(w.split("/")): cached[w] for w in want}  # type: ignore[misc]
+                return {f"{lang}/{split}": self._score(lang, split) for split in splits}
+
+        started = time.perf_counter()
+        cached, computed = self._fill(self.cache_dir / f"{key}.json", languages,
+                                      lambda c, lang: all(f"{lang}/{split}" in c for split in splits), compute,
+                                      f"scores {key}")
+        if computed:
+            self.log(f"[eval] {key.split('-')[0]}: {len(languages)} language(s) x {len(splits)} split(s) in "
+                     f"{time.perf_counter() - started:.0f} s")
+        return {(lang, split): cached[f"{lang}/{split}"] for lang in languages for split in splits}
 
     def head_input_shift(self, key: str, languages: list[str], reference, others: dict[str, Any],
                          split: str = "valid") -> dict[str, dict[str, dict[str, float]]]:
@@ -81,16 +93,7 @@ class Evaluator:
         predictions. Cached under ``key``."""
         import torch
 
-        path = self.cache_dir / f"shift-{key}.json"
-        cached: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        if all(name in cached.get(lang, {}) for lang in languages for name in others):
-            return {lang: cached[lang] for lang in languages}
-        if self.report_only:
-            raise MissingUnit(f"head-input shift {key}")
-        started = time.perf_counter()
-        for i, lang in enumerate(languages, 1):
-            if all(name in cached.get(lang, {}) for name in others):
-                continue
+        def compute(lang: str) -> dict[str, Any]:
             examples = self._data(lang, split)
             with reference(lang):
                 base, base_preds = self.scorer.head_inputs(examples)
@@ -100,11 +103,15 @@ class Evaluator:
                     inputs, preds = self.scorer.head_inputs(examples)
                 row[name] = {"cosine": float(torch.nn.functional.cosine_similarity(inputs, base, dim=-1).mean()),
                              "agreement": sum(a == b for a, b in zip(preds, base_preds)) / max(len(preds), 1)}
-            cached[lang] = row
-            replace_json(path, cached)   # per language: a stopped run keeps the languages it finished
-            self.log(f"[head-input shift] {key.split('-')[0]}: {lang} ({i}/{len(languages)}, "
-                     f"{len(others) + 1} models on {len(examples)} {split} examples) after "
-                     f"{time.perf_counter() - started:.0f} s")
+            return {lang: row}
+
+        def progress(i: int, lang: str, seconds: float) -> None:
+            self.log(f"[head-input shift] {key.split('-')[0]}: {lang} ({i}/{len(languages)}, {len(others) + 1} "
+                     f"models on {len(self._data(lang, split))} {split} examples) after {seconds:.0f} s")
+
+        cached, _ = self._fill(self.cache_dir / f"shift-{key}.json", languages,
+                               lambda c, lang: all(name in c.get(lang, {}) for name in others), compute,
+                               f"head-input shift {key}", progress)
         return {lang: cached[lang] for lang in languages}
 
     @contextmanager

@@ -199,11 +199,11 @@ def head_input_table(state: ExperimentState) -> str:
             if (lang, "own") not in rows:
                 continue
             own, src = rows[(lang, "own")], rows[(lang, "source")]
-            swapped = score("main", system, lang, True) if lang == source else score(SOURCE_SFT_PART, system, lang, True)
             line = (f"| {system_name(system, cfg)} | {_language(lang, cfg)}{' (source)' if lang == source else ''} "
                     f"| {own['cosine']:.3f} | {src['cosine']:.3f} | {100 * own['agreement']:.0f}% | "
                     f"{100 * src['agreement']:.0f}% |")
             if with_scores:
+                swapped = score("main" if lang == source else SOURCE_SFT_PART, system, lang, True)
                 line += f" {score('main', system, lang, False)} | {score('main', system, lang, True)} | {swapped} |"
             lines.append(line)
     return "\n".join(lines)
