@@ -123,3 +123,19 @@ def test_signal_compares_the_own_drop_with_the_other_sfts_drops():
     assert b.margin == pytest.approx(0.05 - (0.1 - 0.1) / 2) and b.best_other == "a" and not b.beats_every_other
     assert c.margin == pytest.approx(1.0 - (0.5 + 0.1) / 2) and c.beats_every_other
     assert [s.language for s in language_signal({THETA0: {"a": 1.0, "x": 2.0}, "a": {"a": 0.5, "x": 2.0}})] == ["a"]
+
+
+@pytest.mark.parametrize("disjoint_from", [None, "NusaX valid/test"])
+def test_the_report_section_claims_disjoint_evaluation_data_only_when_told(disjoint_from):
+    """The section's text names evaluation data the held-out lines never equal only where the caller
+    knows it (the bundled NusaX text is checked against NusaX valid/test; an AmericasNLI run's text
+    is the user's), and its table holds each language's margin."""
+    from deftx.workflows.experiments.report import mlm_loss_markdown
+
+    matrix = {THETA0: {"a": 5.0, "b": 4.0}, "a": {"a": 4.0, "b": 4.5}, "b": {"a": 5.2, "b": 3.0}}
+    text = mlm_loss_markdown({"lt_sft": {"lines": {"a": 7, "b": 9}, "sft": matrix, "body": matrix}},
+                             disjoint_from=disjoint_from)
+    assert ("never NusaX valid/test" in text) == (disjoint_from is not None)
+    assert "never" not in text.replace("never NusaX valid/test", "")
+    assert "| a | 7 | 5.000 | 4.000 | +1.000 | -0.200 | b (-0.200) | **+1.200** | +1.000 | +1.200 |" in text
+    assert "Margin positive for 2/2 languages (body alone: 2/2)" in text
