@@ -724,3 +724,22 @@ def test_a_dynamic_system_that_would_never_reselect_is_refused_before_the_experi
                                           r"training has only \d+ optimizer steps"):
         run_experiment(cfg, log=lambda line: None, executor=NoWork())
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("dataset", "overrides", "claimed"), [
+    ("nusax", [], True),                                                      # NusaX-MT train (the default)
+    ("nusax", ["pipeline.language_sft.text=[all]"], True),                    # every bundled source
+    ("nusax", ['pipeline.language_sft.text=[nusax_mt_train, "DIR/more.{lang}.txt"]'], False),   # the user's file
+    ("nusax", ["pipeline.data.source=DIR"], False),                           # the user's copy of NusaX
+    ("americasnli", None, False),                                             # AmericasNLP text is the user's
+])
+def test_the_report_says_held_out_text_is_never_an_evaluation_sentence_only_of_bundled_nusax_text(
+        dataset, overrides, claimed, tmp_path):
+    from deftx.workflows.experiments.report import _bundled_nusax_text
+
+    for lang in ("ind", "jav", "sun"):
+        (tmp_path / f"more.{lang}.txt").write_text("a line\n", encoding="utf-8")
+    cfg = (ExperimentConfig(dataset=dataset) if overrides is None else
+           load_experiment(dataset, preset="small", overrides=[
+               "pipeline.target_languages=[jav,sun]", *(o.replace("DIR", str(tmp_path)) for o in overrides)]))
+    assert _bundled_nusax_text(cfg) is claimed
