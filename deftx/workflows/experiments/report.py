@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from deftx.data.text import NUSAX_MT_TRAIN, resolve_sources, text_sources
 from deftx.held_out_mlm import VARIANTS, language_signal
 from deftx.tasks import spec_of
 from deftx.tracking.plots import close, grouped_bars
@@ -351,12 +352,10 @@ def _bundled_nusax_text(cfg: ExperimentConfig) -> bool:
     """True when every language SFT of a NusaX experiment read only text deftx bundles (NusaX-MT
     train and the bundled files, whose lines tests/test_text_data.py checks against NusaX valid and
     test), so the report may say the held-out lines are never an evaluation sentence."""
-    from deftx.data.text import NUSAX_MT_TRAIN, resolve_sources, text_sources
-
     pipe = cfg.pipeline
     if cfg.dataset != "nusax" or pipe.data.source != "bundled":
         return False
-    sources = pipe.language_sft.text or [NUSAX_MT_TRAIN]
+    sources = [NUSAX_MT_TRAIN] if pipe.language_sft.text is None else pipe.language_sft.text   # as deftx.tasks reads it
     return all(set(resolve_sources(lang, sources)) <= set(text_sources(lang)) for lang in cfg.sft_languages())
 
 
